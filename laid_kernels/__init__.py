@@ -1,0 +1,18 @@
+"""laid_kernels: fused M-RoPE, teacher-head mixing and LAid losses (Triton on CUDA, native C++ on CPU).
+
+Public ops (each with a plain-PyTorch definition in ``laid_kernels.reference``):
+
+- :func:`apply_mrope`: Qwen2.5-VL multimodal rotary embedding of [B, N, H, D] queries or keys.
+- :func:`qk_align_loss`: L_qk, head-level Q/K alignment to a learned mix of teacher heads.
+
+``backend=`` on every op picks the implementation ("auto", "triton", "cpu", "reference"); see
+``laid_kernels.backends``.
+"""
+
+from . import reference
+from .backends import available_backends
+from .mrope import apply_mrope
+from .qk_align import qk_align_loss
+
+__all__ = ["apply_mrope", "qk_align_loss", "available_backends", "reference"]
+__version__ = "0.1.0"

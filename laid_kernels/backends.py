@@ -1,0 +1,91 @@
+"""The one dispatch point: which implementation of an op runs, for a device and a ``backend=`` argument.
+
+Backends:
+
+- ``"reference"``: plain PyTorch (``laid_kernels.reference``), any device, differentiable by autograd.
+- ``"triton"``: the fused Triton kernels. CUDA tensors; CPU tensors only under the Triton interpreter
+  (``TRITON_INTERPRET=1`` set before ``laid_kernels`` is imported).
+- ``"cpu"``: the native C++ implementation in ``csrc/`` (CPU tensors).
+- ``"auto"``: ``"triton"`` on CUDA, ``"cpu"`` on CPU when it can be built, else ``"reference"``.
+
+Op modules register their implementations with :func:`register`; backends announce whether they can run on a
+device with :func:`register_availability`. Public functions call :func:`resolve` once per call.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+
+from .validation import check_backend
+
+BACKENDS = ("auto", "triton", "cpu", "reference")
+
+# True when the Triton kernels were (or will be) defined in interpreter mode: the jit decorator reads this at import.
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_IMPLEMENTATIONS: dict[str, dict[str, Callable]] = {}
+# backend -> function(device) returning None when the backend can run there, else the reason it cannot.
+_AVAILABILITY: dict[str, Callable[[torch.device], str | None]] = {}
+
+
+def register(op: str, backend: str, implementation: Callable) -> None:
+    """Make ``implementation`` the ``backend`` version of ``op`` (same signature as the public function)."""
+    check_backend("register", backend, BACKENDS[1:])
+    _IMPLEMENTATIONS.setdefault(op, {})[backend] = implementation
+
+
+def register_availability(backend: str, why_unavailable: Callable[[torch.device], str | None]) -> None:
+    """Declare when ``backend`` can run: ``why_unavailable(device)`` returns None if it can, else a reason."""
+    _AVAILABILITY[backend] = why_unavailable
+
+
+def _why_unavailable(op: str, backend: str, device: torch.device) -> str | None:
+    if backend not in _IMPLEMENTATIONS.get(op, {}):
+        return f"{op} has no {backend!r} implementation"
+    check = _AVAILABILITY.get(backend)
+    return None if check is None else check(device)
+
+
+def available_backends(op: str, device: torch.device | str) -> list[str]:
+    """The explicit backends (not ``"auto"``) that can run ``op`` on ``device`` here, reference first."""
+    device = torch.device(device)
+    return [b for b in ("reference", "cpu", "triton") if _why_unavailable(op, b, device) is None]
+
+
+def auto_backend(op: str, device: torch.device) -> str:
+    """The backend ``"auto"`` picks for ``op`` on ``device``."""
+    preferred = ("triton",) if device.type == "cuda" else ("cpu",)
+    for backend in preferred:
+        if _why_unavailable(op, backend, device) is None:
+            return backend
+    return "reference"
+
+
+def resolve(op: str, backend: str, device: torch.device) -> Callable:
+    """The implementation of ``op`` to call for ``backend`` (one of :data:`BACKENDS`) on ``device``."""
+    check_backend(op, backend, BACKENDS)
+    if backend == "auto":
+        backend = auto_backend(op, device)
+    reason = _why_unavailable(op, backend, device)
+    if reason is not None:
+        raise RuntimeError(f"{op}: backend={backend!r} cannot run on {device}: {reason}")
+    return _IMPLEMENTATIONS[op][backend]
+
+
+def _triton_unavailable(device: torch.device) -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed (it ships with torch on Linux)"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and TRITON_INTERPRET:
+        return None
+    return ("Triton kernels need CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before importing "
+            "laid_kernels (the interpreter)")
+
+
+register_availability("triton", _triton_unavailable)

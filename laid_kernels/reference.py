@@ -1,0 +1,93 @@
+"""Plain-PyTorch definitions of every op: the specification each backend is tested against.
+
+Written for clarity, not speed or memory: they materialise rotated and mixed tensors (and, for attention matching,
+the logits). Differentiable by autograd. Notation and shapes follow ``shared/laid-spec.md``:
+
+- q_s [B, N, Hs, D], k_s [B, N, Hs_kv, D]: student queries / keys before RoPE (q_proj / k_proj outputs).
+- q_t [B, N, Ht, D], k_t [B, N, Ht_kv, D]: teacher queries / keys before RoPE.
+- positions [3, B, N] (rows t, h, w) or [B, N] integer M-RoPE positions; inv_freq [D/2]; mrope_section (s0, s1, s2)
+  with s0 + s1 + s2 = D/2.
+- w_q [Hs, Ht], w_k [Hs_kv, Ht_kv]: head mixing; student head i is aligned to sum_j w_q[i, j] * teacher head j.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .validation import check_apply_mrope_args, check_qk_align_args
+
+def mrope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor,
+                  mrope_section: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine and sine of the M-RoPE angles, fp32, each [B, N, D/2].
+
+    Frequency f uses position row r(f) = 0 for f < s0, 1 for f < s0 + s1, else 2, and angle
+    positions[r(f)] * inv_freq[f], computed in fp32 exactly as transformers' Qwen2.5-VL rotary embedding does.
+    positions: [3, B, N] integers.
+    """
+    s0, s1, s2 = mrope_section
+    rows = torch.repeat_interleave(torch.arange(3, device=positions.device),
+                                   torch.tensor([s0, s1, s2], device=positions.device))  # [D/2]
+    angles = positions[rows].float().permute(1, 2, 0) * inv_freq.float()  # [B, N, D/2]
+    return angles.cos(), angles.sin()
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE of x [B, N, H, D] (fp32) by cos / sin [B, N, D/2]: channel f pairs with f + D/2."""
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def apply_mrope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+                mrope_section: Sequence[int]) -> torch.Tensor:
+    """M-RoPE of x [B, N, H, D]; returns [B, N, H, D] in x's dtype, computed in fp32."""
+    positions, section = check_apply_mrope_args(x, positions, inv_freq, mrope_section)
+    cos, sin = mrope_cos_sin(positions, inv_freq, section)
+    return rotate(x.float(), cos, sin).to(x.dtype)
+
+
+def token_weights(valid: torch.Tensor | None, token_weight: torch.Tensor | None, batch: int, seq: int,
+                  device: torch.device) -> torch.Tensor:
+    """Per-token weight w_n [B, N] fp32: token_weight (default 1) where valid (default everywhere), else 0."""
+    weight = torch.ones(batch, seq, device=device) if token_weight is None else token_weight.float()
+    return weight if valid is None else weight * valid.bool()
+
+
+def qk_align_loss(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor,
+                  w_q: torch.Tensor, w_k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+                  mrope_section: Sequence[int], *, token_weight: torch.Tensor | None = None,
+                  valid: torch.Tensor | None = None, normalize: str = "target", rope: bool = True) -> torch.Tensor:
+    """L_qk, the head-level Q/K alignment loss (fp32 scalar).
+
+    numerator = sum_n w_n [ sum_i ||R q_s,i - sum_j w_q[i,j] R q_t,j||^2 + sum_h ||R k_s,h - sum_j w_k[h,j] R k_t,j||^2 ]
+
+    normalize="target" divides by S = sum_n w_n (||mixed query target||^2 + ||mixed key target||^2), without
+    gradient (a relative error: about 1 unaligned, 0 aligned); normalize="none" divides by
+    sum_n w_n * (Hs + Hs_kv) * D (the weighted mean over elements). w_n is token_weight (default 1) on valid
+    tokens, 0 on padding. The teacher's q_t / k_t receive no gradient. rope=False skips the rotation (equal up to
+    rounding, since the rotation is orthogonal and shared by all heads of a token).
+    """
+    positions, section = check_qk_align_args(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, mrope_section,
+                                             token_weight, valid, normalize)
+    batch, seq, hs, dim = q_s.shape
+    hs_kv, device = k_s.shape[2], q_s.device
+    weight = token_weights(valid, token_weight, batch, seq, device)
+    cos, sin = mrope_cos_sin(positions, inv_freq, section)
+
+    numerator = torch.zeros((), device=device)
+    target_norm = torch.zeros((), device=device)
+    for student, teacher, mixing in ((q_s, q_t, w_q), (k_s, k_t, w_k)):
+        student, teacher = student.float(), teacher.detach().float()
+        if rope:
+            student, teacher = rotate(student, cos, sin), rotate(teacher, cos, sin)
+        target = torch.einsum("ij,bnjd->bnid", mixing.float(), teacher)  # [B, N, H_student, D]
+        numerator = numerator + (weight * (student - target).square().sum(dim=(2, 3))).sum()
+        target_norm = target_norm + (weight * target.detach().square().sum(dim=(2, 3))).sum()
+    if normalize == "target":
+        denominator = target_norm
+    else:
+        denominator = weight.sum() * (hs + hs_kv) * dim
+    return numerator / denominator.clamp_min(torch.finfo(torch.float32).tiny)
+
