@@ -8,6 +8,7 @@ the logits). Differentiable by autograd. Notation and shapes follow ``shared/lai
 - positions [3, B, N] (rows t, h, w) or [B, N] integer M-RoPE positions; inv_freq [D/2]; mrope_section (s0, s1, s2)
   with s0 + s1 + s2 = D/2.
 - w_q [Hs, Ht], w_k [Hs_kv, Ht_kv]: head mixing; student head i is aligned to sum_j w_q[i, j] * teacher head j.
+- query_mask [B, N] bool: the query rows of attention matching; valid [B, N] bool: the attention mask.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .validation import check_apply_mrope_args, check_qk_align_args
+from .validation import check_apply_mrope_args, check_attn_match_args, check_qk_align_args
 
 def mrope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor,
                   mrope_section: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,3 +92,57 @@ def qk_align_loss(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: 
         denominator = weight.sum() * (hs + hs_kv) * dim
     return numerator / denominator.clamp_min(torch.finfo(torch.float32).tiny)
 
+
+
+def distance_log_weight(distance: torch.Tensor, alpha: float, progress: float) -> torch.Tensor:
+    """log omega_p(d) = alpha * p * log(1 + log2(1 + d)) for integer distances d >= 0 (fp32, same shape)."""
+    return (alpha * progress) * torch.log1p(torch.log2(1.0 + distance.float()))
+
+
+def attn_match_loss(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor,
+                    w_q: torch.Tensor, w_k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+                    mrope_section: Sequence[int], query_mask: torch.Tensor, *, progress: float, alpha: float = 1.0,
+                    valid: torch.Tensor | None = None) -> torch.Tensor:
+    """L_attn, progressive distance-weighted attention matching (fp32 scalar); materialises the logits.
+
+    For every sample b, selected valid query row m (query_mask & valid) and student head i, over the keys n <= m
+    that are valid in sample b, with d = m - n:
+
+        s_s(m, n) = (R q_s,i(m)) . (R k_s,g(i)(n)) / sqrt(D),  g(i) = i // (Hs / Hs_kv)
+        s_t(m, n) = (sum_j w_q[i,j] R q_t,j(m)) . (sum_j w_k[g(i),j] R k_t,j(n)) / sqrt(D)
+        log phat_t(m, n) = s_t + log omega_p(d) - logsumexp_n(s_t + log omega_p(d))
+        L = mean over (b, m, i) of KL(phat_t || softmax_n s_s) = sum_n phat_t (log phat_t - log_softmax_n s_s)
+
+    Selected rows that are padding (valid False) are ignored. The teacher side (q_t, k_t, w_q, w_k) is a target:
+    no gradient flows into it. Memory: logits [Hs, rows of a sample, N] per sample, plus rotated copies of all inputs.
+    """
+    positions, section, rows = check_attn_match_args(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq,
+                                                     mrope_section, query_mask, valid, progress, alpha)
+    batch, seq, hs, dim = q_s.shape
+    group = hs // k_s.shape[2]
+    key_valid = torch.ones(batch, seq, dtype=torch.bool, device=q_s.device) if valid is None else valid.bool()
+    cos, sin = mrope_cos_sin(positions, inv_freq, section)
+    student_q = rotate(q_s.float(), cos, sin)  # [B, N, Hs, D]
+    student_k = rotate(k_s.float(), cos, sin).repeat_interleave(group, dim=2)  # [B, N, Hs, D]
+    teacher_q = torch.einsum("ij,bnjd->bnid", w_q.detach().float(), rotate(q_t.detach().float(), cos, sin))
+    teacher_k = torch.einsum("ij,bnjd->bnid", w_k.detach().float(), rotate(k_t.detach().float(), cos, sin))
+    teacher_k = teacher_k.repeat_interleave(group, dim=2)  # [B, N, Hs, D]
+
+    total = torch.zeros((), device=q_s.device)
+    for b in range(batch):
+        m = rows[b].nonzero().squeeze(1)  # [R_b] query rows of this sample
+        if m.numel() == 0:
+            continue
+        n = torch.arange(seq, device=q_s.device)
+        allowed = (n[None, :] <= m[:, None]) & key_valid[b][None, :]  # [R_b, N]
+        distance = (m[:, None] - n[None, :]).clamp_min(0)
+        logits_s = torch.einsum("rid,nid->irn", student_q[b, m], student_k[b]) / dim ** 0.5  # [Hs, R_b, N]
+        logits_t = torch.einsum("rid,nid->irn", teacher_q[b, m], teacher_k[b]) / dim ** 0.5
+        logits_t = logits_t + distance_log_weight(distance, alpha, progress)
+        logits_s = logits_s.masked_fill(~allowed, float("-inf"))
+        logits_t = logits_t.masked_fill(~allowed, float("-inf"))
+        log_p_s = torch.log_softmax(logits_s, dim=-1)
+        log_phat_t = torch.log_softmax(logits_t, dim=-1)
+        kl = torch.where(allowed, log_phat_t.exp() * (log_phat_t - log_p_s), 0.0).sum(dim=-1)  # [Hs, R_b]
+        total = total + kl.sum()
+    return total / (rows.sum() * hs)

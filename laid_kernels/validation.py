@@ -163,3 +163,35 @@ def check_qk_align_args(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor,
                            "positions": positions, "inv_freq": inv_freq, "token_weight": token_weight,
                            "valid": valid})
     return positions, section
+
+
+def check_attn_match_args(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor,
+                          w_q: torch.Tensor, w_k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+                          mrope_section: Sequence[int], query_mask: torch.Tensor, valid: torch.Tensor | None,
+                          progress: float, alpha: float) -> tuple[torch.Tensor, tuple[int, int, int], torch.Tensor]:
+    """All checks of ``attn_match_loss``; returns ``(positions3 [3, B, N], section, rows [B, N] bool)``.
+
+    ``rows`` = query_mask & valid: the query rows that count (selected padding rows are ignored). Reads that mask's
+    data once (a device synchronisation) to reject a call that selects no valid row, which would give a NaN.
+    """
+    op = "attn_match_loss"
+    batch, seq, hs, hs_kv, _, _, dim = check_student_teacher(op, q_s, k_s, q_t, k_t, w_q, w_k)
+    if hs % hs_kv:
+        raise ValueError(f"{op}: student query heads Hs = {hs} (q_s) must be a multiple of student kv heads "
+                         f"Hs_kv = {hs_kv} (k_s) for grouped-query attention")
+    positions, section = check_rope_inputs(op, positions, inv_freq, mrope_section, batch, seq, dim)
+    if query_mask is None:
+        raise TypeError(f"{op}: query_mask is required (a bool tensor [B, N] selecting the query rows)")
+    check_token_mask(op, "query_mask", query_mask, batch, seq)
+    check_token_mask(op, "valid", valid, batch, seq)
+    if isinstance(progress, bool) or not isinstance(progress, (int, float)) or not 0.0 <= progress <= 1.0:
+        raise ValueError(f"{op}: progress must be a float in [0, 1] (training progress), got {progress!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0.0 or alpha == float("inf"):
+        raise ValueError(f"{op}: alpha must be a finite float >= 0, got {alpha!r}")
+    check_same_device(op, {"q_s": q_s, "k_s": k_s, "q_t": q_t, "k_t": k_t, "w_q": w_q, "w_k": w_k,
+                           "positions": positions, "inv_freq": inv_freq, "query_mask": query_mask, "valid": valid})
+    rows = query_mask.bool() if valid is None else query_mask.bool() & valid.bool()
+    if not bool(rows.any()):
+        raise ValueError(f"{op}: query_mask selects no valid row (after excluding padding with valid); the loss "
+                         "is a mean over selected rows and would be NaN")
+    return positions, section, rows

@@ -1,0 +1,588 @@
+"""``attn_match_loss``: L_attn, progressive distance-weighted attention matching (shared/laid-spec.md, L_attn).
+
+For the selected query rows only (a few hundred of a 54K-token prompt), the student's attention row p_s and the
+teacher's row re-weighted toward distant keys, phat_t ∝ omega_p(d) softmax(s_t), are compared by KL(phat_t || p_s),
+without ever materialising a [rows, N] logits tensor:
+
+- Forward: stream key blocks with an online log-sum-exp for the student row (lse_s) and for the distance-weighted
+  teacher row (lse_t), and accumulate sum_n e^(shat_t - max) (shat_t - s_s); then
+  KL = acc / l_t - lse_t + lse_s. Only the per-(row, head) lse_s and lse_t are saved.
+- Backward: recompute each key block; dL/ds_s(m, n) = (p_s - phat_t) / (rows * Hs) gives dq_s for the query rows
+  and dk_s for every key.
+
+Host preparation shared by both fused backends: the selected rows (query_mask & valid, sample-major, ascending m)
+have their student queries rotated and their teacher queries mixed (w_q) and rotated, fp32 [R, Hs, D] each
+(small: R is the number of rows); this reuses ``reference.mrope_cos_sin`` / ``reference.rotate``.
+
+Backends (registered with ``laid_kernels.backends``):
+
+- ``"triton"``: three kernels. Teacher keys are mixed (w_k) and rotated once into a tensor [B, N, Hs_kv, D] of
+  k_s's dtype (the size of k_s); student keys are rotated in registers. ``_fwd_kernel`` and ``_dq_kernel`` run one
+  program per (block of row-head lanes, student kv head, sample) and stream the sample's causal keys;
+  ``_dk_kernel`` runs one program per (key block, kv head, sample) and streams the sample's rows.
+- ``"cpu"``: the same algorithm in PyTorch over key blocks sized so one block's logits stay about 4 MB, with
+  student and teacher keys mixed and rotated per block (nothing of size N x heads x D is allocated beyond the
+  returned gradients).
+
+Both are ``torch.library`` custom ops (forward and backward each) with fake implementations and autograd.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from . import backends, reference
+from .rope_triton import load_positions, mrope_cos_sin, rotate_pair, unrotate_pair
+from .validation import check_attn_match_args
+
+OP = "attn_match_loss"
+
+# Largest number of fp32 logits per key block of the CPU path (4 MiB per [Hs, rows, block] tensor).
+CPU_BLOCK_ELEMENTS = 1 << 20
+# Finite "minus infinity" that starts each running maximum: exp(-inf - MAX_INIT) = 0 and never inf - inf = NaN.
+MAX_INIT = -1.0e30
+
+
+def attn_match_loss(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor, w_q: torch.Tensor,
+                    w_k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, mrope_section: Sequence[int],
+                    query_mask: torch.Tensor, *, progress: float, alpha: float = 1.0,
+                    valid: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """L_attn of the spec, an fp32 scalar; differentiable with respect to q_s and k_s only.
+
+    For each selected valid query row m, student head i and causal valid key n <= m of the same sample (d = m - n):
+    KL(phat_t || p_s) with p_s = softmax_n s_s and phat_t ∝ (1 + log2(1 + d)) ** (alpha * progress) * softmax_n s_t,
+    averaged over (sample, row, head). See ``reference.attn_match_loss`` for the formulas.
+
+    Args:
+        q_s: [B, N, Hs, D] student queries before RoPE (q_proj output), fp32 / bf16 / fp16, any strides.
+        k_s: [B, N, Hs_kv, D] student keys before RoPE; Hs must be a multiple of Hs_kv (GQA: head i reads kv head
+            i // (Hs / Hs_kv)).
+        q_t: [B, N, Ht, D] teacher queries; k_t: [B, N, Ht_kv, D] teacher keys (targets: no gradient).
+        w_q: [Hs, Ht] query head mixing; w_k: [Hs_kv, Ht_kv] key head mixing (targets here: no gradient).
+        positions: [3, B, N] or [B, N] int M-RoPE positions; inv_freq: [D/2]; mrope_section: (s0, s1, s2).
+        query_mask: [B, N] bool, the query rows. Selected rows that are padding (valid False) are ignored; a mask
+            that leaves no row raises ValueError.
+        progress: training progress p in [0, 1]; alpha: distance exponent scale >= 0. At alpha * p = 0 the target
+            is the teacher's plain attention row.
+        valid: optional [B, N] bool attention mask (padding is never a key nor a row).
+        backend: "auto", "triton", "cpu" or "reference" (see ``laid_kernels.backends``).
+
+    Returns:
+        A 0-dim fp32 tensor.
+
+    Example:
+        >>> loss = attn_match_loss(q_s, k_s, q_t, k_t, mixer.w_q, mixer.w_k, position_ids, inv_freq, (16, 24, 24),
+        ...                        text_rows, progress=step / total_steps, valid=attention_mask.bool())
+        >>> loss.backward()
+    """
+    positions, section, _ = check_attn_match_args(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, mrope_section,
+                                                  query_mask, valid, progress, alpha)
+    implementation = backends.resolve(OP, backend, q_s.device)
+    return implementation(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section, query_mask,
+                          progress=progress, alpha=alpha, valid=valid)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Host preparation shared by the fused backends
+
+
+def _query_rows(q_s: torch.Tensor, q_t: torch.Tensor, w_q: torch.Tensor, positions: torch.Tensor,
+                inv_freq: torch.Tensor, section: Sequence[int],
+                row_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The selected rows' rotated student queries and mixed rotated teacher queries, fp32 [R, Hs, D] each.
+
+    row_index: [R] flat token indices b * N + m. Also returns the rows' cos and sin [R, 1, D/2] (for the gradient).
+    """
+    seq = q_s.shape[1]
+    row_b, row_m = row_index // seq, row_index % seq
+    cos, sin = reference.mrope_cos_sin(positions[:, row_b, row_m].unsqueeze(2), inv_freq, section)  # [R, 1, D/2]
+    student = reference.rotate(q_s[row_b, row_m].float().unsqueeze(1), cos, sin).squeeze(1)
+    teacher = reference.rotate(q_t[row_b, row_m].float().unsqueeze(1), cos, sin).squeeze(1)
+    return student, torch.einsum("ij,rjd->rid", w_q.float(), teacher), cos, sin
+
+
+def _unrotate_rows(d_rows: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, row_index: torch.Tensor,
+                   q_s: torch.Tensor) -> torch.Tensor:
+    """dq_s [B, N, Hs, D] (q_s's dtype, zero off the rows) from the gradient of the rotated rows d_rows [R, Hs, D]."""
+    dq_s = torch.zeros(q_s.shape, dtype=q_s.dtype, device=q_s.device)
+    seq = q_s.shape[1]
+    d_rows = reference.rotate(d_rows.unsqueeze(1), cos, -sin).squeeze(1)  # R^T: rotation by the opposite angle
+    dq_s[row_index // seq, row_index % seq] = d_rows.to(q_s.dtype)
+    return dq_s
+
+
+def _sample_rows(row_index: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
+    """[B + 1] int64 offsets: the rows of sample b are row_index[offsets[b]:offsets[b + 1]]."""
+    counts = torch.bincount(row_index // seq, minlength=batch)
+    return torch.nn.functional.pad(counts.cumsum(0), (1, 0))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CPU: blockwise PyTorch
+
+
+def _cpu_key_blocks(k_s: torch.Tensor, k_t: torch.Tensor, w_k: torch.Tensor, positions: torch.Tensor,
+                    inv_freq: torch.Tensor, section: Sequence[int], b: int, n_end: int,
+                    block: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Key blocks [n0, n0 + block) of sample b up to n_end: (n0, student keys, teacher keys, cos, sin).
+
+    Keys are rotated (student) or mixed by w_k and rotated (teacher), fp32 [Hs_kv, block, D]; cos / sin are the
+    block's [1, block, D/2] (for the gradient).
+    """
+    for n0 in range(0, n_end, block):
+        n1 = min(n0 + block, n_end)
+        cos, sin = reference.mrope_cos_sin(positions[:, b:b + 1, n0:n1], inv_freq, section)
+        student = reference.rotate(k_s[b:b + 1, n0:n1].float(), cos, sin)
+        teacher = torch.einsum("hj,bnjd->bnhd", w_k.float(), k_t[b:b + 1, n0:n1].float())
+        teacher = reference.rotate(teacher, cos, sin)
+        yield n0, student[0].transpose(0, 1), teacher[0].transpose(0, 1), cos, sin
+
+
+def _cpu_block_logits(qs: torch.Tensor, qt: torch.Tensor, ks: torch.Tensor, kt: torch.Tensor, m: torch.Tensor,
+                      n0: int, key_valid: torch.Tensor, coef: float,
+                      group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Student logits s_s and distance-weighted teacher logits shat_t [Hs_kv, G, R_b, K], -inf where not allowed.
+
+    qs, qt: [Hs_kv, G * R_b, D] query lanes (head h * G + g, row r at lane g * R_b + r); ks, kt: [Hs_kv, K, D];
+    m: [R_b] row positions; key_valid: [N] of this sample. Also returns allowed [R_b, K] (causal and valid).
+    """
+    hs_kv, lanes, dim = qs.shape
+    keys = ks.shape[1]
+    n = torch.arange(n0, n0 + keys, device=m.device)
+    distance = m[:, None] - n[None, :]  # [R_b, K]
+    allowed = (distance >= 0) & key_valid[n0:n0 + keys][None, :]
+    scale = 1.0 / math.sqrt(dim)
+    s_s = torch.bmm(qs, ks.transpose(1, 2)).view(hs_kv, group, lanes // group, keys) * scale
+    s_t = torch.bmm(qt, kt.transpose(1, 2)).view(hs_kv, group, lanes // group, keys) * scale
+    s_t = s_t + reference.distance_log_weight(distance.clamp_min(0), coef, 1.0)
+    return s_s.masked_fill(~allowed, float("-inf")), s_t.masked_fill(~allowed, float("-inf")), allowed
+
+
+def _cpu_lanes(rows: torch.Tensor, hs_kv: int) -> torch.Tensor:
+    """[R_b, Hs, D] -> the lane layout [Hs_kv, G * R_b, D] of :func:`_cpu_block_logits`."""
+    r, hs, dim = rows.shape
+    return rows.view(r, hs_kv, hs // hs_kv, dim).permute(1, 2, 0, 3).reshape(hs_kv, -1, dim)
+
+
+def _cpu_row_stat(stat: torch.Tensor) -> torch.Tensor:
+    """[Hs_kv, G, R_b] -> [R_b, Hs] (head h * G + g)."""
+    return stat.permute(2, 0, 1).reshape(stat.shape[2], -1)
+
+
+def _cpu_samples(row_index: torch.Tensor, batch: int, seq: int, hs: int) -> Iterator[tuple[int, int, int, int, int]]:
+    """Per sample with rows: (b, first row, end row, n_end = last row's m + 1, key block size)."""
+    offsets = _sample_rows(row_index, batch, seq).tolist()
+    for b in range(batch):
+        lo, hi = offsets[b], offsets[b + 1]
+        if hi > lo:
+            n_end = int(row_index[hi - 1]) - b * seq + 1
+            block = max(16, min(n_end, CPU_BLOCK_ELEMENTS // (hs * (hi - lo))))
+            yield b, lo, hi, n_end, block
+
+
+@torch.no_grad()
+def _cpu_forward(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section, row_index, key_valid, progress, alpha):
+    batch, seq, hs, _ = q_s.shape
+    hs_kv = k_s.shape[2]
+    coef = alpha * progress
+    q_rows, t_rows, _, _ = _query_rows(q_s, q_t, w_q, positions, inv_freq, section, row_index)
+    lse_s = q_rows.new_empty(row_index.numel(), hs)
+    lse_t = q_rows.new_empty(row_index.numel(), hs)
+    total = q_rows.new_zeros((), dtype=torch.float64)
+    for b, lo, hi, n_end, block in _cpu_samples(row_index, batch, seq, hs):
+        m = row_index[lo:hi] - b * seq
+        qs, qt = _cpu_lanes(q_rows[lo:hi], hs_kv), _cpu_lanes(t_rows[lo:hi], hs_kv)
+        stat_shape = (hs_kv, hs // hs_kv, hi - lo)
+        max_s, sum_s = q_rows.new_full(stat_shape, MAX_INIT), q_rows.new_zeros(stat_shape)
+        max_t, sum_t, acc = q_rows.new_full(stat_shape, MAX_INIT), q_rows.new_zeros(stat_shape), q_rows.new_zeros(
+            stat_shape)
+        for n0, ks, kt, _, _ in _cpu_key_blocks(k_s, k_t, w_k, positions, inv_freq, section, b, n_end, block):
+            s_s, s_t, allowed = _cpu_block_logits(qs, qt, ks, kt, m, n0, key_valid[b], coef, hs // hs_kv)
+            new_max = torch.maximum(max_s, s_s.amax(-1))
+            sum_s = sum_s * (max_s - new_max).exp() + (s_s - new_max[..., None]).exp().sum(-1)
+            max_s = new_max
+            new_max = torch.maximum(max_t, s_t.amax(-1))
+            e_t = (s_t - new_max[..., None]).exp()
+            rescale = (max_t - new_max).exp()
+            sum_t = sum_t * rescale + e_t.sum(-1)
+            acc = acc * rescale + (e_t * torch.where(allowed, s_t - s_s, 0.0)).sum(-1)
+            max_t = new_max
+        row_lse_s, row_lse_t = max_s + sum_s.log(), max_t + sum_t.log()
+        lse_s[lo:hi], lse_t[lo:hi] = _cpu_row_stat(row_lse_s), _cpu_row_stat(row_lse_t)
+        total += (acc / sum_t - row_lse_t + row_lse_s).double().sum()
+    return (total / (row_index.numel() * hs)).float(), lse_s, lse_t
+
+
+@torch.no_grad()
+def _cpu_backward(grad, q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section, row_index, key_valid, lse_s,
+                  lse_t, progress, alpha):
+    batch, seq, hs, dim = q_s.shape
+    hs_kv = k_s.shape[2]
+    group = hs // hs_kv
+    coef = alpha * progress
+    q_rows, t_rows, cos_rows, sin_rows = _query_rows(q_s, q_t, w_q, positions, inv_freq, section, row_index)
+    d_rows = torch.zeros_like(q_rows)
+    dk_s = torch.zeros(k_s.shape, dtype=k_s.dtype, device=k_s.device)
+    scale = grad.float() / (row_index.numel() * hs * math.sqrt(dim))
+    for b, lo, hi, n_end, block in _cpu_samples(row_index, batch, seq, hs):
+        m = row_index[lo:hi] - b * seq
+        qs, qt = _cpu_lanes(q_rows[lo:hi], hs_kv), _cpu_lanes(t_rows[lo:hi], hs_kv)
+        row_lse_s = _cpu_lanes(lse_s[lo:hi, :, None], hs_kv).view(hs_kv, group, hi - lo, 1)
+        row_lse_t = _cpu_lanes(lse_t[lo:hi, :, None], hs_kv).view(hs_kv, group, hi - lo, 1)
+        dq = torch.zeros_like(qs)
+        for n0, ks, kt, cos, sin in _cpu_key_blocks(k_s, k_t, w_k, positions, inv_freq, section, b, n_end, block):
+            s_s, s_t, _ = _cpu_block_logits(qs, qt, ks, kt, m, n0, key_valid[b], coef, group)
+            d_logits = ((s_s - row_lse_s).exp() - (s_t - row_lse_t).exp()).mul_(scale).view(hs_kv, -1, ks.shape[1])
+            dq += torch.bmm(d_logits, ks)
+            dk = torch.bmm(d_logits.transpose(1, 2), qs)  # [Hs_kv, K, D], rotated frame
+            dk = reference.rotate(dk.transpose(0, 1).unsqueeze(0), cos, -sin)
+            dk_s[b, n0:n0 + ks.shape[1]] = dk[0].to(k_s.dtype)
+        d_rows[lo:hi] = dq.view(hs_kv, group, hi - lo, dim).permute(2, 0, 1, 3).reshape(hi - lo, hs, dim)
+    return _unrotate_rows(d_rows, cos_rows, sin_rows, row_index, q_s), dk_s
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels
+
+
+@triton.jit
+def _mix_rotate_kernel(x_ptr, w_ptr, out_ptr, pos_ptr, inv_freq_ptr, seq,
+                       stride_xb, stride_xn, stride_xh, stride_xd, stride_pr, stride_pb, stride_pn,
+                       H_IN: tl.constexpr, H_OUT: tl.constexpr, HALF: tl.constexpr, SECTION_T: tl.constexpr,
+                       SECTION_TH: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[b, n, h] = R(sum_j w[h, j] x[b, n, j]) for one block of tokens; out contiguous [B, N, H_OUT, 2 * HALF]."""
+    pid_n, b = tl.program_id(0), tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_f = tl.arange(0, HALF)
+    n_ok = offs_n < seq
+    p_t, p_h, p_w = load_positions(pos_ptr + b * stride_pb, stride_pr, offs_n * stride_pn, n_ok)
+    inv_freq = tl.load(inv_freq_ptr + offs_f).to(tl.float32)
+    cos, sin = mrope_cos_sin(p_t[:, None], p_h[:, None], p_w[:, None], inv_freq[None, :], offs_f[None, :],
+                             SECTION_T, SECTION_TH)
+    x_base = x_ptr + b * stride_xb + offs_n[:, None] * stride_xn + offs_f[None, :] * stride_xd
+    out_base = out_ptr + (b * seq + offs_n[:, None]) * (H_OUT * 2 * HALF) + offs_f[None, :]
+    for h in tl.static_range(H_OUT):
+        lo = tl.zeros((BLOCK_N, HALF), tl.float32)
+        hi = tl.zeros((BLOCK_N, HALF), tl.float32)
+        for j in tl.static_range(H_IN):
+            w = tl.load(w_ptr + h * H_IN + j).to(tl.float32)
+            lo += w * tl.load(x_base + j * stride_xh, mask=n_ok[:, None], other=0.0).to(tl.float32)
+            hi += w * tl.load(x_base + j * stride_xh + HALF * stride_xd, mask=n_ok[:, None], other=0.0).to(tl.float32)
+        lo, hi = rotate_pair(lo, hi, cos, sin)
+        tl.store(out_base + h * 2 * HALF, lo.to(out_ptr.dtype.element_ty), mask=n_ok[:, None])
+        tl.store(out_base + h * 2 * HALF + HALF, hi.to(out_ptr.dtype.element_ty), mask=n_ok[:, None])
+
+
+@triton.jit
+def _rotated_key_block(ks_ptr, kt_ptr, pos_ptr, inv_freq, b, offs_n, offs_f, key_ok, seq,
+                       stride_kb, stride_kn, stride_kd, stride_pr, stride_pb, stride_pn,
+                       HS_KV: tl.constexpr, HALF: tl.constexpr, SECTION_T: tl.constexpr, SECTION_TH: tl.constexpr):
+    """One key block of one kv head: rotated student key halves, mixed rotated teacher key halves [BLOCK_N, HALF]
+    (fp32) and the block's cos / sin. ks_ptr / kt_ptr already point at the kv head; kt is contiguous."""
+    p_t, p_h, p_w = load_positions(pos_ptr + b * stride_pb, stride_pr, offs_n * stride_pn, key_ok)
+    cos, sin = mrope_cos_sin(p_t[:, None], p_h[:, None], p_w[:, None], inv_freq[None, :], offs_f[None, :],
+                             SECTION_T, SECTION_TH)
+    ks = ks_ptr + b * stride_kb + offs_n[:, None] * stride_kn + offs_f[None, :] * stride_kd
+    ks_lo = tl.load(ks, mask=key_ok[:, None], other=0.0).to(tl.float32)
+    ks_hi = tl.load(ks + HALF * stride_kd, mask=key_ok[:, None], other=0.0).to(tl.float32)
+    ks_lo, ks_hi = rotate_pair(ks_lo, ks_hi, cos, sin)
+    kt = kt_ptr + (b * seq + offs_n[:, None]) * (HS_KV * 2 * HALF) + offs_f[None, :]
+    kt_lo = tl.load(kt, mask=key_ok[:, None], other=0.0).to(tl.float32)
+    kt_hi = tl.load(kt + HALF, mask=key_ok[:, None], other=0.0).to(tl.float32)
+    return ks_lo, ks_hi, kt_lo, kt_hi, cos, sin
+
+
+@triton.jit
+def _block_logits(qs_lo, qs_hi, qt_lo, qt_hi, ks_lo, ks_hi, kt_lo, kt_hi, m, offs_n, lane_ok, key_ok, sm_scale, coef,
+                  PRECISION: tl.constexpr):
+    """Student logits and distance-weighted teacher logits [BLOCK_M, BLOCK_N] (fp32), -inf where not allowed."""
+    distance = m[:, None] - offs_n[None, :]
+    allowed = lane_ok[:, None] & key_ok[None, :] & (distance >= 0)
+    s_s = tl.dot(qs_lo, tl.trans(ks_lo), input_precision=PRECISION)
+    s_s = tl.dot(qs_hi, tl.trans(ks_hi), s_s, input_precision=PRECISION) * sm_scale
+    s_t = tl.dot(qt_lo, tl.trans(kt_lo), input_precision=PRECISION)
+    s_t = tl.dot(qt_hi, tl.trans(kt_hi), s_t, input_precision=PRECISION) * sm_scale
+    s_t += coef * tl.log(1.0 + tl.log2(1.0 + tl.maximum(distance, 0).to(tl.float32)))
+    return tl.where(allowed, s_s, float("-inf")), tl.where(allowed, s_t, float("-inf")), allowed
+
+
+@triton.jit
+def _row_lanes(sample_rows_ptr, row_m_ptr, b, lane0, h, BLOCK_M: tl.constexpr, GROUP: tl.constexpr):
+    """Lanes lane0 + [0, BLOCK_M) of sample b's (row, head-in-group) pairs for kv head h: flat row index, student
+    head, row position m (-1 on dead lanes) and whether the lane is live."""
+    row_lo = tl.load(sample_rows_ptr + b)
+    row_hi = tl.load(sample_rows_ptr + b + 1)
+    lanes = lane0 + tl.arange(0, BLOCK_M)
+    row = row_lo + lanes // GROUP
+    lane_ok = row < row_hi
+    head = h * GROUP + lanes % GROUP
+    m = tl.load(row_m_ptr + row, mask=lane_ok, other=-1)
+    return row, head, m, lane_ok
+
+
+@triton.jit
+def _load_lanes(ptr, row, head, offs_f, lane_ok, HS: tl.constexpr, HALF: tl.constexpr):
+    """Halves [BLOCK_M, HALF] of the fp32 [R, HS, 2 * HALF] row tensor at (row, head)."""
+    p = ptr + (row[:, None] * HS + head[:, None]) * (2 * HALF) + offs_f[None, :]
+    return (tl.load(p, mask=lane_ok[:, None], other=0.0), tl.load(p + HALF, mask=lane_ok[:, None], other=0.0))
+
+
+@triton.jit
+def _fwd_kernel(qs_ptr, qt_ptr, row_m_ptr, sample_rows_ptr, ks_ptr, kt_ptr, pos_ptr, inv_freq_ptr, valid_ptr,
+                lse_s_ptr, lse_t_ptr, kl_ptr, seq, sm_scale, coef,
+                stride_kb, stride_kn, stride_kh, stride_kd, stride_pr, stride_pb, stride_pn,
+                HS: tl.constexpr, HS_KV: tl.constexpr, HALF: tl.constexpr, SECTION_T: tl.constexpr,
+                SECTION_TH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """Per (row, head) lane: lse_s, lse_t and KL(phat_t || p_s), streaming the sample's keys n < max m + 1."""
+    pid_m, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    GROUP: tl.constexpr = HS // HS_KV
+    row, head, m, lane_ok = _row_lanes(sample_rows_ptr, row_m_ptr, b, pid_m * BLOCK_M, h, BLOCK_M, GROUP)
+    offs_f = tl.arange(0, HALF)
+    qs_lo, qs_hi = _load_lanes(qs_ptr, row, head, offs_f, lane_ok, HS, HALF)
+    qt_lo, qt_hi = _load_lanes(qt_ptr, row, head, offs_f, lane_ok, HS, HALF)
+    inv_freq = tl.load(inv_freq_ptr + offs_f).to(tl.float32)
+    max_s = tl.full((BLOCK_M,), -1.0e30, tl.float32)
+    max_t = tl.full((BLOCK_M,), -1.0e30, tl.float32)
+    sum_s = tl.zeros((BLOCK_M,), tl.float32)
+    sum_t = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M,), tl.float32)
+    n_end = tl.max(m, axis=0) + 1
+    for n0 in range(0, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        key_ok = (offs_n < n_end) & (tl.load(valid_ptr + b * seq + offs_n, mask=offs_n < n_end, other=0) != 0)
+        ks_lo, ks_hi, kt_lo, kt_hi, _, _ = _rotated_key_block(
+            ks_ptr + h * stride_kh, kt_ptr + h * 2 * HALF, pos_ptr, inv_freq, b, offs_n, offs_f, key_ok, seq,
+            stride_kb, stride_kn, stride_kd, stride_pr, stride_pb, stride_pn, HS_KV, HALF, SECTION_T, SECTION_TH)
+        s_s, s_t, allowed = _block_logits(qs_lo, qs_hi, qt_lo, qt_hi, ks_lo, ks_hi, kt_lo, kt_hi, m, offs_n,
+                                          lane_ok, key_ok, sm_scale, coef, PRECISION)
+        new_max = tl.maximum(max_s, tl.max(s_s, axis=1))
+        sum_s = sum_s * tl.exp(max_s - new_max) + tl.sum(tl.exp(s_s - new_max[:, None]), axis=1)
+        max_s = new_max
+        new_max = tl.maximum(max_t, tl.max(s_t, axis=1))
+        e_t = tl.exp(s_t - new_max[:, None])
+        rescale = tl.exp(max_t - new_max)
+        sum_t = sum_t * rescale + tl.sum(e_t, axis=1)
+        acc = acc * rescale + tl.sum(e_t * tl.where(allowed, s_t - s_s, 0.0), axis=1)
+        max_t = new_max
+    lse_s = max_s + tl.log(sum_s)
+    lse_t = max_t + tl.log(sum_t)
+    out = row * HS + head
+    tl.store(lse_s_ptr + out, lse_s, mask=lane_ok)
+    tl.store(lse_t_ptr + out, lse_t, mask=lane_ok)
+    tl.store(kl_ptr + out, acc / sum_t - lse_t + lse_s, mask=lane_ok)
+
+
+@triton.jit
+def _dq_kernel(qs_ptr, qt_ptr, row_m_ptr, sample_rows_ptr, ks_ptr, kt_ptr, pos_ptr, inv_freq_ptr, valid_ptr,
+               lse_s_ptr, lse_t_ptr, grad_ptr, dq_ptr, seq, sm_scale, coef, grad_scale,
+               stride_kb, stride_kn, stride_kh, stride_kd, stride_pr, stride_pb, stride_pn,
+               HS: tl.constexpr, HS_KV: tl.constexpr, HALF: tl.constexpr, SECTION_T: tl.constexpr,
+               SECTION_TH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """Gradient of the loss with respect to the rotated student query rows, fp32 [R, HS, 2 * HALF]."""
+    pid_m, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    GROUP: tl.constexpr = HS // HS_KV
+    row, head, m, lane_ok = _row_lanes(sample_rows_ptr, row_m_ptr, b, pid_m * BLOCK_M, h, BLOCK_M, GROUP)
+    offs_f = tl.arange(0, HALF)
+    qs_lo, qs_hi = _load_lanes(qs_ptr, row, head, offs_f, lane_ok, HS, HALF)
+    qt_lo, qt_hi = _load_lanes(qt_ptr, row, head, offs_f, lane_ok, HS, HALF)
+    inv_freq = tl.load(inv_freq_ptr + offs_f).to(tl.float32)
+    lse_s = tl.load(lse_s_ptr + row * HS + head, mask=lane_ok, other=0.0)
+    lse_t = tl.load(lse_t_ptr + row * HS + head, mask=lane_ok, other=0.0)
+    scale = tl.load(grad_ptr).to(tl.float32) * grad_scale
+    dq_lo = tl.zeros((BLOCK_M, HALF), tl.float32)
+    dq_hi = tl.zeros((BLOCK_M, HALF), tl.float32)
+    n_end = tl.max(m, axis=0) + 1
+    for n0 in range(0, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        key_ok = (offs_n < n_end) & (tl.load(valid_ptr + b * seq + offs_n, mask=offs_n < n_end, other=0) != 0)
+        ks_lo, ks_hi, kt_lo, kt_hi, _, _ = _rotated_key_block(
+            ks_ptr + h * stride_kh, kt_ptr + h * 2 * HALF, pos_ptr, inv_freq, b, offs_n, offs_f, key_ok, seq,
+            stride_kb, stride_kn, stride_kd, stride_pr, stride_pb, stride_pn, HS_KV, HALF, SECTION_T, SECTION_TH)
+        s_s, s_t, _ = _block_logits(qs_lo, qs_hi, qt_lo, qt_hi, ks_lo, ks_hi, kt_lo, kt_hi, m, offs_n,
+                                    lane_ok, key_ok, sm_scale, coef, PRECISION)
+        d_logits = (tl.exp(s_s - lse_s[:, None]) - tl.exp(s_t - lse_t[:, None])) * scale
+        dq_lo = tl.dot(d_logits, ks_lo, dq_lo, input_precision=PRECISION)
+        dq_hi = tl.dot(d_logits, ks_hi, dq_hi, input_precision=PRECISION)
+    out = dq_ptr + (row[:, None] * HS + head[:, None]) * (2 * HALF) + offs_f[None, :]
+    tl.store(out, dq_lo, mask=lane_ok[:, None])
+    tl.store(out + HALF, dq_hi, mask=lane_ok[:, None])
+
+
+@triton.jit
+def _dk_kernel(qs_ptr, qt_ptr, row_m_ptr, sample_rows_ptr, ks_ptr, kt_ptr, pos_ptr, inv_freq_ptr, valid_ptr,
+               lse_s_ptr, lse_t_ptr, grad_ptr, dk_ptr, seq, sm_scale, coef, grad_scale,
+               stride_kb, stride_kn, stride_kh, stride_kd, stride_pr, stride_pb, stride_pn,
+               HS: tl.constexpr, HS_KV: tl.constexpr, HALF: tl.constexpr, SECTION_T: tl.constexpr,
+               SECTION_TH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """dk_s [B, N, HS_KV, 2 * HALF] (contiguous, k_s's dtype) for one key block of one kv head, streaming the
+    sample's (row, head) lanes; every key is written (zero where no row attends to it)."""
+    pid_n, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    GROUP: tl.constexpr = HS // HS_KV
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_f = tl.arange(0, HALF)
+    n_ok = offs_n < seq
+    key_ok = n_ok & (tl.load(valid_ptr + b * seq + offs_n, mask=n_ok, other=0) != 0)
+    inv_freq = tl.load(inv_freq_ptr + offs_f).to(tl.float32)
+    ks_lo, ks_hi, kt_lo, kt_hi, cos, sin = _rotated_key_block(
+        ks_ptr + h * stride_kh, kt_ptr + h * 2 * HALF, pos_ptr, inv_freq, b, offs_n, offs_f, key_ok, seq,
+        stride_kb, stride_kn, stride_kd, stride_pr, stride_pb, stride_pn, HS_KV, HALF, SECTION_T, SECTION_TH)
+    scale = tl.load(grad_ptr).to(tl.float32) * grad_scale
+    dk_lo = tl.zeros((BLOCK_N, HALF), tl.float32)
+    dk_hi = tl.zeros((BLOCK_N, HALF), tl.float32)
+    lanes = (tl.load(sample_rows_ptr + b + 1) - tl.load(sample_rows_ptr + b)) * GROUP
+    for lane0 in range(0, lanes, BLOCK_M):
+        row, head, m, lane_ok = _row_lanes(sample_rows_ptr, row_m_ptr, b, lane0, h, BLOCK_M, GROUP)
+        qs_lo, qs_hi = _load_lanes(qs_ptr, row, head, offs_f, lane_ok, HS, HALF)
+        qt_lo, qt_hi = _load_lanes(qt_ptr, row, head, offs_f, lane_ok, HS, HALF)
+        lse_s = tl.load(lse_s_ptr + row * HS + head, mask=lane_ok, other=0.0)
+        lse_t = tl.load(lse_t_ptr + row * HS + head, mask=lane_ok, other=0.0)
+        s_s, s_t, _ = _block_logits(qs_lo, qs_hi, qt_lo, qt_hi, ks_lo, ks_hi, kt_lo, kt_hi, m, offs_n,
+                                    lane_ok, key_ok, sm_scale, coef, PRECISION)
+        d_logits = (tl.exp(s_s - lse_s[:, None]) - tl.exp(s_t - lse_t[:, None])) * scale
+        dk_lo = tl.dot(tl.trans(d_logits), qs_lo, dk_lo, input_precision=PRECISION)
+        dk_hi = tl.dot(tl.trans(d_logits), qs_hi, dk_hi, input_precision=PRECISION)
+    dk_lo, dk_hi = unrotate_pair(dk_lo, dk_hi, cos, sin)
+    out = dk_ptr + ((b * seq + offs_n[:, None]) * HS_KV + h) * (2 * HALF) + offs_f[None, :]
+    tl.store(out, dk_lo.to(dk_ptr.dtype.element_ty), mask=n_ok[:, None])
+    tl.store(out + HALF, dk_hi.to(dk_ptr.dtype.element_ty), mask=n_ok[:, None])
+
+
+# Launch configuration of the Triton kernels (also what tests/test_attn_match_compile.py compiles).
+TRITON_BLOCK_M = 64
+TRITON_BLOCK_N = 32
+TRITON_NUM_WARPS = 4
+TRITON_MIX_BLOCK_N = 32
+TRITON_PRECISION = "tf32x3"  # three TF32 MMAs: fp32-level logits on the GPU (plain TF32 shifts them by ~1e-3)
+
+
+def _mixed_rotated_keys(k_t: torch.Tensor, w_k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+                        section: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """R(w_k k_t): the teacher keys mixed to the student's kv heads and rotated, contiguous [B, N, Hs_kv, D]."""
+    batch, seq, ht_kv, dim = k_t.shape
+    hs_kv = w_k.shape[0]
+    out = torch.empty(batch, seq, hs_kv, dim, dtype=dtype, device=k_t.device)
+    grid = (triton.cdiv(seq, TRITON_MIX_BLOCK_N), batch)
+    _mix_rotate_kernel[grid](k_t, w_k.contiguous(), out, positions, inv_freq, seq, *k_t.stride(), *positions.stride(),
+                             H_IN=ht_kv, H_OUT=hs_kv, HALF=dim // 2, SECTION_T=section[0],
+                             SECTION_TH=section[0] + section[1], BLOCK_N=TRITON_MIX_BLOCK_N,
+                             num_warps=TRITON_NUM_WARPS)
+    return out
+
+
+def _triton_common(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section, row_index, key_valid):
+    """Row tensors, key tensor and launch arguments shared by the three attention kernels."""
+    batch, seq, hs, dim = q_s.shape
+    q_rows, t_rows, cos, sin = _query_rows(q_s, q_t, w_q, positions, inv_freq, section, row_index)
+    sample_rows = _sample_rows(row_index, batch, seq)
+    row_m = (row_index % seq).contiguous()
+    keys = _mixed_rotated_keys(k_t, w_k, positions, inv_freq, section, k_s.dtype)
+    valid = key_valid.contiguous().view(torch.uint8)
+    pointers = (q_rows.contiguous(), t_rows.contiguous(), row_m, sample_rows, k_s, keys, positions, inv_freq, valid)
+    constants = dict(HS=hs, HS_KV=k_s.shape[2], HALF=dim // 2, SECTION_T=section[0],
+                     SECTION_TH=section[0] + section[1], BLOCK_M=TRITON_BLOCK_M, BLOCK_N=TRITON_BLOCK_N,
+                     PRECISION=TRITON_PRECISION, num_warps=TRITON_NUM_WARPS)
+    strides = (*k_s.stride(), *positions.stride())
+    max_lanes = int((sample_rows[1:] - sample_rows[:-1]).max()) * (hs // k_s.shape[2])
+    row_grid = (triton.cdiv(max_lanes, TRITON_BLOCK_M), k_s.shape[2], batch)
+    return pointers, constants, strides, row_grid, (cos, sin)
+
+
+def _triton_forward(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section, row_index, key_valid, progress,
+                    alpha):
+    seq, hs, dim = q_s.shape[1], q_s.shape[2], q_s.shape[3]
+    pointers, constants, strides, grid, _ = _triton_common(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq,
+                                                           section, row_index, key_valid)
+    lse_s, lse_t, kl = (torch.empty(row_index.numel(), hs, dtype=torch.float32, device=q_s.device) for _ in range(3))
+    _fwd_kernel[grid](*pointers, lse_s, lse_t, kl, seq, 1.0 / math.sqrt(dim), alpha * progress, *strides,
+                      **constants)
+    return (kl.sum(dtype=torch.float64) / kl.numel()).float(), lse_s, lse_t
+
+
+def _triton_backward(grad, q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section, row_index, key_valid, lse_s,
+                     lse_t, progress, alpha):
+    batch, seq, hs, dim = q_s.shape
+    pointers, constants, strides, grid, (cos, sin) = _triton_common(q_s, k_s, q_t, k_t, w_q, w_k, positions,
+                                                                    inv_freq, section, row_index, key_valid)
+    sm_scale = 1.0 / math.sqrt(dim)
+    grad_scale = sm_scale / (row_index.numel() * hs)
+    lse_s, lse_t, grad = lse_s.contiguous(), lse_t.contiguous(), grad.float().contiguous()
+    d_rows = torch.empty(row_index.numel(), hs, dim, dtype=torch.float32, device=q_s.device)
+    _dq_kernel[grid](*pointers, lse_s, lse_t, grad, d_rows, seq, sm_scale, alpha * progress, grad_scale, *strides,
+                     **constants)
+    dk_s = torch.empty(k_s.shape, dtype=k_s.dtype, device=k_s.device)
+    key_grid = (triton.cdiv(seq, TRITON_BLOCK_N), k_s.shape[2], batch)
+    _dk_kernel[key_grid](*pointers, lse_s, lse_t, grad, dk_s, seq, sm_scale, alpha * progress, grad_scale, *strides,
+                         **constants)
+    return _unrotate_rows(d_rows, cos, sin, row_index, q_s), dk_s
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Custom ops, autograd and registration
+
+
+def _define_ops(name: str, forward: Callable, backward: Callable) -> Callable:
+    """Register ``laid_kernels::attn_match_<name>`` (forward) and ``..._backward`` as custom ops with fake
+    implementations and autograd (gradients for q_s and k_s only); return the public-signature implementation."""
+
+    @torch.library.custom_op(f"laid_kernels::attn_match_{name}", mutates_args=())
+    def forward_op(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor, w_q: torch.Tensor,
+                   w_k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, section: list[int],
+                   row_index: torch.Tensor, key_valid: torch.Tensor, progress: float,
+                   alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss [], lse_s [R, Hs], lse_t [R, Hs]); row_index [R] flat b * N + m, key_valid [B, N] bool."""
+        return forward(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section, row_index, key_valid, progress,
+                       alpha)
+
+    @torch.library.custom_op(f"laid_kernels::attn_match_{name}_backward", mutates_args=())
+    def backward_op(grad: torch.Tensor, q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor,
+                    w_q: torch.Tensor, w_k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+                    section: list[int], row_index: torch.Tensor, key_valid: torch.Tensor, lse_s: torch.Tensor,
+                    lse_t: torch.Tensor, progress: float, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dq_s like q_s, dk_s like k_s) for the upstream gradient ``grad`` [] of the loss."""
+        return backward(grad, q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section, row_index, key_valid,
+                        lse_s, lse_t, progress, alpha)
+
+    @forward_op.register_fake
+    def _(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section, row_index, key_valid, progress, alpha):
+        stat = q_s.new_empty((row_index.shape[0], q_s.shape[2]), dtype=torch.float32)
+        return q_s.new_empty((), dtype=torch.float32), stat, torch.empty_like(stat)
+
+    @backward_op.register_fake
+    def _(grad, q_s, k_s, *args):
+        return torch.empty_like(q_s, memory_format=torch.contiguous_format), torch.empty_like(
+            k_s, memory_format=torch.contiguous_format)
+
+    def setup_context(ctx, inputs, output):
+        q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section, row_index, key_valid, progress, alpha = inputs
+        _, lse_s, lse_t = output
+        ctx.save_for_backward(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, row_index, key_valid, lse_s, lse_t)
+        ctx.section, ctx.progress, ctx.alpha = section, progress, alpha
+
+    def backward_fn(ctx, grad_loss, _grad_lse_s, _grad_lse_t):
+        q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, row_index, key_valid, lse_s, lse_t = ctx.saved_tensors
+        dq_s, dk_s = backward_op(grad_loss, q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, ctx.section,
+                                 row_index, key_valid, lse_s, lse_t, ctx.progress, ctx.alpha)
+        return dq_s, dk_s, None, None, None, None, None, None, None, None, None, None, None
+
+    forward_op.register_autograd(backward_fn, setup_context=setup_context)
+
+    def implementation(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section, query_mask, *, progress,
+                       alpha=1.0, valid=None):
+        """The public signature, after ``check_attn_match_args`` (positions [3, B, N], section a tuple)."""
+        key_valid = torch.ones_like(query_mask, dtype=torch.bool) if valid is None else valid.bool()
+        row_index = (query_mask.bool() & key_valid).flatten().nonzero().squeeze(1)
+        loss, _, _ = forward_op(q_s, k_s, q_t.detach(), k_t.detach(), w_q.detach(), w_k.detach(), positions,
+                                inv_freq, list(section), row_index, key_valid, float(progress), float(alpha))
+        return loss
+
+    return implementation
+
+
+backends.register(OP, "reference", reference.attn_match_loss)
+backends.register(OP, "cpu", _define_ops("cpu", _cpu_forward, _cpu_backward))
+backends.register(OP, "triton", _define_ops("triton", _triton_forward, _triton_backward))
