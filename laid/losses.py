@@ -1,0 +1,175 @@
+"""The LAid objective for one batch (shared/laid-spec.md):
+
+    L = lambda_laid * (L_qk + beta * L_attn) + lambda_kl * L_KL + lambda_sft * L_SFT
+
+:class:`LAidObjective` runs the frozen teacher (no gradient; stopped right after its last aligned layer when
+lambda_kl = 0) and the student with :class:`laid.capture.QKCapture` hooks on the aligned layers, then computes
+
+- L_qk: ``laid_kernels.qk_align_loss`` per aligned pair (mean over pairs);
+- L_attn: ``laid_kernels.attn_match_loss`` per pair with progress p = step / total steps (mean over pairs);
+- L_KL: tau^2 KL(teacher || student) at the answer positions, both logit vectors cut to the shared tokenizer
+  vocabulary first, so models with different (padded) vocabulary sizes work together;
+- L_SFT: cross-entropy on the answer tokens.
+
+Logits are computed only at answer positions (``logits_to_keep``): never [B, N, V].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import laid_kernels
+
+from .capture import QKCapture, decoder_layers, mrope_positions, resolve_layer, stop_after, unwrap
+from .config import LAidConfig
+from .mixer import HeadMixer
+from .models import check_compatible, text_config
+
+IGNORE_INDEX = -100
+
+
+def answer_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where logits are needed: position n predicts labels[:, n + 1].
+
+    labels [B, N] (IGNORE_INDEX except the answer). Returns keep [K] (positions needed by any sample, sorted, for
+    ``logits_to_keep``), select [B, K] bool (which of them are supervised in each sample) and targets [B, K].
+    """
+    supervised = labels[:, 1:] != IGNORE_INDEX  # [B, N-1]
+    keep = supervised.any(dim=0).nonzero().squeeze(-1)
+    if keep.numel() == 0:
+        raise ValueError("labels: the batch has no supervised (answer) token; every label is -100")
+    return keep, supervised[:, keep], labels[:, keep + 1]
+
+
+def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, vocab: int, tau: float) -> torch.Tensor:
+    """tau^2 KL(softmax(z_t / tau) || softmax(z_s / tau)) averaged over tokens, on the first ``vocab`` logits.
+
+    student_logits [T, Vs], teacher_logits [T, Vt] with Vs, Vt >= vocab (padded vocabularies are cut).
+    """
+    student = F.log_softmax(student_logits[..., :vocab].float() / tau, dim=-1)
+    teacher = F.log_softmax(teacher_logits[..., :vocab].float() / tau, dim=-1)
+    return tau ** 2 * F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+
+
+class LAidObjective:
+    """The four terms of LAid on a batch, for a teacher / student pair and their :class:`HeadMixer`.
+
+    Args:
+        teacher, student: Qwen2_5_VLForConditionalGeneration (possibly wrapped by accelerate); hooks are placed
+            on the unwrapped modules, so build this before or after ``accelerator.prepare``.
+        mixer: HeadMixer with one entry per pair of ``config.layer_pairs``.
+        config: the run's LAidConfig (layer pairs, lambdas, beta, alpha, tau, kernel backend).
+        vocab: the shared tokenizer length (len(processor.tokenizer)).
+
+    Call with a batch (input_ids, attention_mask, labels [B, N]; pixel_values, image_grid_thw optional) and the
+    training progress p in [0, 1]; returns a dict of 0-dim fp32 tensors: "loss" and each enabled term of
+    "qk", "attn", "kl", "sft".
+    """
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, mixer: HeadMixer, config: LAidConfig, vocab: int):
+        check_compatible(teacher, student, vocab)
+        self.teacher, self.student, self.mixer, self.config, self.vocab = teacher, student, mixer, config, vocab
+        s_layers = len(decoder_layers(student))
+        t_layers = len(decoder_layers(teacher))
+        pairs = [(resolve_layer(s, s_layers, "layer_pairs (student)"),
+                  resolve_layer(t, t_layers, "layer_pairs (teacher)")) for s, t in config.layer_pairs]
+        if mixer.w_q.shape[0] != len(pairs):
+            raise ValueError(f"mixer has {mixer.w_q.shape[0]} pairs, layer_pairs has {len(pairs)}")
+        student_layers = [s for s, _ in pairs]
+        teacher_layers = sorted({t for _, t in pairs})
+        self.teacher_slot = [teacher_layers.index(t) for _, t in pairs]
+        self.student_capture = QKCapture(student, student_layers, gain=mixer.gain_channels)
+        self.teacher_capture = QKCapture(teacher, teacher_layers)
+        # A model whose logits are not needed stops after its last aligned layer.
+        self.teacher_last = None if config.lambda_kl > 0 else max(teacher_layers)
+        self.student_last = None if config.lambda_kl + config.lambda_sft > 0 else max(student_layers)
+        rotary = unwrap(student).model.language_model.rotary_emb
+        self.inv_freq = rotary.inv_freq.float()
+        self.mrope_section = tuple(rotary.mrope_section)
+        self.image_token_id = unwrap(student).config.image_token_id
+        self.check_grad = config.train_language_model
+        self.attn_match_loss = getattr(laid_kernels, "attn_match_loss", None)
+        if config.lambda_laid > 0 and config.beta > 0 and self.attn_match_loss is None:
+            raise ValueError("beta > 0 needs laid_kernels.attn_match_loss, which this laid_kernels does not provide; "
+                             "set beta: 0 to train without L_attn")
+
+    def _forward(self, model: nn.Module, batch: dict, positions: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Logits [B, K, V] at positions ``keep`` [K] (K may be 0: no lm_head work)."""
+        inputs = {k: batch[k] for k in ("pixel_values", "image_grid_thw") if batch.get(k) is not None}
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=positions,
+                     logits_to_keep=keep, use_cache=False, **inputs).logits
+
+    def __call__(self, batch: dict, progress: float) -> dict[str, torch.Tensor]:
+        config = self.config
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        valid = attention_mask.bool()
+        positions = mrope_positions(self.student, input_ids, attention_mask, batch.get("image_grid_thw"))
+        keep, select, targets = answer_positions(batch["labels"])
+        none = keep[:0]
+
+        with torch.no_grad(), stop_after(self.teacher, self.teacher_last), self.teacher_capture.record():
+            teacher_logits = self._forward(self.teacher, batch, positions, keep if config.lambda_kl > 0 else none)
+        with stop_after(self.student, self.student_last), self.student_capture.record():
+            student_logits = self._forward(self.student, batch, positions,
+                                           none if self.student_last is not None else keep)
+        if self.check_grad and torch.is_grad_enabled():
+            for q, k in zip(self.student_capture.queries, self.student_capture.keys):
+                if not (q.requires_grad and k.requires_grad):
+                    raise RuntimeError("captured student Q/K do not require grad: gradient checkpointing must be "
+                                       "non-reentrant (use_reentrant=False), or the aligned layers are frozen")
+
+        terms: dict[str, torch.Tensor] = {}
+        if config.lambda_laid > 0:
+            inv_freq = self.inv_freq.to(input_ids.device)
+            query_mask = valid & (input_ids != self.image_token_id)
+            qk, attn = [], []
+            for pair, slot in enumerate(self.teacher_slot):
+                args = (self.student_capture.queries[pair], self.student_capture.keys[pair],
+                        self.teacher_capture.queries[slot], self.teacher_capture.keys[slot],
+                        self.mixer.w_q[pair], self.mixer.w_k[pair], positions, inv_freq, self.mrope_section)
+                qk.append(laid_kernels.qk_align_loss(*args, valid=valid, backend=config.kernel_backend))
+                if config.beta > 0:
+                    attn.append(self.attn_match_loss(*args, query_mask, progress=progress, alpha=config.alpha,
+                                                     valid=valid, backend=config.kernel_backend))
+            terms["qk"] = torch.stack(qk).mean()
+            if attn:
+                terms["attn"] = torch.stack(attn).mean()
+        if config.lambda_kl > 0:
+            terms["kl"] = distill_kl(student_logits[select], teacher_logits[select], self.vocab, config.tau)
+        if config.lambda_sft > 0:
+            terms["sft"] = F.cross_entropy(student_logits[select].float(), targets[select])
+
+        laid = terms.get("qk", 0.0) + config.beta * terms.get("attn", 0.0)
+        terms["loss"] = (config.lambda_laid * laid + config.lambda_kl * terms.get("kl", 0.0)
+                         + config.lambda_sft * terms.get("sft", 0.0))
+        return terms
+
+    def init_mixer(self, batch: dict) -> None:
+        """Initialise the mixer's W_q / W_k by ``config.mixer_init`` ("lstsq" uses this batch's Q/K)."""
+        if self.config.mixer_init == "uniform":
+            self.mixer.init_uniform()
+            return
+        if self.config.mixer_init == "nearest":
+            self.mixer.init_nearest()
+            return
+        positions = mrope_positions(self.student, batch["input_ids"], batch["attention_mask"],
+                                    batch.get("image_grid_thw"))
+        none = positions.new_zeros(0)
+        with torch.no_grad():
+            for model, capture, last in ((self.teacher, self.teacher_capture, max(self.teacher_capture.layers)),
+                                         (self.student, self.student_capture, max(self.student_capture.layers))):
+                with stop_after(model, last), capture.record():
+                    self._forward(model, batch, positions, none)
+        valid = batch["attention_mask"].bool()
+        student, teacher = self.student_capture, self.teacher_capture
+        for pair, slot in enumerate(self.teacher_slot):
+            query_stats = HeadMixer.lstsq_statistics(student.queries[pair], teacher.queries[slot], valid)
+            key_stats = HeadMixer.lstsq_statistics(student.keys[pair], teacher.keys[slot], valid)
+            self.mixer.init_lstsq(pair, query_stats, key_stats, ridge=self.config.mixer_ridge)
+
+    def remove_hooks(self) -> None:
+        """Detach the capture hooks (and the gain) from both models."""
+        self.student_capture.remove()
+        self.teacher_capture.remove()

@@ -1,0 +1,137 @@
+"""``HeadMixer``: the learnable head mixing W_q, W_k and RoPE response gain G of LAid (shared/laid-spec.md).
+
+For each of the P aligned layer pairs:
+
+- ``w_q[p]`` [Hs, Ht]: student query head i is aligned to sum_j w_q[p, i, j] * teacher query head j;
+- ``w_k[p]`` [Hs_kv, Ht_kv]: the same for key heads;
+- ``gain(p)`` [Hs, D/2] = softplus(gain_raw[p]) > 0: scales the student's query channel pair (f, f + D/2) of head i
+  inside the student's forward (see ``laid.capture``); initialised to exactly 1 and folded into the student's
+  q_proj at export (:func:`fold_gain`), so the exported checkpoint is a plain Qwen2.5-VL model.
+
+Initialisations of W (``initialise``): "lstsq" (ridge least squares of the student's heads on the teacher's, on the
+first batch), "uniform" (1 / Ht), "nearest" (head i to teacher head floor(i * Ht / Hs)).
+
+Example:
+    >>> mixer = HeadMixer(pairs=1, student_heads=28, student_kv_heads=4, teacher_heads=40, teacher_kv_heads=8,
+    ...                   head_dim=128)
+    >>> mixer.init_lstsq(0, q_s, k_s, q_t, k_t, valid)        # q_s [B, N, 28, 128], q_t [B, N, 40, 128], ...
+    >>> loss = qk_align_loss(q_s, k_s, q_t, k_t, mixer.w_q[0], mixer.w_k[0], ...)
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+# softplus(GAIN_RAW_ONE) == 1 exactly enough in fp32: log(e - 1).
+GAIN_RAW_ONE = math.log(math.e - 1.0)
+
+
+class HeadMixer(nn.Module):
+    """W_q [P, Hs, Ht], W_k [P, Hs_kv, Ht_kv] and gain_raw [P, Hs, D/2] for P aligned layer pairs (fp32)."""
+
+    def __init__(self, pairs: int, student_heads: int, student_kv_heads: int, teacher_heads: int,
+                 teacher_kv_heads: int, head_dim: int):
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"head_dim must be even (RoPE pairs channels f and f + D/2), got {head_dim}")
+        self.shape = dict(pairs=pairs, student_heads=student_heads, student_kv_heads=student_kv_heads,
+                          teacher_heads=teacher_heads, teacher_kv_heads=teacher_kv_heads, head_dim=head_dim)
+        self.w_q = nn.Parameter(torch.full((pairs, student_heads, teacher_heads), 1.0 / teacher_heads))
+        self.w_k = nn.Parameter(torch.full((pairs, student_kv_heads, teacher_kv_heads), 1.0 / teacher_kv_heads))
+        self.gain_raw = nn.Parameter(torch.full((pairs, student_heads, head_dim // 2), GAIN_RAW_ONE))
+
+    def gain(self, pair: int) -> torch.Tensor:
+        """G [Hs, D/2] = softplus(gain_raw[pair])."""
+        return F.softplus(self.gain_raw[pair])
+
+    def gain_channels(self, pair: int) -> torch.Tensor:
+        """G expanded to every query channel, [Hs, D]: channel f and f + D/2 share G[:, f]."""
+        gain = self.gain(pair)
+        return torch.cat((gain, gain), dim=-1)
+
+    # ---------------------------------------------------------------------------------------------- initialisation
+    @torch.no_grad()
+    def init_uniform(self) -> None:
+        """Every student head starts as the mean of the teacher heads: W = 1 / Ht."""
+        self.w_q.fill_(1.0 / self.w_q.shape[-1])
+        self.w_k.fill_(1.0 / self.w_k.shape[-1])
+
+    @torch.no_grad()
+    def init_nearest(self) -> None:
+        """Student head i copies teacher head floor(i * Ht / Hs) (a one-hot row)."""
+        for w in (self.w_q, self.w_k):
+            student, teacher = w.shape[1], w.shape[2]
+            w.zero_()
+            w[:, torch.arange(student), torch.arange(student) * teacher // student] = 1.0
+
+    @staticmethod
+    def lstsq_statistics(student: torch.Tensor, teacher: torch.Tensor,
+                         valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sufficient statistics of the ridge fit, summed over valid tokens and channels (fp64).
+
+        student [B, N, Hs, D], teacher [B, N, Ht, D], valid [B, N] bool or None.
+        Returns (cross [Hs, Ht] = sum Q_s Q_t^T, gram [Ht, Ht] = sum Q_t Q_t^T).
+        """
+        if valid is not None:
+            student, teacher = student[valid.bool()], teacher[valid.bool()]  # [T, H, D]
+        student, teacher = student.detach().double(), teacher.detach().double()
+        cross = torch.einsum("...id,...jd->ij", student, teacher)
+        gram = torch.einsum("...id,...jd->ij", teacher, teacher)
+        return cross, gram
+
+    @torch.no_grad()
+    def init_lstsq(self, pair: int, query_stats: tuple[torch.Tensor, torch.Tensor],
+                   key_stats: tuple[torch.Tensor, torch.Tensor], ridge: float = 1e-3) -> None:
+        """W = cross (gram + eps I)^-1 for queries and keys of ``pair`` (from :meth:`lstsq_statistics`).
+
+        eps = ridge * mean(diag(gram)): a ridge relative to the teacher's scale, so the fit is well posed even
+        when the teacher heads are collinear on the first batch.
+        """
+        for w, (cross, gram) in ((self.w_q, query_stats), (self.w_k, key_stats)):
+            eps = ridge * gram.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
+            eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+            # gram is symmetric: W^T = (gram + eps I)^-1 cross^T.
+            solution = torch.linalg.solve(gram + eps * eye, cross.T).T
+            w[pair].copy_(solution.to(w.dtype))
+
+    # ------------------------------------------------------------------------------------------------ persistence
+    def save(self, path: str | Path) -> None:
+        """Write w_q, w_k, gain_raw and gain (= softplus(gain_raw)) as safetensors, with the shape as metadata."""
+        tensors = {"w_q": self.w_q, "w_k": self.w_k, "gain_raw": self.gain_raw,
+                   "gain": F.softplus(self.gain_raw)}
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(path),
+                  metadata={k: str(v) for k, v in self.shape.items()})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "HeadMixer":
+        """Read a mixer written by :meth:`save`."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            shape = {k: int(v) for k, v in handle.metadata().items()}
+        mixer = cls(**shape)
+        tensors = load_file(str(path))
+        mixer.load_state_dict({k: tensors[k] for k in ("w_q", "w_k", "gain_raw")})
+        return mixer
+
+
+@torch.no_grad()
+def fold_gain(weight: torch.Tensor, bias: torch.Tensor | None,
+              gain_channels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """q_proj weight [Hs * D, hidden] and bias [Hs * D] with output row (h, c) scaled by gain_channels[h, c].
+
+    Rows are head-major, as Qwen2.5-VL views the q_proj output; gain_channels is [Hs, D]. Because a common scale on
+    a rotated channel pair commutes with RoPE, the folded model computes what the model with the gain applied in
+    its forward computes. Returns new tensors in the input dtypes (the product is taken in fp32).
+    """
+    scale = gain_channels.reshape(-1).to(weight.device, torch.float32)
+    if scale.numel() != weight.shape[0]:
+        raise ValueError(f"gain has {scale.numel()} channels, the q_proj weight has {weight.shape[0]} rows")
+    folded = (weight.float() * scale[:, None]).to(weight.dtype)
+    return folded, None if bias is None else (bias.float() * scale).to(bias.dtype)

@@ -1,0 +1,115 @@
+"""Loading the teacher, the student and the processor through transformers' real Qwen2.5-VL classes.
+
+- Source: a local folder (``save_pretrained`` output) or a hub id; nothing is downloaded when a folder is given.
+- Attention: ``flash_attention_2`` when flash-attn imports and the run is on CUDA, else ``sdpa``
+  (:func:`choose_attention`).
+- Teacher: frozen (``requires_grad_(False)``), eval mode, bf16 on CUDA (fp32 on CPU).
+- Student: fp32 master weights (bf16 autocast on CUDA comes from accelerate), train mode, non-reentrant gradient
+  checkpointing, and only the chosen parts trainable: the language model (embeddings, decoder, lm_head) by default,
+  the vision tower (with its merger) frozen unless ``train_vision``.
+- :func:`check_compatible` gives a clear error when the two models cannot be aligned (head_dim, RoPE, tokenizer).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+from .capture import unwrap
+
+
+def choose_attention(requested: str, device: torch.device) -> str:
+    """``requested`` unless "auto": flash_attention_2 on CUDA when the flash_attn package imports, else sdpa."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_model(source: str, *, dtype: torch.dtype, attn_implementation: str,
+               role: str) -> Qwen2_5_VLForConditionalGeneration:
+    """``Qwen2_5_VLForConditionalGeneration.from_pretrained(source)`` with a clear error naming ``role``."""
+    try:
+        return Qwen2_5_VLForConditionalGeneration.from_pretrained(source, dtype=dtype,
+                                                                   attn_implementation=attn_implementation)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{role}: cannot load a Qwen2.5-VL model from {source!r} (a folder written by "
+                         f"save_pretrained or a hub id was expected): {error}") from error
+
+
+def load_teacher(source: str, *, device: torch.device, attn_implementation: str = "auto"):
+    """The frozen teacher: eval mode, no gradients, bf16 on CUDA / fp32 on CPU."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    teacher = load_model(source, dtype=dtype, attn_implementation=choose_attention(attn_implementation, device),
+                         role="teacher")
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+def load_student(source: str, *, device: torch.device, attn_implementation: str = "auto",
+                 train_language_model: bool = True, train_vision: bool = False,
+                 gradient_checkpointing: bool = True):
+    """The student in train mode with fp32 weights, the chosen parts trainable, non-reentrant checkpointing."""
+    student = load_model(source, dtype=torch.float32,
+                         attn_implementation=choose_attention(attn_implementation, device), role="student")
+    student.requires_grad_(False)
+    inner = student.model
+    if train_language_model:
+        inner.language_model.requires_grad_(True)
+        student.lm_head.requires_grad_(True)
+    if train_vision:
+        inner.visual.requires_grad_(True)
+    if gradient_checkpointing:
+        # Non-reentrant: reentrant checkpointing drops the gradient of tensors captured inside the layer (the
+        # student's Q/K) when the layer's inputs do not require grad.
+        student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        student.config.use_cache = False
+    return student.train()
+
+
+def load_processor(source: str):
+    """The Qwen2.5-VL processor (tokenizer + image processor) from a folder or hub id."""
+    try:
+        return AutoProcessor.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"processor: cannot load a processor from {source!r}: {error}") from error
+
+
+def text_config(model):
+    """The language-model config of a (possibly wrapped) Qwen2.5-VL model."""
+    return unwrap(model).config.text_config
+
+
+def head_dim(config) -> int:
+    """Per-head dimension D of a text config."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def check_compatible(teacher, student, vocab: int) -> None:
+    """ValueError unless the pair can be aligned: equal head_dim, rope_theta and mrope_section, and both
+    vocabularies at least ``vocab`` (the shared tokenizer length)."""
+    t, s = text_config(teacher), text_config(student)
+    if head_dim(t) != head_dim(s):
+        raise ValueError(f"head_dim mismatch: teacher has head_dim {head_dim(t)}, student has {head_dim(s)}; "
+                         f"LAid aligns per-head queries and keys and needs the same head_dim")
+    for key in ("rope_theta", "mrope_section"):
+        if t.rope_parameters.get(key) != s.rope_parameters.get(key):
+            raise ValueError(f"{key} mismatch: teacher {t.rope_parameters.get(key)}, student "
+                             f"{s.rope_parameters.get(key)}; both models must share M-RoPE")
+    for key in ("image_token_id", "vision_config.spatial_merge_size"):
+        values = [_attribute(unwrap(m).config, key) for m in (teacher, student)]
+        if values[0] != values[1]:
+            raise ValueError(f"{key} mismatch: teacher {values[0]}, student {values[1]}; both models must share "
+                             f"the processor's image tokens")
+    for role, config in (("teacher", t), ("student", s)):
+        if config.vocab_size < vocab:
+            raise ValueError(f"{role} vocab_size {config.vocab_size} is smaller than the tokenizer ({vocab} tokens)")
+
+
+def _attribute(config, dotted: str):
+    for name in dotted.split("."):
+        config = getattr(config, name)
+    return config
