@@ -1,0 +1,418 @@
+"""Visual Haystacks (VHs) data: reading the official JSON, turning entries into Qwen2.5-VL training examples, and
+building VHs-format training sets (synthetic shapes, or leak-free haystacks from COCO annotations).
+
+The official format (see the benchmark's data note): a JSON list whose entries hold
+``conversations[0]["value"]`` (the question), ``conversations[1]["value"]`` (``"yes"`` / ``"no"``), ``pos_image``
+(needle paths) and ``neg_image`` (distractor paths), paths relative to an image root (the COCO root for the real
+benchmark). The protocol shows all images first, then one text item ``VHS_PROMPT + question``, in a random order of
+``pos_image + neg_image``; here that order is a seeded shuffle, so an example is reproducible.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from qwen_vl_utils import fetch_image
+
+VHS_PROMPT = "You are given a set of images. Please answer the following question in Yes or No: "
+ANSWERS = ("yes", "no")
+IGNORE_INDEX = -100
+
+
+def _question(anchor: str, target: str) -> str:
+    """The official single-needle question, with the article the benchmark's regexes accept (a / an)."""
+
+    def article(word: str) -> str:
+        return "an" if word[0] in "aeiou" else "a"
+
+    return f"For the image with {article(anchor)} {anchor}, is there {article(target)} {target}?"
+
+
+def _entry(question: str, answer: str, pos_image: list[str], neg_image: list[str]) -> dict:
+    return {
+        "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}],
+        "pos_image": pos_image,
+        "neg_image": neg_image,
+    }
+
+
+def load_vhs(json_path: str | Path) -> list[dict]:
+    """Read and validate a Visual Haystacks JSON file; return its entries unchanged (a list of dicts).
+
+    Raises ``FileNotFoundError`` if the file is missing and ``ValueError`` naming the file, the entry index and what is
+    wrong when it is not the official format: a list of entries with ``conversations`` (at least two turns, each a
+    dict with a string ``value``; the second ``"yes"`` or ``"no"``), a non-empty list of strings ``pos_image`` and a
+    list of strings ``neg_image``.
+    """
+    path = Path(json_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Visual Haystacks file {path} does not exist")
+    try:
+        entries = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: expected a JSON list of entries, got {type(entries).__name__}")
+    for i, entry in enumerate(entries):
+
+        def fail(what: str):
+            raise ValueError(f"{path}: entry {i}: {what}")
+
+        if not isinstance(entry, dict):
+            fail(f"expected an object, got {type(entry).__name__}")
+        conversations = entry.get("conversations")
+        if not isinstance(conversations, list) or len(conversations) < 2:
+            fail("missing 'conversations' (a list of at least two turns: question, answer)")
+        for turn, role in ((0, "question"), (1, "answer")):
+            if not isinstance(conversations[turn], dict) or not isinstance(conversations[turn].get("value"), str):
+                fail(f"conversations[{turn}] has no string 'value' (the {role})")
+        if conversations[1]["value"] not in ANSWERS:
+            fail(f"conversations[1].value must be 'yes' or 'no', got {conversations[1]['value']!r}")
+        for key, may_be_empty in (("pos_image", False), ("neg_image", True)):
+            images = entry.get(key)
+            if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+                fail(f"missing '{key}' (a list of image paths)")
+            if not images and not may_be_empty:
+                fail(f"'{key}' is empty (an entry needs at least one needle image)")
+    return entries
+
+
+def build_messages(
+    image_paths: list[str], question: str, *, min_pixels: int | None = None, max_pixels: int | None = None
+) -> list[dict]:
+    """The official Qwen chat messages: one user turn with every image, then ``VHS_PROMPT + question``.
+
+    ``min_pixels`` / ``max_pixels`` go into each image item, where ``qwen_vl_utils`` reads them (None: its defaults).
+    """
+    budget = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+    content = [{"type": "image", "image": str(p), **budget} for p in image_paths]
+    content.append({"type": "text", "text": VHS_PROMPT + question})
+    return [{"role": "user", "content": content}]
+
+
+def haystack_order(entry: dict, *, seed: int, index: int, max_images: int | None = None) -> list[str]:
+    """The entry's image paths (relative), needles plus negatives, in the seeded order ``(seed, index)`` gives.
+
+    ``max_images`` keeps the needles and the first ``max_images - len(pos_image)`` negatives in file order (how a
+    150-image haystack is cut from the 500 file) before shuffling.
+    """
+    negatives = entry["neg_image"]
+    if max_images is not None:
+        if max_images < len(entry["pos_image"]):
+            raise ValueError(f"max_images={max_images} is smaller than the {len(entry['pos_image'])} needle images")
+        negatives = negatives[: max_images - len(entry["pos_image"])]
+    images = entry["pos_image"] + negatives
+    order = np.random.default_rng([seed, index]).permutation(len(images))
+    return [images[k] for k in order]
+
+
+class VHsDataset(torch.utils.data.Dataset):
+    """Visual Haystacks entries as Qwen2.5-VL training examples (prompt with every image, supervised answer).
+
+    Item ``i`` is a dict of tensors, N the token count and P the patch count of all its images:
+
+    - ``input_ids`` [N], ``attention_mask`` [N] (all ones), ``mm_token_type_ids`` [N] (1 on ``<|image_pad|>``),
+    - ``labels`` [N]: ``IGNORE_INDEX`` (-100) everywhere except the answer tokens and the ``<|im_end|>`` closing the
+      assistant turn (aligned with ``input_ids``: the model shifts them itself),
+    - ``pixel_values`` [P, 3 * 2 * 14 * 14], ``image_grid_thw`` [n_images, 3].
+
+    Images are ``pos_image + neg_image`` (see ``haystack_order`` for ``max_images``), shuffled by the seed and the
+    index, loaded and resized by ``qwen_vl_utils`` exactly as ``process_vision_info`` does, within
+    ``[min_pixels, max_pixels]`` when given (both the loader and the processor then use that budget; None keeps
+    their defaults, the official protocol). A missing image raises ``FileNotFoundError`` and an unreadable one
+    ``ValueError``, both naming the file and the entry index.
+    """
+
+    def __init__(
+        self,
+        json_path: str | Path,
+        image_root: str | Path,
+        processor,
+        *,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        max_images: int | None = None,
+        seed: int = 0,
+    ):
+        self.json_path = Path(json_path)
+        self.entries = load_vhs(self.json_path)
+        self.image_root = Path(image_root)
+        if not self.image_root.is_dir():
+            raise FileNotFoundError(f"image_root {self.image_root} is not a directory")
+        self.processor = processor
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self._size_kwargs = {}
+        if min_pixels is not None or max_pixels is not None:
+            default = processor.image_processor.size
+            low = default["shortest_edge"] if min_pixels is None else min_pixels
+            high = default["longest_edge"] if max_pixels is None else max_pixels
+            if not 0 < low <= high:
+                raise ValueError(f"need 0 < min_pixels <= max_pixels, got min_pixels={low}, max_pixels={high}")
+            self._size_kwargs = {"size": {"shortest_edge": low, "longest_edge": high}}
+        self.max_images = max_images
+        self.seed = seed
+        tokenizer = processor.tokenizer
+        self._assistant_header = tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+        self._im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def _load_images(self, paths: list[Path], index: int) -> list[Image.Image]:
+        images = []
+        for item in build_messages(paths, "", min_pixels=self.min_pixels, max_pixels=self.max_pixels)[0]["content"][:-1]:
+            if not Path(item["image"]).is_file():
+                raise FileNotFoundError(f"{self.json_path}: entry {index}: image {item['image']} not found")
+            try:
+                images.append(fetch_image(item))
+            except (OSError, ValueError) as err:
+                raise ValueError(f"{self.json_path}: entry {index}: cannot read image {item['image']} ({err})") from err
+        return images
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        entry = self.entries[index]
+        question, answer = entry["conversations"][0]["value"], entry["conversations"][1]["value"]
+        paths = [self.image_root / p for p in haystack_order(entry, seed=self.seed, index=index, max_images=self.max_images)]
+        images = self._load_images(paths, index)
+        messages = build_messages(paths, question, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        text = self.processor.apply_chat_template(messages, tokenize=False)
+        enc = self.processor(text=[text], images=images, return_tensors="pt", **self._size_kwargs)
+        item = {k: v[0] for k, v in enc.items() if k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+        item["pixel_values"], item["image_grid_thw"] = enc["pixel_values"], enc["image_grid_thw"]
+        item["labels"] = self._answer_labels(item["input_ids"], index)
+        return item
+
+    def _answer_labels(self, input_ids: torch.Tensor, index: int) -> torch.Tensor:
+        """labels [N]: input_ids on the last assistant turn's tokens up to its ``<|im_end|>``, -100 elsewhere."""
+        ids = input_ids.tolist()
+        header = self._assistant_header
+        starts = [k + len(header) for k in range(len(ids) - len(header), -1, -1) if ids[k : k + len(header)] == header]
+        if not starts or self._im_end not in ids[starts[0] :]:
+            raise RuntimeError(f"{self.json_path}: entry {index}: no closed assistant turn in the chat template output")
+        start = starts[0]
+        end = start + ids[start:].index(self._im_end) + 1
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        labels[start:end] = input_ids[start:end]
+        return labels
+
+
+def collate(batch: list[dict[str, torch.Tensor]], *, pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """Stack ``VHsDataset`` items into a batch, right-padded to the longest sequence.
+
+    Right padding (real tokens start at index 0 of every row) is for training; ``get_rope_index`` and the losses
+    exclude padding through ``attention_mask``. Padding gets ``pad_token_id`` in ``input_ids``, 0 in
+    ``attention_mask`` / ``mm_token_type_ids`` and -100 in ``labels``. Returns ``input_ids``, ``attention_mask``,
+    ``labels`` (and ``mm_token_type_ids`` when the items have it) [B, N_max], ``pixel_values`` [sum P, C] and
+    ``image_grid_thw`` [sum n_images, 3] concatenated in batch order, as Qwen2.5-VL expects.
+    """
+    if not batch:
+        raise ValueError("collate: empty batch")
+    pad_values = {"input_ids": pad_token_id, "attention_mask": 0, "mm_token_type_ids": 0, "labels": IGNORE_INDEX}
+    n_max = max(item["input_ids"].shape[0] for item in batch)
+    out = {}
+    for key, value in pad_values.items():
+        if key not in batch[0]:
+            continue
+        rows = [item[key] for item in batch]
+        out[key] = torch.stack([torch.nn.functional.pad(r, (0, n_max - r.shape[0]), value=value) for r in rows])
+    out["pixel_values"] = torch.cat([item["pixel_values"] for item in batch])
+    out["image_grid_thw"] = torch.cat([item["image_grid_thw"] for item in batch])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Synthetic haystacks: coloured shapes drawn with PIL.
+
+SYNTH_COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 60),
+    "blue": (30, 70, 220),
+    "yellow": (240, 210, 20),
+    "purple": (140, 40, 180),
+}
+SYNTH_SHAPES = ("circle", "square", "triangle", "diamond")
+
+
+def _draw_objects(objects: list[str], image_size: int, rng: random.Random) -> Image.Image:
+    """An RGB ``image_size`` square on white with each "colour shape" object in its own horizontal slot."""
+    image = Image.new("RGB", (image_size, image_size), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    slot = image_size / max(len(objects), 1)
+    for k, name in enumerate(objects):
+        color, shape = name.split(" ")
+        r = 0.4 * min(slot, image_size) * rng.uniform(0.8, 1.0)
+        cx = slot * (k + 0.5)
+        cy = rng.uniform(r, image_size - r)
+        box = (cx - r, cy - r, cx + r, cy + r)
+        fill = SYNTH_COLORS[color]
+        if shape == "circle":
+            draw.ellipse(box, fill=fill)
+        elif shape == "square":
+            draw.rectangle(box, fill=fill)
+        elif shape == "triangle":
+            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+        else:
+            draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+    return image
+
+
+def synth_haystacks(
+    out_dir: str | Path,
+    *,
+    n_entries: int,
+    min_images: int,
+    max_images: int,
+    image_size: int = 56,
+    seed: int = 0,
+    json_name: str = "visual_haystack_synth.json",
+) -> Path:
+    """Write a synthetic single-needle VHs set: ``out_dir/json_name`` plus PNGs under ``out_dir/images``.
+
+    Objects are "colour shape" pairs (``SYNTH_COLORS`` x ``SYNTH_SHAPES``). Each entry picks an anchor and a target
+    object, asks "For the image with a {anchor}, is there a {target}?", and has one needle image holding the anchor
+    and (answer "yes") the target or (answer "no") another object, plus N - 1 distractors of one or two objects that
+    never include the anchor. N is uniform in ``[min_images, max_images]``; exactly ``n_entries // 2`` entries say
+    "yes" (the odd one out says "no"), in random order; the needle's position is uniform once ``VHsDataset`` shuffles.
+    Image paths in the JSON are relative to ``out_dir`` (the image root). Besides the official keys each entry has
+    ``objects``: the objects drawn in each image of ``pos_image + neg_image``, in that order (``load_vhs`` ignores
+    it). Same arguments, same files. Returns the JSON path.
+    """
+    if n_entries < 1:
+        raise ValueError(f"n_entries must be >= 1, got {n_entries}")
+    if not 1 <= min_images <= max_images:
+        raise ValueError(f"need 1 <= min_images <= max_images, got min_images={min_images}, max_images={max_images}")
+    if image_size < 28:
+        raise ValueError(f"image_size must be >= 28 (one merged Qwen2.5-VL patch), got {image_size}")
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    objects = [f"{c} {s}" for c in SYNTH_COLORS for s in SYNTH_SHAPES]
+    answers = ["yes"] * (n_entries // 2) + ["no"] * (n_entries - n_entries // 2)
+    rng.shuffle(answers)
+    entries = []
+    for i, answer in enumerate(answers):
+        anchor, target = rng.sample(objects, 2)
+        others = [o for o in objects if o not in (anchor, target)]
+        needle = [anchor, target if answer == "yes" else rng.choice(others)]
+        rng.shuffle(needle)
+        contents = [needle]
+        without_anchor = [o for o in objects if o != anchor]
+        for _ in range(rng.randint(min_images, max_images) - 1):
+            contents.append(rng.sample(without_anchor, rng.randint(1, 2)))
+        paths = []
+        for k, content in enumerate(contents):
+            rel = f"images/{i:05d}_{k:03d}.png"
+            _draw_objects(content, image_size, rng).save(out / rel)
+            paths.append(rel)
+        entries.append({**_entry(_question(anchor, target), answer, paths[:1], paths[1:]), "objects": contents})
+    json_path = out / json_name
+    json_path.write_text(json.dumps(entries, indent=1))
+    return json_path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Leak-free training haystacks from COCO annotations.
+
+_COCO_SPLIT = re.compile(r"instances_(\w+)\.json$")
+
+
+def _read_coco(instances_files: list[str | Path]) -> tuple[dict[str, set[str]], list[str]]:
+    """``({image path relative to the COCO root: {category names}}, category names)`` over all files.
+
+    ``instances_<split>.json`` gives paths ``<split>/<file_name>`` (e.g. ``train2017/000000000009.jpg``).
+    """
+    contents: dict[str, set[str]] = {}
+    names: set[str] = set()
+    for file in map(Path, instances_files):
+        match = _COCO_SPLIT.search(file.name)
+        if match is None:
+            raise ValueError(f"{file}: expected a COCO file named instances_<split>.json (e.g. instances_train2017.json)")
+        if not file.is_file():
+            raise FileNotFoundError(f"COCO instances file {file} does not exist")
+        data = json.loads(file.read_text())
+        missing = [k for k in ("images", "annotations", "categories") if k not in data]
+        if missing:
+            raise ValueError(f"{file}: not a COCO instances file (missing {', '.join(missing)})")
+        category = {c["id"]: c["name"] for c in data["categories"]}
+        names.update(category.values())
+        by_id = {img["id"]: f"{match.group(1)}/{img['file_name']}" for img in data["images"]}
+        for rel in by_id.values():
+            contents.setdefault(rel, set())
+        for k, ann in enumerate(data["annotations"]):
+            if ann.get("image_id") not in by_id or ann.get("category_id") not in category:
+                raise ValueError(f"{file}: annotation {k} refers to an unknown image or category")
+            contents[by_id[ann["image_id"]]].add(category[ann["category_id"]])
+    return contents, sorted(names)
+
+
+def build_train_from_coco(
+    instances_files: list[str | Path],
+    out_path: str | Path,
+    *,
+    exclude_vhs_files: list[str | Path],
+    n_entries: int,
+    min_images: int = 2,
+    max_images: int = 20,
+    seed: int = 0,
+    max_tries: int = 1000,
+) -> Path:
+    """Write a leak-free VHs-format training set built from COCO ``instances_*2017.json`` annotations.
+
+    Every image referenced by ``exclude_vhs_files`` (any VHs JSON: matched by file name, which is unique in COCO) is
+    left out. Entries come in pairs sharing an (anchor A, target T != A) category pair drawn uniformly among pairs
+    that admit both answers: one "yes" entry whose needle holds A and T and one "no" entry whose needle holds A but
+    not T, so answers are 50/50 within every (A, T). Each entry has N - 1 distractors (N uniform in
+    ``[min_images, max_images]``, all distinct) that lack A, and the question "For the image with a {A}, is there a
+    {T}?". Entries are shuffled; paths are relative to the COCO root. ``n_entries`` must be even. Returns
+    ``out_path``.
+    """
+    if n_entries < 2 or n_entries % 2:
+        raise ValueError(f"n_entries must be a positive even number (one yes and one no per pair), got {n_entries}")
+    if not 1 <= min_images <= max_images:
+        raise ValueError(f"need 1 <= min_images <= max_images, got min_images={min_images}, max_images={max_images}")
+    excluded = {Path(p).name for f in exclude_vhs_files for e in load_vhs(f) for p in e["pos_image"] + e["neg_image"]}
+    contents, names = _read_coco(instances_files)
+    pool = sorted(rel for rel in contents if Path(rel).name not in excluded)
+    if not pool:
+        raise ValueError("no COCO image is left after excluding the Visual Haystacks images")
+    with_category = {name: sorted(rel for rel in pool if name in contents[rel]) for name in names}
+    rng = random.Random(seed)
+
+    def distractors(anchor: str, needle: str, count: int) -> list[str]:
+        candidates = len(pool) - len(with_category[anchor])
+        if count > candidates:
+            raise ValueError(f"only {candidates} images lack '{anchor}', cannot draw {count} distractors")
+        chosen: set[str] = set()
+        while len(chosen) < count:  # rejection sampling: pool order is fixed, so this is deterministic per seed
+            rel = rng.choice(pool)
+            if anchor not in contents[rel] and rel != needle:
+                chosen.add(rel)
+        return sorted(chosen)
+
+    entries = []
+    for _ in range(n_entries // 2):
+        for _ in range(max_tries):
+            anchor, target = rng.sample(names, 2)
+            yes_needles = [rel for rel in with_category[anchor] if target in contents[rel]]
+            no_needles = [rel for rel in with_category[anchor] if target not in contents[rel]]
+            if yes_needles and no_needles:
+                break
+        else:
+            raise ValueError(f"no (anchor, target) category pair with both answers found in {max_tries} tries")
+        for answer, needles in (("yes", yes_needles), ("no", no_needles)):
+            needle = rng.choice(needles)
+            negatives = distractors(anchor, needle, rng.randint(min_images, max_images) - 1)
+            rng.shuffle(negatives)
+            entries.append(_entry(_question(anchor, target), answer, [needle], negatives))
+    rng.shuffle(entries)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(entries, indent=1))
+    return out

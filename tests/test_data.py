@@ -1,0 +1,289 @@
+"""Tests for laid.data and the `laid data` CLI: VHs format checks, training examples, collation, synthetic and
+COCO-derived haystacks."""
+
+import collections
+import json
+import random
+import re
+
+import pytest
+import torch
+from qwen_vl_utils import fetch_image
+
+from laid.cli import main
+from laid.data import (
+    IGNORE_INDEX,
+    VHS_PROMPT,
+    VHsDataset,
+    build_messages,
+    build_train_from_coco,
+    collate,
+    haystack_order,
+    load_vhs,
+    synth_haystacks,
+)
+from laid.tiny import TINY_STUDENT, build_tiny_processor, save_tiny_model, tiny_qwen25vl_config
+
+# The regexes the benchmark's OWLv2 baseline uses to read anchor and target from a single-needle question.
+ANCHOR_RE = re.compile(r"for the image with (a|an) (.*?),")
+TARGET_RE = re.compile(r".*is there (an? [\w\s]+)[?!.]*")
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build_tiny_processor()
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    return synth_haystacks(root, n_entries=6, min_images=3, max_images=6, seed=0), root
+
+
+def _write(path, obj):
+    path.write_text(obj if isinstance(obj, str) else json.dumps(obj))
+    return path
+
+
+GOOD = {
+    "conversations": [{"from": "human", "value": "For the image with a cat, is there a dog?"}, {"value": "yes"}],
+    "pos_image": ["a.png"],
+    "neg_image": ["b.png"],
+}
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({k: v for k, v in GOOD.items() if k != "conversations"}, "missing 'conversations'"),
+        ({**GOOD, "conversations": GOOD["conversations"][:1]}, "missing 'conversations'"),
+        ({**GOOD, "conversations": [GOOD["conversations"][0], {"value": 1}]}, r"conversations\[1\] has no string"),
+        ({**GOOD, "conversations": [GOOD["conversations"][0], {"value": "maybe"}]}, "must be 'yes' or 'no'"),
+        ({**GOOD, "conversations": [GOOD["conversations"][0], {"value": "Yes"}]}, "must be 'yes' or 'no'"),
+        ({k: v for k, v in GOOD.items() if k != "pos_image"}, "missing 'pos_image'"),
+        ({**GOOD, "pos_image": []}, "'pos_image' is empty"),
+        ({**GOOD, "neg_image": ["b.png", 3]}, "missing 'neg_image'"),
+        ("not an object", "expected an object"),
+    ],
+)
+def test_load_vhs_names_file_entry_and_problem(tmp_path, entry, message):
+    path = _write(tmp_path / "bad.json", [GOOD, entry])
+    with pytest.raises(ValueError, match=rf"bad\.json: entry 1: .*{message}"):
+        load_vhs(path)
+
+
+def test_load_vhs_file_level_errors(tmp_path):
+    with pytest.raises(ValueError, match="notjson.json: not valid JSON"):
+        load_vhs(_write(tmp_path / "notjson.json", "{oops"))
+    with pytest.raises(ValueError, match="dict.json: expected a JSON list"):
+        load_vhs(_write(tmp_path / "dict.json", {"a": 1}))
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        load_vhs(tmp_path / "missing.json")
+    assert load_vhs(_write(tmp_path / "good.json", [GOOD, {**GOOD, "neg_image": []}])) == [GOOD, {**GOOD, "neg_image": []}]
+
+
+def test_build_messages_follows_the_protocol():
+    messages = build_messages(["x/1.jpg", "x/2.jpg"], "Q?", max_pixels=3136)
+    assert len(messages) == 1 and messages[0]["role"] == "user"
+    content = messages[0]["content"]
+    assert content[:2] == [
+        {"type": "image", "image": "x/1.jpg", "max_pixels": 3136},
+        {"type": "image", "image": "x/2.jpg", "max_pixels": 3136},
+    ]
+    assert content[2] == {"type": "text", "text": VHS_PROMPT + "Q?"}
+    assert "min_pixels" not in build_messages(["a"], "Q")[0]["content"][0]
+
+
+def test_haystack_order_is_seeded_and_uniform():
+    entry = {"pos_image": ["needle"], "neg_image": [f"n{k}" for k in range(9)]}
+    first = haystack_order(entry, seed=3, index=7)
+    assert first == haystack_order(entry, seed=3, index=7) and sorted(first) == sorted(entry["pos_image"] + entry["neg_image"])
+    assert len({tuple(haystack_order(entry, seed=s, index=7)) for s in range(5)}) > 1
+    assert len({tuple(haystack_order(entry, seed=3, index=i)) for i in range(5)}) > 1
+    positions = collections.Counter(haystack_order(entry, seed=0, index=i).index("needle") for i in range(2000))
+    assert set(positions) == set(range(10)) and all(140 <= c <= 260 for c in positions.values())
+    assert sorted(haystack_order(entry, seed=0, index=0, max_images=3)) == ["n0", "n1", "needle"]
+    with pytest.raises(ValueError, match="max_images=0"):
+        haystack_order(entry, seed=0, index=0, max_images=0)
+
+
+def test_dataset_item_supervises_only_the_answer(synth, processor):
+    json_path, root = synth
+    dataset = VHsDataset(json_path, root, processor, seed=5)
+    entries = load_vhs(json_path)
+    image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    for i in range(len(dataset)):
+        item = dataset[i]
+        entry = entries[i]
+        n_images = len(entry["pos_image"]) + len(entry["neg_image"])
+        assert item["image_grid_thw"].shape == (n_images, 3)
+        assert item["pixel_values"].shape == (int(item["image_grid_thw"].prod(-1).sum()), 1176)
+        assert int((item["input_ids"] == image_pad).sum()) == int(item["image_grid_thw"].prod(-1).sum()) // 4
+        assert torch.equal(item["mm_token_type_ids"].bool(), item["input_ids"] == image_pad)
+        assert item["attention_mask"].all()
+        supervised = (item["labels"] != IGNORE_INDEX).nonzero().flatten()
+        # One contiguous span, ending on the <|im_end|> that closes the assistant turn, decoding to answer + <|im_end|>.
+        assert torch.equal(supervised, torch.arange(int(supervised[0]), int(supervised[-1]) + 1))
+        assert torch.equal(item["labels"][supervised], item["input_ids"][supervised])
+        answer = entry["conversations"][1]["value"]
+        assert processor.tokenizer.decode(item["input_ids"][supervised]) == answer + "<|im_end|>"
+        prompt = processor.tokenizer.decode(item["input_ids"][: int(supervised[0])])
+        assert prompt.endswith(VHS_PROMPT + entry["conversations"][0]["value"] + "<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_dataset_uses_the_seeded_image_order(synth, processor):
+    json_path, root = synth
+    a, b = VHsDataset(json_path, root, processor, seed=1), VHsDataset(json_path, root, processor, seed=1)
+    item = a[2]
+    assert all(torch.equal(item[k], b[2][k]) for k in item)
+    order = haystack_order(load_vhs(json_path)[2], seed=1, index=2)
+    expected = processor.image_processor(images=[fetch_image({"image": str(root / p)}) for p in order], return_tensors="pt")
+    assert torch.equal(item["pixel_values"], expected["pixel_values"])
+    other = [haystack_order(load_vhs(json_path)[2], seed=s, index=2) for s in range(2, 8)]
+    assert any(o != order for o in other)
+
+
+def test_dataset_respects_pixel_budget_and_max_images(tmp_path, processor):
+    json_path = synth_haystacks(tmp_path, n_entries=2, min_images=4, max_images=4, image_size=112, seed=0)
+    small = VHsDataset(json_path, tmp_path, processor, max_pixels=56 * 56)[0]
+    assert small["image_grid_thw"].tolist() == [[1, 4, 4]] * 4
+    large = VHsDataset(json_path, tmp_path, processor, min_pixels=168 * 168, max_pixels=168 * 168)[0]
+    assert large["image_grid_thw"].tolist() == [[1, 12, 12]] * 4
+    assert VHsDataset(json_path, tmp_path, processor, max_images=2)[0]["image_grid_thw"].shape == (2, 3)
+    with pytest.raises(ValueError, match="min_pixels"):
+        VHsDataset(json_path, tmp_path, processor, min_pixels=100, max_pixels=50)
+
+
+def test_missing_and_unreadable_images_are_named(tmp_path, processor):
+    json_path = synth_haystacks(tmp_path, n_entries=2, min_images=3, max_images=3, seed=0)
+    entries = load_vhs(json_path)
+    (tmp_path / entries[1]["neg_image"][0]).unlink()
+    (tmp_path / entries[0]["neg_image"][1]).write_bytes(b"not a png")
+    dataset = VHsDataset(json_path, tmp_path, processor)
+    with pytest.raises(FileNotFoundError, match=rf"entry 1: image .*{entries[1]['neg_image'][0]} not found"):
+        dataset[1]
+    with pytest.raises(ValueError, match=rf"entry 0: cannot read image .*{entries[0]['neg_image'][1]}"):
+        dataset[0]
+    with pytest.raises(FileNotFoundError, match="image_root"):
+        VHsDataset(json_path, tmp_path / "nowhere", processor)
+
+
+def test_collate_right_pads_and_keeps_rows_equivalent(synth, processor, tmp_path):
+    json_path, root = synth
+    dataset = VHsDataset(json_path, root, processor)
+    items = [dataset[i] for i in range(3)]
+    lengths = [it["input_ids"].shape[0] for it in items]
+    assert len(set(lengths)) > 1, "synth entries should differ in length for this test"
+    batch = collate(items, pad_token_id=7)
+    n = max(lengths)
+    for k, (it, length) in enumerate(zip(items, lengths)):
+        assert torch.equal(batch["input_ids"][k, :length], it["input_ids"])
+        assert (batch["input_ids"][k, length:] == 7).all() and (batch["labels"][k, length:] == IGNORE_INDEX).all()
+        assert batch["attention_mask"][k].sum() == length and (batch["mm_token_type_ids"][k, length:] == 0).all()
+    assert batch["input_ids"].shape == (3, n)
+    assert torch.equal(batch["image_grid_thw"], torch.cat([it["image_grid_thw"] for it in items]))
+    assert torch.equal(batch["pixel_values"], torch.cat([it["pixel_values"] for it in items]))
+    with pytest.raises(ValueError, match="empty batch"):
+        collate([])
+
+    model = save_tiny_model(tmp_path / "student", tiny_qwen25vl_config(**TINY_STUDENT), seed=0)
+    short = min(range(3), key=lambda k: lengths[k])
+    with torch.no_grad():
+        batched = model(**batch).logits[short, : lengths[short]]
+        alone = model(**collate([items[short]])).logits[0]
+        assert torch.isfinite(model(**batch).loss)
+    torch.testing.assert_close(batched, alone, atol=1e-4, rtol=1e-4)
+
+
+def test_synth_balance_template_and_determinism(tmp_path):
+    a = synth_haystacks(tmp_path / "a", n_entries=40, min_images=2, max_images=5, seed=3)
+    b = synth_haystacks(tmp_path / "b", n_entries=40, min_images=2, max_images=5, seed=3)
+    c = synth_haystacks(tmp_path / "c", n_entries=40, min_images=2, max_images=5, seed=4)
+    entries = load_vhs(a)
+    assert entries == load_vhs(b) and entries != load_vhs(c)
+    assert all((tmp_path / "a" / p).read_bytes() == (tmp_path / "b" / p).read_bytes() for p in entries[0]["pos_image"])
+    assert collections.Counter(e["conversations"][1]["value"] for e in entries) == {"yes": 20, "no": 20}
+    sizes = collections.Counter(len(e["pos_image"]) + len(e["neg_image"]) for e in entries)
+    assert set(sizes) == {2, 3, 4, 5}
+    for e in entries:
+        question, answer = e["conversations"][0]["value"], e["conversations"][1]["value"]
+        anchor = ANCHOR_RE.search(question.lower()).group(2)
+        target = TARGET_RE.search(question.lower()).group(1).split(" ", 1)[1]
+        assert question == f"For the image with a {anchor}, is there a {target}?"
+        needle, *distractors = e["objects"]
+        assert anchor in needle and (target in needle) == (answer == "yes")
+        assert all(anchor not in objs for objs in distractors)
+    with pytest.raises(ValueError, match="min_images"):
+        synth_haystacks(tmp_path / "d", n_entries=2, min_images=3, max_images=2)
+
+
+def _fake_coco(tmp_path, seed=0):
+    """Two small instances files (train / val) over 6 categories with random annotations."""
+    rng = random.Random(seed)
+    categories = [{"id": 10 + k, "name": n} for k, n in enumerate(["cat", "dog", "apple", "bus", "person", "tie"])]
+    paths = []
+    for split, n_images in (("train2017", 150), ("val2017", 50)):
+        images = [{"id": i, "file_name": f"{split}_{i:012d}.jpg"} for i in range(n_images)]
+        annotations = [
+            {"id": len(images) * 10 + k, "image_id": img["id"], "category_id": rng.choice(categories)["id"]}
+            for img in images
+            for k in range(rng.randint(0, 3))
+        ]
+        paths.append(_write(tmp_path / f"instances_{split}.json", {"images": images, "annotations": annotations, "categories": categories}))
+    return paths
+
+
+def test_build_train_from_coco_is_leak_free_and_balanced(tmp_path):
+    instances = _fake_coco(tmp_path)
+    coco = {}
+    for path in instances:
+        data = json.loads(path.read_text())
+        split = path.stem.split("_")[1]
+        names = {c["id"]: c["name"] for c in data["categories"]}
+        for img in data["images"]:
+            coco[f"{split}/{img['file_name']}"] = set()
+        by_id = {img["id"]: f"{split}/{img['file_name']}" for img in data["images"]}
+        for ann in data["annotations"]:
+            coco[by_id[ann["image_id"]]].add(names[ann["category_id"]])
+    excluded = sorted(coco)[::4]
+    vhs = _write(tmp_path / "vhs.json", [{**GOOD, "pos_image": [f"coco/{excluded[0]}"], "neg_image": [f"coco/{p}" for p in excluded[1:]]}])
+
+    out = build_train_from_coco(instances, tmp_path / "out" / "train.json", exclude_vhs_files=[vhs], n_entries=60, min_images=2, max_images=6, seed=1)
+    entries = load_vhs(out)
+    assert len(entries) == 60
+    per_pair = collections.defaultdict(collections.Counter)
+    excluded_names = {p.split("/")[-1] for p in excluded}
+    for e in entries:
+        question, answer = e["conversations"][0]["value"], e["conversations"][1]["value"]
+        anchor = ANCHOR_RE.search(question.lower()).group(2)
+        target = TARGET_RE.search(question.lower()).group(1).split(" ", 1)[1]
+        assert anchor != target and answer in ("yes", "no")
+        per_pair[anchor, target][answer] += 1
+        images = e["pos_image"] + e["neg_image"]
+        assert 2 <= len(images) <= 6 and len(set(images)) == len(images)
+        assert not excluded_names & {p.split("/")[-1] for p in images}
+        needle = coco[e["pos_image"][0]]
+        assert anchor in needle and (target in needle) == (answer == "yes")
+        assert all(anchor not in coco[p] for p in e["neg_image"])
+    assert all(c["yes"] == c["no"] for c in per_pair.values())
+    assert len({len(e["pos_image"]) + len(e["neg_image"]) for e in entries}) == 5
+    again = build_train_from_coco(instances, tmp_path / "again.json", exclude_vhs_files=[vhs], n_entries=60, min_images=2, max_images=6, seed=1)
+    assert load_vhs(again) == entries
+    with pytest.raises(ValueError, match="even"):
+        build_train_from_coco(instances, tmp_path / "x.json", exclude_vhs_files=[vhs], n_entries=5)
+    with pytest.raises(ValueError, match="instances_<split>.json"):
+        build_train_from_coco([vhs], tmp_path / "x.json", exclude_vhs_files=[vhs], n_entries=2)
+
+
+def test_cli_round_trip(tmp_path, capsys):
+    assert main(["data", "synth", "--out", str(tmp_path / "s"), "--n-entries", "4", "--min-images", "2", "--max-images", "3", "--seed", "2"]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert load_vhs(printed) == load_vhs(synth_haystacks(tmp_path / "t", n_entries=4, min_images=2, max_images=3, seed=2))
+
+    instances = _fake_coco(tmp_path)
+    args = ["data", "build-train", "--instances", *map(str, instances), "--exclude-vhs", printed, "--out", str(tmp_path / "train.json"), "--n-entries", "8", "--max-images", "4"]
+    assert main(args) == 0
+    assert len(load_vhs(capsys.readouterr().out.strip())) == 8
+
+    assert main(["data", "synth", "--out", str(tmp_path / "u"), "--n-entries", "4", "--min-images", "5", "--max-images", "2"]) == 2
+    assert "laid: error: need 1 <= min_images <= max_images" in capsys.readouterr().err
