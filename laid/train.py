@@ -1,0 +1,213 @@
+"""``laid.train``: LAid distillation of a Qwen2.5-VL student against a Qwen2.5-VL teacher, top to bottom.
+
+    laid.train("configs/tiny_cpu.yaml")                           # a YAML file
+    laid.train(LAidConfig(teacher=..., student=..., data=...))     # a config
+    laid.train(teacher="t/", student="s/", data="vhs.json", image_root="imgs/", epochs=1)   # keyword fields
+
+One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` per process. Each micro-batch: the teacher runs
+without gradient (up to its last aligned layer only when lambda_kl = 0), the student runs with Q/K capture and the
+RoPE gain, ``LAidObjective`` gives the four terms, and the gradients accumulate (DDP synchronises on the last
+micro-batch only). Then: the mixer's gradients are averaged over processes (the mixer lives outside DDP), the model's
+and the mixer's gradients are clipped (each to ``max_grad_norm``), both AdamW optimizers step, both warmup + cosine
+schedules advance. Progress p = step / total steps feeds L_attn. Runs under ``accelerate launch`` unchanged.
+
+Outputs in ``output_dir``: ``metrics.jsonl`` (one line per logged step), ``checkpoints/step_*/`` (see
+``laid.checkpoint``) and ``final/`` (the export: a plain Qwen2.5-VL checkpoint with the gain folded in).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .capture import decoder_layers, resolve_layer
+from .checkpoint import RunState, export, load_checkpoint, resolve_resume, save_checkpoint
+from .config import LAidConfig
+from .data import VHsDataset, collate
+from .losses import LAidObjective
+from .mixer import HeadMixer
+from .models import head_dim, load_processor, load_student, load_teacher, text_config
+
+
+def resolve_config(config: LAidConfig | str | Path | None, overrides: dict) -> LAidConfig:
+    """A validated LAidConfig from a config object, a YAML path or nothing, plus keyword overrides."""
+    if config is None:
+        return LAidConfig().with_overrides(**overrides)
+    if isinstance(config, (str, Path)):
+        return LAidConfig.from_yaml(config, **overrides)
+    if isinstance(config, LAidConfig):
+        return config.with_overrides(**overrides)
+    raise TypeError(f"config must be a LAidConfig, a YAML path or None, got {type(config).__name__}")
+
+
+def lr_factor(step: int, total: int, warmup_ratio: float, min_ratio: float) -> float:
+    """Linear warmup over ceil(warmup_ratio * total) steps, then cosine from 1 to ``min_ratio`` at ``total``."""
+    warmup = math.ceil(warmup_ratio * total)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocations on GPU, resident set size on CPU (GB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
+
+
+def train(config: LAidConfig | str | Path | None = None, /, **overrides) -> dict:
+    """Run LAid distillation; returns the run summary (also written to ``output_dir/final/summary.json``)."""
+    config = resolve_config(config, overrides)
+    if not config.data:
+        raise ValueError("data must be the path of a Visual Haystacks-format JSON file (see `laid data synth`)")
+    output_dir = Path(config.output_dir)
+
+    # --- devices, precision, processes -------------------------------------------------------------------------
+    precision = config.precision if config.precision != "auto" else ("bf16" if torch.cuda.is_available() else "fp32")
+    accelerator = Accelerator(
+        mixed_precision="bf16" if precision == "bf16" else "no",
+        log_with=config.trackers or None,
+        project_dir=str(output_dir),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
+    )
+    set_seed(config.seed)
+    device = accelerator.device
+
+    # --- models: frozen teacher, student with checkpointing, shared processor ---------------------------------
+    processor = load_processor(config.processor or config.student)
+    teacher = load_teacher(config.teacher, device=device, attn_implementation=config.attn_implementation)
+    student = load_student(config.student, device=device, attn_implementation=config.attn_implementation,
+                           train_language_model=config.train_language_model, train_vision=config.train_vision,
+                           gradient_checkpointing=config.gradient_checkpointing)
+    s_cfg, t_cfg = text_config(student), text_config(teacher)
+    student_layers = [resolve_layer(s, len(decoder_layers(student)), "layer_pairs (student)")
+                      for s, _ in config.layer_pairs]
+
+    # --- data --------------------------------------------------------------------------------------------------
+    dataset = VHsDataset(config.data, config.image_root, processor, min_pixels=config.min_pixels,
+                         max_pixels=config.max_pixels, max_images=config.max_images, seed=config.seed)
+    collate_fn = partial(collate, pad_token_id=processor.tokenizer.pad_token_id)
+    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, collate_fn=collate_fn,
+                        num_workers=config.num_workers)
+
+    # --- mixer and optimizers: model lr for the student, mixer_lr for W_q, W_k and the gain --------------------
+    mixer = HeadMixer(len(config.layer_pairs), s_cfg.num_attention_heads, s_cfg.num_key_value_heads,
+                      t_cfg.num_attention_heads, t_cfg.num_key_value_heads, head_dim(s_cfg)).to(device)
+    adam = dict(betas=tuple(config.adam_betas), weight_decay=config.weight_decay)
+    model_optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=config.lr, **adam)
+    mixer_optimizer = torch.optim.AdamW(mixer.parameters(), lr=config.mixer_lr, **adam)
+    teacher.to(device)
+    student, model_optimizer, loader = accelerator.prepare(student, model_optimizer, loader)
+    mixer_optimizer = accelerator.prepare_optimizer(mixer_optimizer)
+
+    steps_per_epoch = math.ceil(len(loader) / config.grad_accum)
+    total_steps = steps_per_epoch * config.epochs
+    last_step = min(total_steps, config.max_steps or total_steps)
+    factor = partial(lr_factor, total=total_steps, warmup_ratio=config.warmup_ratio, min_ratio=config.min_lr_ratio)
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, factor) for opt in (model_optimizer, mixer_optimizer)]
+    accelerator.register_for_checkpointing(mixer, *schedulers)
+
+    objective = LAidObjective(teacher, student, mixer, config, vocab=len(processor.tokenizer))
+
+    # --- start or resume ---------------------------------------------------------------------------------------
+    resume = resolve_resume(config.resume_from, output_dir)
+    if resume is not None:
+        state = load_checkpoint(accelerator, resume)
+        accelerator.print(f"resumed from {resume} at step {state.step}")
+    else:
+        state = RunState()
+        first = collate_fn([dataset[i] for i in range(min(config.batch_size, len(dataset)))])
+        objective.init_mixer({k: v.to(device) for k, v in first.items()})
+    metrics_path = output_dir / "metrics.jsonl"
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        kept = [line for line in (metrics_path.read_text().splitlines() if metrics_path.exists() else [])
+                if json.loads(line)["step"] <= state.step]  # drop steps lost since the resumed checkpoint
+        metrics_path.write_text("".join(line + "\n" for line in kept))
+    if config.trackers:
+        accelerator.init_trackers("laid", config=config.to_dict())
+    if config.lambda_laid > 0 and config.beta == 0:
+        accelerator.print("note: beta = 0, training without L_attn")
+
+    # --- the loop ----------------------------------------------------------------------------------------------
+    bar = tqdm(total=last_step, initial=state.step, disable=not accelerator.is_local_main_process, desc="laid")
+    last_metrics: dict = {}
+    while state.step < last_step:
+        loader.set_epoch(state.epoch)
+        batches = iter(accelerator.skip_first_batches(loader, state.batch) if state.batch else loader)
+        while state.batch < len(loader) and state.step < last_step:
+            window = min(config.grad_accum, len(loader) - state.batch)
+            start, tokens = time.perf_counter(), 0
+            sums: dict[str, torch.Tensor] = {}
+            for micro in range(window):
+                batch = next(batches)
+                sync = micro == window - 1
+                with nullcontext() if sync else accelerator.no_sync(student):
+                    terms = objective(batch, progress=state.step / total_steps)
+                    accelerator.backward(terms["loss"] / window)
+                for name, value in terms.items():
+                    sums[name] = sums.get(name, 0.0) + value.detach() / window
+                tokens += int(batch["attention_mask"].sum())
+            if accelerator.num_processes > 1:
+                for p in mixer.parameters():  # the mixer is not inside DDP: average its gradients here
+                    if p.grad is not None:
+                        p.grad = accelerator.reduce(p.grad, reduction="mean")
+            grad_norm = (accelerator.clip_grad_norm_(student.parameters(), config.max_grad_norm)
+                         if config.max_grad_norm > 0 else None)
+            if config.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(mixer.parameters(), config.max_grad_norm)
+            for optimizer, scheduler in zip((model_optimizer, mixer_optimizer), schedulers):
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.batch += window
+
+            # --- logging: averaged over micro-batches and processes ---------------------------------------
+            reduced = {k: float(v) for k, v in accelerator.reduce(sums, reduction="mean").items()}
+            tokens = int(accelerator.reduce(torch.tensor(tokens, device=device), reduction="sum"))
+            last_metrics = {"step": state.step, "epoch": state.epoch, **reduced,
+                            "grad_norm": None if grad_norm is None else float(grad_norm),
+                            "lr": schedulers[0].get_last_lr()[0], "mixer_lr": schedulers[1].get_last_lr()[0],
+                            "progress": state.step / total_steps,
+                            "tokens_per_s": tokens / (time.perf_counter() - start),
+                            "peak_mem_gb": peak_memory_gb(device)}
+            if state.step % config.log_every == 0 or state.step == last_step:
+                if accelerator.is_main_process:
+                    with metrics_path.open("a") as handle:
+                        handle.write(json.dumps(last_metrics) + "\n")
+                if config.trackers:
+                    accelerator.log(last_metrics, step=state.step)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in last_metrics.items()
+                             if k in ("loss", "qk", "attn", "kl", "sft", "tokens_per_s", "peak_mem_gb")})
+            bar.update(1)
+            if state.step % config.save_every == 0 and state.step < last_step:
+                save_checkpoint(accelerator, output_dir, state, config.keep_checkpoints)
+        if state.batch >= len(loader):
+            state.epoch, state.batch = state.epoch + 1, 0
+    bar.close()
+
+    # --- the end: last checkpoint, export ------------------------------------------------------------------------
+    save_checkpoint(accelerator, output_dir, state, config.keep_checkpoints)
+    objective.remove_hooks()
+    summary = {"steps": state.step, "total_steps": total_steps, "epochs_done": state.epoch,
+               "student_layers": student_layers, "gain_folded": True, "final_metrics": last_metrics,
+               "config": config.to_dict()}
+    export(accelerator, student, processor, mixer, student_layers, output_dir / "final", summary)
+    if config.trackers:
+        accelerator.end_training()
+    return summary
