@@ -1,4 +1,13 @@
 """laid: LAid (Long-window Anchoring distillation) of Qwen2.5-VL models: data, trainer, evaluation and CLI.
 
-Modules: ``laid.tiny`` (offline tiny Qwen2.5-VL checkpoints), ``laid.data`` (Visual Haystacks data), ``laid.cli``.
+Modules: ``laid.tiny`` (offline tiny Qwen2.5-VL checkpoints), ``laid.data`` (Visual Haystacks data), ``laid.cli``;
+the trainer: ``laid.config`` (LAidConfig), ``laid.models`` (loading), ``laid.capture`` (Q/K hooks, gain, positions),
+``laid.mixer`` (HeadMixer), ``laid.losses`` (the four terms), ``laid.trainer`` (the loop, ``laid.train``),
+``laid.checkpoint`` (save, resume, export).
 """
+
+from .config import LAidConfig
+from .mixer import HeadMixer
+from .trainer import train
+
+__all__ = ["LAidConfig", "HeadMixer", "train"]

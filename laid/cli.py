@@ -6,12 +6,15 @@ Each top-level command is one ``add_<name>(commands)`` function that adds its su
 
     laid data synth --out DIR --n-entries 64 --min-images 2 --max-images 10
     laid data build-train --instances instances_train2017.json --exclude-vhs VHS.json ... --out train.json
+    laid models tiny runs/tiny
+    laid train configs/tiny_cpu.yaml --epochs 1
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _run_synth(args: argparse.Namespace) -> None:
@@ -68,7 +71,51 @@ def add_data(commands) -> None:
     build.set_defaults(run=_run_build_train)
 
 
-COMMANDS = (add_data,)
+def _run_models_tiny(args: argparse.Namespace) -> None:
+    from .tiny import TINY_STUDENT, TINY_TEACHER, save_tiny_model, save_tiny_processor, tiny_qwen25vl_config
+
+    out = Path(args.out_dir)
+    save_tiny_processor(out / "processor")
+    save_tiny_model(out / "teacher", tiny_qwen25vl_config(**TINY_TEACHER), seed=args.seed)
+    save_tiny_model(out / "student", tiny_qwen25vl_config(**TINY_STUDENT), seed=args.seed + 1)
+    print(out)
+
+
+def add_models(commands) -> None:
+    """``laid models tiny OUT_DIR``: tiny random Qwen2.5-VL teacher, student and processor for CPU runs."""
+    models = commands.add_parser("models", help="build local model folders")
+    kinds = models.add_subparsers(dest="models_command", required=True)
+    tiny = kinds.add_parser("tiny", help="OUT_DIR/{teacher,student,processor}: tiny random Qwen2.5-VL models")
+    tiny.add_argument("out_dir")
+    tiny.add_argument("--seed", type=int, default=0, help="teacher seed (the student uses seed + 1)")
+    tiny.set_defaults(run=_run_models_tiny)
+
+
+def _run_train(args: argparse.Namespace) -> None:
+    from .trainer import train
+
+    if len(args.overrides) % 2:
+        raise ValueError(f"overrides must be --key value pairs, got {' '.join(args.overrides)}")
+    overrides = {}
+    for key, value in zip(args.overrides[::2], args.overrides[1::2]):
+        if not key.startswith("--"):
+            raise ValueError(f"expected --key before {value!r}, got {key!r}")
+        overrides[key[2:]] = value
+    summary = train(args.config, **overrides)
+    print(Path(summary["config"]["output_dir"]) / "final")
+
+
+def add_train(commands) -> None:
+    """``laid train CONFIG.yaml [--key value ...]``: LAid distillation (any LAidConfig field can be overridden)."""
+    train = commands.add_parser("train", help="LAid distillation from a YAML config",
+                                description="Run LAid distillation. Every LAidConfig field can be overridden with "
+                                            "--field value (values are read as YAML: --layer_pairs '[[-1, -1]]').")
+    train.add_argument("config", help="YAML file of LAidConfig fields")
+    train.add_argument("overrides", nargs=argparse.REMAINDER, help="--field value pairs")
+    train.set_defaults(run=_run_train)
+
+
+COMMANDS = (add_data, add_models, add_train)
 
 
 def build_parser() -> argparse.ArgumentParser:
