@@ -14,6 +14,9 @@ Under ``TRITON_INTERPRET=1`` (the tests) the kernels are interpreter objects tha
 
 The factory named there is a function returning ``list[Launch]`` built from meta tensors.
 Resource usage (REG, SHARED, LOCAL, STACK) is read from the cubin with the ``cuobjdump`` shipped in the Triton wheel.
+LOCAL 0 is not enough to rule out register spills (ptxas puts them in the stack frame, which the accurate
+libdevice cos/sin also use for their 28-byte argument-reduction array), so the PTX is also assembled again with
+Triton's own ptxas and flags, with ``-v``, and its "spill stores" / "spill loads" byte counts are reported.
 """
 
 from __future__ import annotations
@@ -72,6 +75,8 @@ class CompileResult:
     shared_bytes: int
     local_bytes: int
     stack_bytes: int
+    spill_store_bytes: int
+    spill_load_bytes: int
     ptx: str
 
 
@@ -103,6 +108,24 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
     return usage
 
 
+def ptxas_spills(ptx: str, arch: int, enable_fp_fusion: bool = True) -> dict[str, int]:
+    """Spill store / load bytes and stack frame of ``ptx``, from Triton's ptxas run as Triton runs it, with -v."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "k.ptx"
+        source.write_text(ptx)
+        command = [get_ptxas(arch).path, "-lineinfo", *([] if enable_fp_fusion else ["--fmad=false"]), "-v",
+                   "--regAllocOptLevel=2", f"--gpu-name={sm_arch_from_capability(arch)}", str(source), "-o",
+                   str(Path(tmp) / "k.cubin")]
+        log = subprocess.run(command, capture_output=True, text=True, check=True).stderr
+    found = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if found is None:
+        raise RuntimeError(f"no spill report in ptxas -v output:\n{log}")
+    stack, stores, loads = (int(g) for g in found.groups())
+    return {"stack": stack, "spill_stores": stores, "spill_loads": loads}
+
+
 def compile_launch(launch: Launch, arch: int) -> CompileResult:
     """Compile ``launch`` for ``GPUTarget("cuda", arch, 32)`` in this process (needs real JIT kernels, i.e. no
     ``TRITON_INTERPRET=1``) and read its resource usage."""
@@ -124,10 +147,12 @@ def compile_launch(launch: Launch, arch: int) -> CompileResult:
     source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=target, options=options.__dict__)
     usage = resource_usage(compiled.asm["cubin"])
+    spills = ptxas_spills(compiled.asm["ptx"], arch, options.enable_fp_fusion)
     return CompileResult(name=launch.name, kernel=kernel.__name__, arch=arch, num_warps=launch.num_warps,
                          grid=list(launch.grid), constexprs={k: _jsonable(v) for k, v in launch.constexprs.items()},
                          registers=usage["REG"], shared_bytes=usage["SHARED"], local_bytes=usage["LOCAL"],
-                         stack_bytes=usage["STACK"], ptx=compiled.asm["ptx"])
+                         stack_bytes=usage["STACK"], spill_store_bytes=spills["spill_stores"],
+                         spill_load_bytes=spills["spill_loads"], ptx=compiled.asm["ptx"])
 
 
 def _jsonable(value: Any) -> Any:
