@@ -5,8 +5,9 @@ teacher's row re-weighted toward distant keys, phat_t ∝ omega_p(d) softmax(s_t
 without ever materialising a [rows, N] logits tensor:
 
 - Forward: stream key blocks with an online log-sum-exp for the student row (lse_s) and for the distance-weighted
-  teacher row (lse_t), and accumulate sum_n e^(shat_t - max) (shat_t - s_s); then
-  KL = acc / l_t - lse_t + lse_s. Only the per-(row, head) lse_s and lse_t are saved.
+  teacher row (lse_t = max_t + log l_t), and accumulate acc = sum_n e^(shat_t - max_t) (shat_t - s_s); then
+  KL = acc / l_t - (max_t - max_s) + log l_s - log l_t (no cancellation of large lse values: exactly 0 for a row with
+  one key). Only the per-(row, head) lse_s and lse_t are saved.
 - Backward: recompute each key block; dL/ds_s(m, n) = (p_s - phat_t) / (rows * Hs) gives dq_s for the query rows
   and dk_s for every key.
 
@@ -37,6 +38,7 @@ import triton
 import triton.language as tl
 
 from . import backends, reference
+from .aot import Launch
 from .rope_triton import load_positions, mrope_cos_sin, rotate_pair, unrotate_pair
 from .validation import check_attn_match_args
 
@@ -214,7 +216,7 @@ def _cpu_forward(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section, row
             max_t = new_max
         row_lse_s, row_lse_t = max_s + sum_s.log(), max_t + sum_t.log()
         lse_s[lo:hi], lse_t[lo:hi] = _cpu_row_stat(row_lse_s), _cpu_row_stat(row_lse_t)
-        total += (acc / sum_t - row_lse_t + row_lse_s).double().sum()
+        total += (acc / sum_t - (max_t - max_s) + (sum_s.log() - sum_t.log())).double().sum()
     return (total / (row_index.numel() * hs)).float(), lse_s, lse_t
 
 
@@ -256,7 +258,7 @@ def _mix_rotate_kernel(x_ptr, w_ptr, out_ptr, pos_ptr, inv_freq_ptr, seq,
                        H_IN: tl.constexpr, H_OUT: tl.constexpr, HALF: tl.constexpr, SECTION_T: tl.constexpr,
                        SECTION_TH: tl.constexpr, BLOCK_N: tl.constexpr):
     """out[b, n, h] = R(sum_j w[h, j] x[b, n, j]) for one block of tokens; out contiguous [B, N, H_OUT, 2 * HALF]."""
-    pid_n, b = tl.program_id(0), tl.program_id(1)
+    pid_n, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_f = tl.arange(0, HALF)
     n_ok = offs_n < seq
@@ -339,7 +341,7 @@ def _fwd_kernel(qs_ptr, qt_ptr, row_m_ptr, sample_rows_ptr, ks_ptr, kt_ptr, pos_
                 HS: tl.constexpr, HS_KV: tl.constexpr, HALF: tl.constexpr, SECTION_T: tl.constexpr,
                 SECTION_TH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """Per (row, head) lane: lse_s, lse_t and KL(phat_t || p_s), streaming the sample's keys n < max m + 1."""
-    pid_m, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_m, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     GROUP: tl.constexpr = HS // HS_KV
     row, head, m, lane_ok = _row_lanes(sample_rows_ptr, row_m_ptr, b, pid_m * BLOCK_M, h, BLOCK_M, GROUP)
     offs_f = tl.arange(0, HALF)
@@ -374,7 +376,7 @@ def _fwd_kernel(qs_ptr, qt_ptr, row_m_ptr, sample_rows_ptr, ks_ptr, kt_ptr, pos_
     out = row * HS + head
     tl.store(lse_s_ptr + out, lse_s, mask=lane_ok)
     tl.store(lse_t_ptr + out, lse_t, mask=lane_ok)
-    tl.store(kl_ptr + out, acc / sum_t - lse_t + lse_s, mask=lane_ok)
+    tl.store(kl_ptr + out, acc / sum_t - (max_t - max_s) + (tl.log(sum_s) - tl.log(sum_t)), mask=lane_ok)
 
 
 @triton.jit
@@ -384,7 +386,7 @@ def _dq_kernel(qs_ptr, qt_ptr, row_m_ptr, sample_rows_ptr, ks_ptr, kt_ptr, pos_p
                HS: tl.constexpr, HS_KV: tl.constexpr, HALF: tl.constexpr, SECTION_T: tl.constexpr,
                SECTION_TH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """Gradient of the loss with respect to the rotated student query rows, fp32 [R, HS, 2 * HALF]."""
-    pid_m, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_m, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     GROUP: tl.constexpr = HS // HS_KV
     row, head, m, lane_ok = _row_lanes(sample_rows_ptr, row_m_ptr, b, pid_m * BLOCK_M, h, BLOCK_M, GROUP)
     offs_f = tl.arange(0, HALF)
@@ -421,7 +423,7 @@ def _dk_kernel(qs_ptr, qt_ptr, row_m_ptr, sample_rows_ptr, ks_ptr, kt_ptr, pos_p
                SECTION_TH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """dk_s [B, N, HS_KV, 2 * HALF] (contiguous, k_s's dtype) for one key block of one kv head, streaming the
     sample's (row, head) lanes; every key is written (zero where no row attends to it)."""
-    pid_n, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_n, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     GROUP: tl.constexpr = HS // HS_KV
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_f = tl.arange(0, HALF)
@@ -452,7 +454,7 @@ def _dk_kernel(qs_ptr, qt_ptr, row_m_ptr, sample_rows_ptr, ks_ptr, kt_ptr, pos_p
     tl.store(out + HALF, dk_hi.to(dk_ptr.dtype.element_ty), mask=n_ok[:, None])
 
 
-# Launch configuration of the Triton kernels (also what tests/test_attn_match_compile.py compiles).
+# Launch configuration of the Triton kernels (also what ``aot_launches`` compiles).
 TRITON_BLOCK_M = 64
 TRITON_BLOCK_N = 32
 TRITON_NUM_WARPS = 4
@@ -460,65 +462,118 @@ TRITON_MIX_BLOCK_N = 32
 TRITON_PRECISION = "tf32x3"  # three TF32 MMAs: fp32-level logits on the GPU (plain TF32 shifts them by ~1e-3)
 
 
-def _mixed_rotated_keys(k_t: torch.Tensor, w_k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
-                        section: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-    """R(w_k k_t): the teacher keys mixed to the student's kv heads and rotated, contiguous [B, N, Hs_kv, D]."""
+def mix_rotate_launch(k_t: torch.Tensor, w_k: torch.Tensor, out: torch.Tensor, positions: torch.Tensor,
+                      inv_freq: torch.Tensor, section: Sequence[int]) -> Launch:
+    """The launch writing R(w_k k_t) into contiguous ``out`` [B, N, Hs_kv, D]: the teacher keys mixed to the
+    student's kv heads and rotated. k_t [B, N, Ht_kv, D] strided; works on meta tensors (AOT compilation)."""
     batch, seq, ht_kv, dim = k_t.shape
-    hs_kv = w_k.shape[0]
-    out = torch.empty(batch, seq, hs_kv, dim, dtype=dtype, device=k_t.device)
-    grid = (triton.cdiv(seq, TRITON_MIX_BLOCK_N), batch)
-    _mix_rotate_kernel[grid](k_t, w_k.contiguous(), out, positions, inv_freq, seq, *k_t.stride(), *positions.stride(),
-                             H_IN=ht_kv, H_OUT=hs_kv, HALF=dim // 2, SECTION_T=section[0],
-                             SECTION_TH=section[0] + section[1], BLOCK_N=TRITON_MIX_BLOCK_N,
-                             num_warps=TRITON_NUM_WARPS)
-    return out
+    return Launch(name="attn_match/mix_rotate", kernel=_mix_rotate_kernel,
+                  grid=(triton.cdiv(seq, TRITON_MIX_BLOCK_N), batch),
+                  args=(k_t, w_k, out, positions, inv_freq, seq, *k_t.stride(), *positions.stride()),
+                  constexprs=dict(H_IN=ht_kv, H_OUT=w_k.shape[0], HALF=dim // 2, SECTION_T=section[0],
+                                  SECTION_TH=section[0] + section[1], BLOCK_N=TRITON_MIX_BLOCK_N),
+                  num_warps=TRITON_NUM_WARPS)
 
 
-def _triton_common(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section, row_index, key_valid):
-    """Row tensors, key tensor and launch arguments shared by the three attention kernels."""
+def attention_launch(kernel, name: str, grid: tuple[int, int, int], rows: Sequence[torch.Tensor],
+                     k_s: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+                     valid: torch.Tensor, tensors: Sequence[torch.Tensor], scalars: Sequence[float],
+                     section: Sequence[int]) -> Launch:
+    """A launch of ``_fwd_kernel``, ``_dq_kernel`` or ``_dk_kernel``.
+
+    rows: (student rows [R, Hs, D] fp32, teacher rows [R, Hs, D] fp32, row m [R] int64, sample row offsets [B + 1]
+    int64); keys: mixed rotated teacher keys, contiguous [B, N, Hs_kv, D]; valid: [B, N] uint8; tensors: the
+    kernel's statistics / gradient tensors in parameter order; scalars: (sm_scale, coef[, grad_scale]).
+    """
+    return Launch(name=name, kernel=kernel, grid=grid,
+                  args=(*rows, k_s, keys, positions, inv_freq, valid, *tensors, k_s.shape[1], *scalars,
+                        *k_s.stride(), *positions.stride()),
+                  constexprs=dict(HS=rows[0].shape[1], HS_KV=k_s.shape[2], HALF=k_s.shape[3] // 2,
+                                  SECTION_T=section[0], SECTION_TH=section[0] + section[1], BLOCK_M=TRITON_BLOCK_M,
+                                  BLOCK_N=TRITON_BLOCK_N, PRECISION=TRITON_PRECISION),
+                  num_warps=TRITON_NUM_WARPS)
+
+
+def _row_grid(max_rows: int, group: int, hs_kv: int, batch: int) -> tuple[int, int, int]:
+    """Grid of the row kernels: (blocks of a sample's row-head lanes, kv heads, samples)."""
+    return triton.cdiv(max_rows * group, TRITON_BLOCK_M), hs_kv, batch
+
+
+def _key_grid(seq: int, hs_kv: int, batch: int) -> tuple[int, int, int]:
+    """Grid of ``_dk_kernel``: (key blocks, kv heads, samples)."""
+    return triton.cdiv(seq, TRITON_BLOCK_N), hs_kv, batch
+
+
+def _triton_prepare(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section, row_index, key_valid):
+    """Row tensors, teacher keys and valid mask shared by the attention kernels, the row grid and the rows' cos/sin."""
     batch, seq, hs, dim = q_s.shape
     q_rows, t_rows, cos, sin = _query_rows(q_s, q_t, w_q, positions, inv_freq, section, row_index)
     sample_rows = _sample_rows(row_index, batch, seq)
-    row_m = (row_index % seq).contiguous()
-    keys = _mixed_rotated_keys(k_t, w_k, positions, inv_freq, section, k_s.dtype)
-    valid = key_valid.contiguous().view(torch.uint8)
-    pointers = (q_rows.contiguous(), t_rows.contiguous(), row_m, sample_rows, k_s, keys, positions, inv_freq, valid)
-    constants = dict(HS=hs, HS_KV=k_s.shape[2], HALF=dim // 2, SECTION_T=section[0],
-                     SECTION_TH=section[0] + section[1], BLOCK_M=TRITON_BLOCK_M, BLOCK_N=TRITON_BLOCK_N,
-                     PRECISION=TRITON_PRECISION, num_warps=TRITON_NUM_WARPS)
-    strides = (*k_s.stride(), *positions.stride())
-    max_lanes = int((sample_rows[1:] - sample_rows[:-1]).max()) * (hs // k_s.shape[2])
-    row_grid = (triton.cdiv(max_lanes, TRITON_BLOCK_M), k_s.shape[2], batch)
-    return pointers, constants, strides, row_grid, (cos, sin)
+    keys = torch.empty(batch, seq, k_s.shape[2], dim, dtype=k_s.dtype, device=k_s.device)
+    mix_rotate_launch(k_t, w_k.contiguous(), keys, positions, inv_freq, section).run()
+    rows = (q_rows.contiguous(), t_rows.contiguous(), (row_index % seq).contiguous(), sample_rows)
+    grid = _row_grid(int((sample_rows[1:] - sample_rows[:-1]).max()), hs // k_s.shape[2], k_s.shape[2], batch)
+    return rows, keys, key_valid.contiguous().view(torch.uint8), grid, (cos, sin)
 
 
 def _triton_forward(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section, row_index, key_valid, progress,
                     alpha):
-    seq, hs, dim = q_s.shape[1], q_s.shape[2], q_s.shape[3]
-    pointers, constants, strides, grid, _ = _triton_common(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq,
-                                                           section, row_index, key_valid)
-    lse_s, lse_t, kl = (torch.empty(row_index.numel(), hs, dtype=torch.float32, device=q_s.device) for _ in range(3))
-    _fwd_kernel[grid](*pointers, lse_s, lse_t, kl, seq, 1.0 / math.sqrt(dim), alpha * progress, *strides,
-                      **constants)
+    rows, keys, valid, grid, _ = _triton_prepare(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section,
+                                                 row_index, key_valid)
+    lse_s, lse_t, kl = (torch.empty(row_index.numel(), q_s.shape[2], dtype=torch.float32, device=q_s.device)
+                        for _ in range(3))
+    attention_launch(_fwd_kernel, "attn_match/forward", grid, rows, k_s, keys, positions, inv_freq, valid,
+                     (lse_s, lse_t, kl), (1.0 / math.sqrt(q_s.shape[3]), alpha * progress), section).run()
     return (kl.sum(dtype=torch.float64) / kl.numel()).float(), lse_s, lse_t
 
 
 def _triton_backward(grad, q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section, row_index, key_valid, lse_s,
                      lse_t, progress, alpha):
     batch, seq, hs, dim = q_s.shape
-    pointers, constants, strides, grid, (cos, sin) = _triton_common(q_s, k_s, q_t, k_t, w_q, w_k, positions,
-                                                                    inv_freq, section, row_index, key_valid)
-    sm_scale = 1.0 / math.sqrt(dim)
-    grad_scale = sm_scale / (row_index.numel() * hs)
-    lse_s, lse_t, grad = lse_s.contiguous(), lse_t.contiguous(), grad.float().contiguous()
+    rows, keys, valid, grid, (cos, sin) = _triton_prepare(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq,
+                                                          section, row_index, key_valid)
+    scalars = (1.0 / math.sqrt(dim), alpha * progress, 1.0 / (math.sqrt(dim) * row_index.numel() * hs))
+    stats = (lse_s.contiguous(), lse_t.contiguous(), grad.float().reshape(1))
     d_rows = torch.empty(row_index.numel(), hs, dim, dtype=torch.float32, device=q_s.device)
-    _dq_kernel[grid](*pointers, lse_s, lse_t, grad, d_rows, seq, sm_scale, alpha * progress, grad_scale, *strides,
-                     **constants)
+    attention_launch(_dq_kernel, "attn_match/dq", grid, rows, k_s, keys, positions, inv_freq, valid,
+                     (*stats, d_rows), scalars, section).run()
     dk_s = torch.empty(k_s.shape, dtype=k_s.dtype, device=k_s.device)
-    key_grid = (triton.cdiv(seq, TRITON_BLOCK_N), k_s.shape[2], batch)
-    _dk_kernel[key_grid](*pointers, lse_s, lse_t, grad, dk_s, seq, sm_scale, alpha * progress, grad_scale, *strides,
-                         **constants)
+    attention_launch(_dk_kernel, "attn_match/dk", _key_grid(seq, k_s.shape[2], batch), rows, k_s, keys, positions,
+                     inv_freq, valid, (*stats, dk_s), scalars, section).run()
     return _unrotate_rows(d_rows, cos, sin, row_index, q_s), dk_s
+
+
+def aot_launches(heads: Sequence[int] = (28, 4, 40, 8), tokens: int = 53590, rows: int = 340, head_dim: int = 128,
+                 section: Sequence[int] = (16, 24, 24), dtype: str = "bfloat16") -> list[Launch]:
+    """Every launch of one forward and backward for student heads (Hs, Hs_kv) against teacher heads (Ht, Ht_kv)
+    = ``heads``, one sample of ``tokens`` tokens with ``rows`` query rows, on meta tensors shaped like the k_proj
+    output views; for ahead-of-time compilation (``laid_kernels.aot``)."""
+    hs, hs_kv, _, ht_kv = heads
+    meta = dict(device="meta", dtype=getattr(torch, dtype))
+    k_s = torch.empty(1, tokens, hs_kv * head_dim, **meta).view(1, tokens, hs_kv, head_dim)
+    k_t = torch.empty(1, tokens, ht_kv * head_dim, **meta).view(1, tokens, ht_kv, head_dim)
+    keys = torch.empty(1, tokens, hs_kv, head_dim, **meta)
+    w_k = torch.empty(hs_kv, ht_kv, device="meta")
+    positions = torch.empty(3, 1, tokens, dtype=torch.int64, device="meta")
+    inv_freq = torch.empty(head_dim // 2, device="meta")
+    valid = torch.empty(1, tokens, dtype=torch.uint8, device="meta")
+    q_rows = torch.empty(rows, hs, head_dim, device="meta")
+    row_tensors = (q_rows, torch.empty_like(q_rows), torch.empty(rows, dtype=torch.int64, device="meta"),
+                   torch.empty(2, dtype=torch.int64, device="meta"))
+    stats = (torch.empty(rows, hs, device="meta"), torch.empty(rows, hs, device="meta"))
+    grid = _row_grid(rows, hs // hs_kv, hs_kv, 1)
+    scalars = (head_dim ** -0.5, 0.5)
+    grad = torch.empty(1, device="meta")
+    common = (row_tensors, k_s, keys, positions, inv_freq, valid)
+    return [
+        mix_rotate_launch(k_t, w_k, keys, positions, inv_freq, section),
+        attention_launch(_fwd_kernel, "attn_match/forward", grid, *common, (*stats, torch.empty_like(stats[0])),
+                         scalars, section),
+        attention_launch(_dq_kernel, "attn_match/dq", grid, *common, (*stats, grad, torch.empty_like(q_rows)),
+                         (*scalars, 1e-6), section),
+        attention_launch(_dk_kernel, "attn_match/dk", _key_grid(tokens, hs_kv, 1), *common,
+                         (*stats, grad, torch.empty_like(keys)), (*scalars, 1e-6), section),
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------------
