@@ -6,8 +6,8 @@
   G[h, f]) and returns it, so the model's own attention and every loss see the gained queries. The gain is applied
   on every call (recomputation under gradient checkpointing included); recording happens only inside
   :meth:`QKCapture.record`.
-- :func:`stop_after` runs a model's decoder only up to a layer: later layers never run, and with an empty
-  ``logits_to_keep`` the lm_head projects nothing.
+- :func:`stop_after` runs a model's decoder only up to a layer: later layers never run (call the inner
+  ``model.model`` so that no lm_head runs either).
 - :func:`mrope_positions`: the [3, B, N] M-RoPE positions of transformers' ``get_rope_index``.
 """
 
@@ -114,8 +114,8 @@ def stop_after(model: nn.Module, last_layer: int | None) -> Iterator[None]:
     """Within the block, the model's decoder runs layers 0 .. last_layer only (None: all layers).
 
     The decoder iterates its ``layers`` ModuleList; it is temporarily replaced by the prefix (same modules), so the
-    later layers are never called. The final norm still runs on the truncated hidden states; pass an empty
-    ``logits_to_keep`` so that the lm_head projects nothing.
+    later layers are never called. The final norm still runs on the truncated hidden states; call the inner
+    ``model.model`` (or pass an empty ``logits_to_keep``) so that the lm_head projects nothing.
     """
     if last_layer is None:
         yield

@@ -95,11 +95,18 @@ class LAidObjective:
             raise ValueError("beta > 0 needs laid_kernels.attn_match_loss, which this laid_kernels does not provide; "
                              "set beta: 0 to train without L_attn")
 
-    def _forward(self, model: nn.Module, batch: dict, positions: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """Logits [B, K, V] at positions ``keep`` [K] (K may be 0: no lm_head work)."""
+    @staticmethod
+    def _forward(model: nn.Module, batch: dict, positions: torch.Tensor,
+                 keep: torch.Tensor | None) -> torch.Tensor | None:
+        """Logits [B, K, V] at positions ``keep`` [K]; with keep None, only the decoder runs (no lm_head) and
+        the result is None."""
         inputs = {k: batch[k] for k in ("pixel_values", "image_grid_thw") if batch.get(k) is not None}
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=positions,
-                     logits_to_keep=keep, use_cache=False, **inputs).logits
+        inputs.update(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=positions,
+                      use_cache=False)
+        if keep is None:
+            unwrap(model).model(**inputs)
+            return None
+        return model(logits_to_keep=keep, **inputs).logits
 
     def __call__(self, batch: dict, progress: float) -> dict[str, torch.Tensor]:
         config = self.config
@@ -107,13 +114,15 @@ class LAidObjective:
         valid = attention_mask.bool()
         positions = mrope_positions(self.student, input_ids, attention_mask, batch.get("image_grid_thw"))
         keep, select, targets = answer_positions(batch["labels"])
-        none = keep[:0]
 
         with torch.no_grad(), stop_after(self.teacher, self.teacher_last), self.teacher_capture.record():
-            teacher_logits = self._forward(self.teacher, batch, positions, keep if config.lambda_kl > 0 else none)
+            teacher_logits = self._forward(self.teacher, batch, positions,
+                                           None if self.teacher_last is not None else keep)
+        # The student always runs through its (DDP) wrapper, so that gradients are synchronised; with no logits
+        # needed it keeps zero positions.
         with stop_after(self.student, self.student_last), self.student_capture.record():
             student_logits = self._forward(self.student, batch, positions,
-                                           none if self.student_last is not None else keep)
+                                           keep[:0] if self.student_last is not None else keep)
         if self.check_grad and torch.is_grad_enabled():
             for q, k in zip(self.student_capture.queries, self.student_capture.keys):
                 if not (q.requires_grad and k.requires_grad):
@@ -156,12 +165,10 @@ class LAidObjective:
             return
         positions = mrope_positions(self.student, batch["input_ids"], batch["attention_mask"],
                                     batch.get("image_grid_thw"))
-        none = positions.new_zeros(0)
         with torch.no_grad():
-            for model, capture, last in ((self.teacher, self.teacher_capture, max(self.teacher_capture.layers)),
-                                         (self.student, self.student_capture, max(self.student_capture.layers))):
-                with stop_after(model, last), capture.record():
-                    self._forward(model, batch, positions, none)
+            for model, capture in ((self.teacher, self.teacher_capture), (self.student, self.student_capture)):
+                with stop_after(model, max(capture.layers)), capture.record():
+                    self._forward(model, batch, positions, None)
         valid = batch["attention_mask"].bool()
         student, teacher = self.student_capture, self.teacher_capture
         for pair, slot in enumerate(self.teacher_slot):

@@ -1,0 +1,41 @@
+"""Shared set-up of the trainer tests: tiny real Qwen2.5-VL models and synthetic Visual Haystacks data on disk.
+
+Everything is built offline with ``laid.tiny`` / ``laid.data``, saved, and loaded back by the code under test with
+``from_pretrained``. The teacher (3 layers, 8 heads, 4 kv heads, vocab 512) and the student (2 layers, 4 heads,
+2 kv heads, vocab 448) share head_dim 16, the tokenizer (407 tokens) and the image processor.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+from laid.config import LAidConfig
+from laid.data import VHsDataset, collate, synth_haystacks
+from laid.tiny import TINY_STUDENT, TINY_TEACHER, save_tiny_model, save_tiny_processor, tiny_qwen25vl_config
+
+
+def build_tiny_setup(root: Path, n_entries: int = 8) -> dict[str, str]:
+    """Write processor / teacher / student folders and a synthetic VHs set under ``root``; return their paths."""
+    paths = {name: str(root / name) for name in ("processor", "teacher", "student")}
+    save_tiny_processor(paths["processor"])
+    save_tiny_model(paths["teacher"], tiny_qwen25vl_config(**TINY_TEACHER), seed=0)
+    save_tiny_model(paths["student"], tiny_qwen25vl_config(**TINY_STUDENT), seed=1)
+    paths["data"] = str(synth_haystacks(root / "synth", n_entries=n_entries, min_images=2, max_images=3, seed=0))
+    paths["image_root"] = str(root / "synth")
+    return paths
+
+
+def tiny_config(paths: dict[str, str], output_dir: Path, **overrides) -> LAidConfig:
+    """A CPU config over the tiny setup (fp32, sdpa, reference kernels, small accumulation)."""
+    fields = dict(teacher=paths["teacher"], student=paths["student"], processor=paths["processor"],
+                  data=paths["data"], image_root=paths["image_root"], output_dir=str(output_dir), precision="fp32",
+                  attn_implementation="sdpa", kernel_backend="reference", epochs=1, grad_accum=2, save_every=2,
+                  lr=1e-4, mixer_lr=1e-3)
+    return LAidConfig().with_overrides(**{**fields, **overrides})
+
+
+def first_batch(paths: dict[str, str], processor, size: int = 1) -> dict:
+    """The first ``size`` VHs items of the tiny data set, collated."""
+    dataset = VHsDataset(paths["data"], paths["image_root"], processor)
+    return partial(collate, pad_token_id=processor.tokenizer.pad_token_id)([dataset[i] for i in range(size)])
