@@ -34,6 +34,11 @@ def mrope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor,
     return angles.cos(), angles.sin()
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """x in fp32 (the compute precision of every op), or unchanged if fp64 (so gradcheck can run in double)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE of x [B, N, H, D] (fp32) by cos / sin [B, N, D/2]: channel f pairs with f + D/2."""
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
@@ -46,7 +51,7 @@ def apply_mrope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor
     """M-RoPE of x [B, N, H, D]; returns [B, N, H, D] in x's dtype, computed in fp32."""
     positions, section = check_apply_mrope_args(x, positions, inv_freq, mrope_section)
     cos, sin = mrope_cos_sin(positions, inv_freq, section)
-    return rotate(x.float(), cos, sin).to(x.dtype)
+    return rotate(upcast(x), cos, sin).to(x.dtype)
 
 
 def token_weights(valid: torch.Tensor | None, token_weight: torch.Tensor | None, batch: int, seq: int,
@@ -80,10 +85,10 @@ def qk_align_loss(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: 
     numerator = torch.zeros((), device=device)
     target_norm = torch.zeros((), device=device)
     for student, teacher, mixing in ((q_s, q_t, w_q), (k_s, k_t, w_k)):
-        student, teacher = student.float(), teacher.detach().float()
+        student, teacher = upcast(student), upcast(teacher.detach())
         if rope:
             student, teacher = rotate(student, cos, sin), rotate(teacher, cos, sin)
-        target = torch.einsum("ij,bnjd->bnid", mixing.float(), teacher)  # [B, N, H_student, D]
+        target = torch.einsum("ij,bnjd->bnid", upcast(mixing), teacher)  # [B, N, H_student, D]
         numerator = numerator + (weight * (student - target).square().sum(dim=(2, 3))).sum()
         target_norm = target_norm + (weight * target.detach().square().sum(dim=(2, 3))).sum()
     if normalize == "target":

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # float64: gradcheck of the references
 INT_DTYPES = (torch.int64, torch.int32)
 NORMALIZE_MODES = ("target", "none")
 
@@ -27,7 +27,7 @@ def check_float_tensor(op: str, name: str, x: torch.Tensor, ndim: int, layout: s
     if x.dim() != ndim:
         raise ValueError(f"{op}: {name} must have shape {layout}, got {_shape(x)}")
     if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{op}: {name} must be float32, bfloat16 or float16, got {x.dtype}")
+        raise TypeError(f"{op}: {name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
 
 
 def check_same_device(op: str, tensors: dict[str, torch.Tensor | None]) -> torch.device:
