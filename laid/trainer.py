@@ -68,6 +68,15 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
 
 
+def check_images(entries: list[dict], image_root: Path, data: str) -> None:
+    """FileNotFoundError naming the first missing image of any entry, before training starts (not hours into it)."""
+    for index, entry in enumerate(entries):
+        for image in entry["pos_image"] + entry["neg_image"]:
+            if not (image_root / image).is_file():
+                raise FileNotFoundError(f"data {data!r}: entry {index}: image {str(image_root / image)!r} not found "
+                                        f"(image paths are relative to image_root {str(image_root)!r})")
+
+
 def train(config: LAidConfig | str | Path | None = None, /, **overrides) -> dict:
     """Run LAid distillation; returns the run summary (also written to ``output_dir/final/summary.json``)."""
     config = resolve_config(config, overrides)
@@ -86,8 +95,14 @@ def train(config: LAidConfig | str | Path | None = None, /, **overrides) -> dict
     set_seed(config.seed)
     device = accelerator.device
 
-    # --- models: frozen teacher, student with checkpointing, shared processor ---------------------------------
+    # --- data first (bad data fails before any model loads), then the frozen teacher and the student --------------
     processor = load_processor(config.processor or config.student)
+    dataset = VHsDataset(config.data, config.image_root, processor, min_pixels=config.min_pixels,
+                         max_pixels=config.max_pixels, max_images=config.max_images, seed=config.seed)
+    check_images(dataset.entries, Path(config.image_root), config.data)
+    collate_fn = partial(collate, pad_token_id=processor.tokenizer.pad_token_id)
+    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, collate_fn=collate_fn,
+                        num_workers=config.num_workers)
     teacher = load_teacher(config.teacher, device=device, attn_implementation=config.attn_implementation)
     student = load_student(config.student, device=device, attn_implementation=config.attn_implementation,
                            train_language_model=config.train_language_model, train_vision=config.train_vision,
@@ -95,13 +110,6 @@ def train(config: LAidConfig | str | Path | None = None, /, **overrides) -> dict
     s_cfg, t_cfg = text_config(student), text_config(teacher)
     student_layers = [resolve_layer(s, len(decoder_layers(student)), "layer_pairs (student)")
                       for s, _ in config.layer_pairs]
-
-    # --- data --------------------------------------------------------------------------------------------------
-    dataset = VHsDataset(config.data, config.image_root, processor, min_pixels=config.min_pixels,
-                         max_pixels=config.max_pixels, max_images=config.max_images, seed=config.seed)
-    collate_fn = partial(collate, pad_token_id=processor.tokenizer.pad_token_id)
-    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, collate_fn=collate_fn,
-                        num_workers=config.num_workers)
 
     # --- mixer and optimizers: model lr for the student, mixer_lr for W_q, W_k and the gain --------------------
     mixer = HeadMixer(len(config.layer_pairs), s_cfg.num_attention_heads, s_cfg.num_key_value_heads,

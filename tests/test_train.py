@@ -1,0 +1,178 @@
+"""The trainer on tiny real Qwen2.5-VL models (saved and reloaded) and synthetic Visual Haystacks data, on CPU."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file
+from transformers import Qwen2_5_VLForConditionalGeneration
+
+import laid
+from laid.capture import QKCapture, decoder_layers
+from laid.checkpoint import export
+from laid.losses import LAidObjective
+from laid.mixer import HeadMixer
+from laid.models import load_processor, load_student, load_teacher, text_config
+from laid.tiny import TINY_STUDENT, save_tiny_model, tiny_qwen25vl_config
+from train_helpers import build_tiny_setup, first_batch, tiny_config
+
+TERMS = ("qk", "attn", "kl", "sft", "loss")
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    return build_tiny_setup(tmp_path_factory.mktemp("tiny"), n_entries=8)
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def objective_for(paths, **overrides):
+    config = tiny_config(paths, "unused", **overrides)
+    processor = load_processor(paths["processor"])
+    teacher = load_teacher(paths["teacher"], device=CPU, attn_implementation="sdpa")
+    student = load_student(paths["student"], device=CPU, attn_implementation="sdpa")
+    s, t = text_config(student), text_config(teacher)
+    mixer = HeadMixer(len(config.layer_pairs), s.num_attention_heads, s.num_key_value_heads, t.num_attention_heads,
+                      t.num_key_value_heads, 16)
+    objective = LAidObjective(teacher, student, mixer, config, vocab=len(processor.tokenizer))
+    return objective, first_batch(paths, processor)
+
+
+def test_train_runs_logs_checkpoints_and_exports_a_plain_model(paths, tmp_path):
+    """A smaller student vocabulary (448 rows) than the teacher's (512) trains with the KL term on."""
+    assert text_config_vocab(paths["student"]) < text_config_vocab(paths["teacher"])
+    summary = laid.train(tiny_config(paths, tmp_path, kernel_backend="auto"))
+    metrics = read_metrics(tmp_path)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4] and summary["steps"] == 4
+    for m in metrics:
+        assert all(math.isfinite(m[t]) for t in TERMS), m
+        assert m["kl"] > 0 and m["tokens_per_s"] > 0 and m["peak_mem_gb"] > 0
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000002", "step_0000004"]
+
+    final = tmp_path / "final"
+    exported = Qwen2_5_VLForConditionalGeneration.from_pretrained(final)  # a plain Qwen2.5-VL checkpoint
+    assert exported.config.text_config.vocab_size == 448
+    assert json.loads((final / "summary.json").read_text())["steps"] == 4
+    mixer = HeadMixer.load(final / "mixer.safetensors")
+    assert not torch.allclose(mixer.gain(0), torch.ones_like(mixer.gain(0)))  # the gain trained
+
+    # The exported (folded) model equals the trained student with the gain applied in its forward.
+    student = Qwen2_5_VLForConditionalGeneration.from_pretrained(paths["student"])
+    student.load_state_dict(load_file(tmp_path / "checkpoints" / "step_0000004" / "model.safetensors"))
+    capture = QKCapture(student, [len(decoder_layers(student)) - 1], gain=mixer.gain_channels)
+    batch = first_batch(paths, load_processor(final))
+    with torch.no_grad():
+        gained = logits(student.eval(), batch)
+        folded = logits(exported.eval(), batch)
+    capture.remove()
+    assert (folded - gained).abs().max() / gained.abs().max() < 1e-5
+
+
+def text_config_vocab(folder):
+    return json.load(open(f"{folder}/config.json"))["text_config"]["vocab_size"]
+
+
+def logits(model, batch):
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+                 mm_token_type_ids=batch["mm_token_type_ids"]).logits
+
+
+def test_export_folds_the_gain_exactly(paths, tmp_path):
+    objective, batch = objective_for(paths, layer_pairs=[[0, 1], [1, -1]])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        objective.mixer.gain_raw.normal_()
+    objective.student.eval()
+    with torch.no_grad():
+        gained = logits(objective.student, batch)
+    objective.remove_hooks()
+    export(Accelerator(cpu=True), objective.student, load_processor(paths["processor"]), objective.mixer, [0, 1],
+           tmp_path / "final", {})
+    folded = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "final").eval()
+    with torch.no_grad():
+        assert (logits(folded, batch) - gained).abs().max() / gained.abs().max() < 1e-5
+        unfolded = Qwen2_5_VLForConditionalGeneration.from_pretrained(paths["student"]).eval()
+        assert (logits(unfolded, batch) - gained).abs().max() / gained.abs().max() > 1e-2  # the gain matters
+
+
+def test_fixed_batch_loss_falls_and_mixer_gets_gradients(paths):
+    objective, batch = objective_for(paths)
+    objective.init_mixer(batch)
+    parameters = [p for p in objective.student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": parameters, "lr": 1e-3},
+                                   {"params": objective.mixer.parameters(), "lr": 1e-2}])
+    losses = []
+    for step in range(6):
+        terms = objective(batch, progress=step / 6)
+        assert all(torch.isfinite(terms[t]) for t in TERMS), terms
+        terms["loss"].backward()
+        if step == 0:
+            for name, p in objective.mixer.named_parameters():
+                assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(terms["loss"].detach()))
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+@pytest.mark.parametrize("lambda_kl, expected_calls, lm_head_calls", [(0.0, [1, 1, 0], 0), (1.0, [1, 1, 1], 1)])
+def test_teacher_stops_after_its_last_aligned_layer(paths, lambda_kl, expected_calls, lm_head_calls):
+    objective, batch = objective_for(paths, lambda_kl=lambda_kl, layer_pairs=[[-1, 1]])
+    teacher = objective.teacher
+    calls = [0] * len(decoder_layers(teacher)) + [0]
+    for i, module in enumerate([*decoder_layers(teacher), teacher.lm_head]):
+        module.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
+    objective(batch, progress=0.0)["loss"].backward()
+    assert calls == expected_calls + [lm_head_calls]
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_run(paths, tmp_path):
+    fields = dict(epochs=2, save_every=3, beta=0.0)
+    laid.train(tiny_config(paths, tmp_path / "full", **fields))
+
+    # Killed after step 5: the last complete checkpoint is step 3, and a save of step 6 was cut half-way.
+    run = tmp_path / "killed"
+    laid.train(tiny_config(paths, run, max_steps=5, **fields))
+    shutil.rmtree(run / "checkpoints" / "step_0000005")
+    shutil.rmtree(run / "final")
+    (run / "checkpoints" / "step_0000006.tmp").mkdir()
+    summary = laid.train(tiny_config(paths, run, resume_from="latest", **fields))
+    assert summary["steps"] == 8
+
+    full, resumed = read_metrics(tmp_path / "full"), read_metrics(run)
+    assert [m["step"] for m in resumed] == list(range(1, 9))
+    for a, b in zip(full, resumed):
+        for term in ("qk", "kl", "sft", "loss", "grad_norm", "lr"):
+            assert a[term] == pytest.approx(b[term], rel=1e-6, abs=1e-9), (a["step"], term)
+    weights_full = load_file(tmp_path / "full" / "final" / "model.safetensors")
+    weights_resumed = load_file(run / "final" / "model.safetensors")
+    assert all(torch.allclose(weights_full[k], weights_resumed[k], rtol=1e-6, atol=1e-8) for k in weights_full)
+
+
+def test_clear_errors(paths, tmp_path):
+    bad_student = tmp_path / "student_head_dim_8"
+    save_tiny_model(bad_student, tiny_qwen25vl_config(**{**TINY_STUDENT, "heads": 8, "head_dim": 8},
+                                                      mrope_section=(1, 2, 1)), seed=1)
+    with pytest.raises(ValueError, match="head_dim mismatch: teacher has head_dim 16, student has 8"):
+        laid.train(tiny_config(paths, tmp_path / "a", student=str(bad_student)))
+    with pytest.raises(ValueError, match=r"layer_pairs \(teacher\): layer 3 is out of range"):
+        laid.train(tiny_config(paths, tmp_path / "b", layer_pairs=[[-1, 3]]))
+
+    not_vhs = tmp_path / "not_vhs.json"
+    not_vhs.write_text(json.dumps({"question": "is there a dog?"}))
+    with pytest.raises(ValueError, match="expected a JSON list of entries"):
+        laid.train(tiny_config(paths, tmp_path / "c", data=str(not_vhs)))
+
+    images = tmp_path / "images"
+    shutil.copytree(paths["image_root"], images)
+    entries = json.loads(open(paths["data"]).read())
+    (images / entries[3]["neg_image"][0]).unlink()
+    with pytest.raises(FileNotFoundError, match=f"entry 3: image .*{entries[3]['neg_image'][0]}' not found"):
+        laid.train(tiny_config(paths, tmp_path / "d", image_root=str(images)))
