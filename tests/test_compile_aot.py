@@ -1,0 +1,59 @@
+"""Every Triton kernel of apply_mrope and qk_align_loss compiles ahead of time for sm_80 (A100) and sm_90 (H100),
+with the block sizes and warps it launches with for the 7B-student / 32B-teacher shapes (q heads 28 / 40, kv heads
+4 / 8, head_dim 128), without register spills, and with accurate (libdevice) cos / sin.
+
+The launches come from each module's ``aot_launches``, built by the same code that launches on the GPU (meta tensors
+stand in for the inputs), and are compiled in a subprocess without TRITON_INTERPRET (laid_kernels.aot).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from laid_kernels.aot import compile_in_subprocess, cuobjdump_path
+
+ARCHS = (80, 90)
+SHAPES = {"heads": [28, 4, 40, 8], "tokens": 512, "head_dim": 128, "section": [16, 24, 24], "dtype": "bfloat16"}
+
+
+def _compiler_missing() -> str | None:
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        ptxas = get_ptxas(90).path
+    except Exception as error:  # noqa: BLE001 - any failure here means no NVIDIA compiler
+        return f"Triton's NVIDIA backend / ptxas is not available: {error}"
+    if not ptxas:
+        return "Triton's ptxas is missing"
+    if cuobjdump_path() is None:
+        return "cuobjdump is missing (it ships in triton/backends/nvidia/bin)"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_compiler_missing() is not None, reason=str(_compiler_missing()))
+
+
+@pytest.fixture(scope="module", params=["laid_kernels.mrope:aot_launches", "laid_kernels.qk_align:aot_launches"])
+def compiled(request):
+    return compile_in_subprocess(request.param, SHAPES, ARCHS)
+
+
+def test_every_launch_compiles_for_both_archs(compiled):
+    names = {r.name for r in compiled}
+    assert names, "no launches"
+    for name in names:
+        assert sorted(r.arch for r in compiled if r.name == name) == list(ARCHS), name
+    for r in compiled:
+        assert 0 < r.registers <= 255, (r.name, r.arch, r.registers)
+
+
+def test_no_register_spills(compiled):
+    for r in compiled:
+        if r.arch == 90:
+            assert r.local_bytes == 0, (r.name, "LOCAL", r.local_bytes)
+        assert r.spill_store_bytes == 0 and r.spill_load_bytes == 0, (r.name, r.arch, r.spill_store_bytes,
+                                                                      r.spill_load_bytes)
+
+
+def test_accurate_cos_sin(compiled):
+    for r in compiled:
+        assert "cos.approx" not in r.ptx and "sin.approx" not in r.ptx, (r.name, r.arch)
