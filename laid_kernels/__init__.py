@@ -15,6 +15,7 @@ from .attn_match import attn_match_loss
 from .backends import available_backends
 from .mrope import apply_mrope
 from .qk_align import qk_align_loss
+from . import cpu  # noqa: F401  (registers the native CPU backend; importing it builds nothing)
 
 __all__ = ["apply_mrope", "qk_align_loss", "attn_match_loss", "available_backends", "reference"]
 __version__ = "0.1.0"

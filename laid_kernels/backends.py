@@ -15,6 +15,7 @@ device with :func:`register_availability`. Public functions call :func:`resolve`
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -61,7 +62,22 @@ def auto_backend(op: str, device: torch.device) -> str:
     for backend in preferred:
         if _why_unavailable(op, backend, device) is None:
             return backend
+    if device.type == "cpu" and "cpu" in _IMPLEMENTATIONS.get(op, {}):
+        _warn_cpu_fallback(_why_unavailable(op, "cpu", device))
     return "reference"
+
+
+_cpu_fallback_warned = False
+
+
+def _warn_cpu_fallback(reason: str | None) -> None:
+    """Warn once per process that ``"auto"`` runs the reference on CPU because the native backend cannot run."""
+    global _cpu_fallback_warned
+    if not _cpu_fallback_warned:
+        _cpu_fallback_warned = True
+        warnings.warn(f"laid_kernels: the native CPU backend is unavailable ({reason}); backend='auto' falls back to "
+                      "the plain PyTorch reference on CPU, which is far slower and uses far more memory",
+                      RuntimeWarning, stacklevel=4)
 
 
 def resolve(op: str, backend: str, device: torch.device) -> Callable:

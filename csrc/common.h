@@ -1,0 +1,164 @@
+// Shared pieces of the native CPU kernels: strided [B, N, H, D] rows, dtype conversion to and from fp32 (inputs
+// and outputs may be fp32, bf16, fp16 or fp64; arithmetic is fp32), the M-RoPE angles of a block of tokens and the
+// rotate-half rotation.
+//
+// Every kernel works token by token on fp32 copies of single rows (one head of one token, D values): inputs are
+// read in place through their strides (only the last dimension must be contiguous) and converted on load;
+// outputs are written once, in their own dtype.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace laid_cpu {
+
+// Tokens per unit of parallel work. The partition of tokens into blocks is fixed (it does not depend on the
+// number of threads), and every per-block partial sum is reduced in block order: results are bit-identical
+// whatever the thread count.
+constexpr int64_t kBlockTokens = 64;
+
+// A [B, N, H, D] tensor read (or written) one row of D values at a time.
+struct Rows {
+  char* data;
+  at::ScalarType type;
+  int64_t itemsize, seq, heads, dim;
+  int64_t stride_b, stride_n, stride_h;  // in elements
+
+  Rows(const at::Tensor& t)
+      : data(static_cast<char*>(t.data_ptr())), type(t.scalar_type()), itemsize(t.element_size()),
+        seq(t.size(1)), heads(t.size(2)), dim(t.size(3)), stride_b(t.stride(0)), stride_n(t.stride(1)),
+        stride_h(t.stride(2)) {}
+
+  // Row of head h of flat token index `token` (= b * N + n).
+  char* row(int64_t token, int64_t h) const {
+    const int64_t b = token / seq, n = token % seq;
+    return data + (b * stride_b + n * stride_n + h * stride_h) * itemsize;
+  }
+};
+
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// Round to nearest even, NaN to the canonical quiet NaN: what torch's .to(torch.bfloat16) does.
+inline uint16_t float_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// dst[0:n] = src[0:n] converted to fp32.
+inline void load_row(const char* src, at::ScalarType type, float* dst, int64_t n) {
+  switch (type) {
+    case at::kFloat:
+      std::memcpy(dst, src, n * sizeof(float));
+      break;
+    case at::kBFloat16: {
+      const auto* s = reinterpret_cast<const uint16_t*>(src);
+      for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(s[i]);
+      break;
+    }
+    case at::kHalf: {
+      const auto* s = reinterpret_cast<const at::Half*>(src);
+      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(s[i]);
+      break;
+    }
+    case at::kDouble: {
+      const auto* s = reinterpret_cast<const double*>(src);
+      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(s[i]);
+      break;
+    }
+    default:
+      TORCH_CHECK(false, "laid_cpu: unsupported dtype ", type);
+  }
+}
+
+// dst[0:n] = (src[0:n] * scale) rounded once to `type`.
+inline void store_row(const float* src, float scale, char* dst, at::ScalarType type, int64_t n) {
+  switch (type) {
+    case at::kFloat: {
+      auto* d = reinterpret_cast<float*>(dst);
+      for (int64_t i = 0; i < n; ++i) d[i] = src[i] * scale;
+      break;
+    }
+    case at::kBFloat16: {
+      auto* d = reinterpret_cast<uint16_t*>(dst);
+      for (int64_t i = 0; i < n; ++i) d[i] = float_to_bf16(src[i] * scale);
+      break;
+    }
+    case at::kHalf: {
+      auto* d = reinterpret_cast<at::Half*>(dst);
+      for (int64_t i = 0; i < n; ++i) d[i] = at::Half(src[i] * scale);
+      break;
+    }
+    case at::kDouble: {
+      auto* d = reinterpret_cast<double*>(dst);
+      for (int64_t i = 0; i < n; ++i) d[i] = static_cast<double>(src[i] * scale);
+      break;
+    }
+    default:
+      TORCH_CHECK(false, "laid_cpu: unsupported dtype ", type);
+  }
+}
+
+// M-RoPE inputs: positions [3, B, N] (any strides, int64 or int32), inv_freq [D/2] fp32 contiguous, and the
+// section boundaries s0, s0 + s1 (frequency f reads position row 0 below s0, row 1 below s0 + s1, else row 2).
+struct Rope {
+  const char* positions;
+  bool positions_int64;
+  int64_t seq, stride_r, stride_b, stride_n;
+  const float* inv_freq;
+  int64_t half, section_t, section_th;
+
+  Rope(const at::Tensor& pos, const at::Tensor& inv, int64_t s0, int64_t s1)
+      : positions(static_cast<const char*>(pos.data_ptr())), positions_int64(pos.scalar_type() == at::kLong),
+        seq(pos.size(2)), stride_r(pos.stride(0)), stride_b(pos.stride(1)), stride_n(pos.stride(2)),
+        inv_freq(inv.data_ptr<float>()), half(inv.size(0)), section_t(s0), section_th(s0 + s1) {}
+
+  float position(int64_t row, int64_t token) const {
+    const int64_t offset = row * stride_r + (token / seq) * stride_b + (token % seq) * stride_n;
+    return positions_int64 ? static_cast<float>(reinterpret_cast<const int64_t*>(positions)[offset])
+                           : static_cast<float>(reinterpret_cast<const int32_t*>(positions)[offset]);
+  }
+
+  // cos and sin [count, D/2] of the angles of tokens [first, first + count): angle = fp32(position) * inv_freq[f]
+  // in fp32, as transformers computes it; cos / sin are ATen's (the same vectorised functions the reference uses).
+  void cos_sin(int64_t first, int64_t count, float* cos, float* sin) const {
+    for (int64_t t = 0; t < count; ++t) {
+      const float p[3] = {position(0, first + t), position(1, first + t), position(2, first + t)};
+      float* angle = cos + t * half;
+      for (int64_t f = 0; f < half; ++f) {
+        const int row = f < section_t ? 0 : (f < section_th ? 1 : 2);
+        angle[f] = p[row] * inv_freq[f];
+      }
+    }
+    const auto options = at::TensorOptions().dtype(at::kFloat);
+    at::Tensor c = at::from_blob(cos, {count * half}, options);
+    at::Tensor s = at::from_blob(sin, {count * half}, options);
+    at::sin_out(s, c);
+    at::cos_out(c, c);
+  }
+};
+
+// Rotate-half rotation of one row x [D] in place: (lo, hi) -> (lo cos - hi sin, hi cos + lo sin) for the channel
+// pair (f, f + D/2); sign = -1 applies the inverse R^T (the gradient of the rotation).
+inline void rotate_row(float* x, const float* cos, const float* sin, int64_t half, float sign) {
+  float* hi = x + half;
+#pragma omp simd
+  for (int64_t f = 0; f < half; ++f) {
+    const float s = sign * sin[f];
+    const float lo_f = x[f], hi_f = hi[f];
+    x[f] = lo_f * cos[f] - hi_f * s;
+    hi[f] = hi_f * cos[f] + lo_f * s;
+  }
+}
+
+}  // namespace laid_cpu

@@ -1,0 +1,174 @@
+"""The native CPU backend: ``apply_mrope`` and the fused ``qk_align_loss`` in C++ (``csrc/``), built on first use.
+
+Build: the first CPU call compiles ``csrc/*.cpp`` with ``torch.utils.cpp_extension.load`` (a C++ compiler and ninja
+are needed; about 30 s with 2 cores) into torch's extension cache (``TORCH_EXTENSIONS_DIR``, default
+``~/.cache/torch_extensions``); later processes load the cached library. Importing ``laid_kernels`` never builds.
+The code is compiled with ``-march=native``, so the cache entry's name carries a digest of the sources, of this
+CPU's instruction-set flags and of the torch version. Without a compiler (or ninja) the backend is unavailable and
+``backend="auto"`` falls back to the reference with one warning (``laid_kernels.backends``).
+
+Ops (the C++ kernels are ``torch.ops.laid_cpu.*``, wrapped here as custom ops with autograd):
+
+- ``laid_kernels::mrope_cpu``: R x or R^T x for x [B, N, H, D]; its gradient is the opposite rotation.
+- ``laid_kernels::qk_align_cpu``: one pass over q_s, k_s, q_t, k_t that returns the loss and the gradients of its
+  numerator (same outputs as ``laid_kernels::qk_align_triton``); the backward scales them by
+  grad_output / denominator in place (the saved gradients are used once, so no second copy of dq_s / dk_s exists;
+  a second backward through the same graph raises torch's in-place modification error).
+
+Inputs are read through their strides (any strides with a contiguous last dimension; others are copied first);
+results are bit-identical whatever the number of threads (fixed token blocks, partial sums reduced in block order).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from . import backends, reference
+from .mrope import _mrope_setup_context, _mrope_triton_fake
+from .qk_align import _qk_align_setup_context, _qk_align_triton_fake
+
+_HERE = Path(__file__).resolve().parent
+# Installed wheels carry the sources as the package laid_kernels.csrc; a source checkout has them at the top level.
+SOURCE_DIR = next((d for d in (_HERE / "csrc", _HERE.parent / "csrc") if (d / "ops.h").is_file()), _HERE / "csrc")
+SOURCES = ("register.cpp", "mrope.cpp", "qk_align.cpp")
+HEADERS = ("common.h", "ops.h")
+CFLAGS = ("-O3", "-march=native", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
+
+
+def _cpu_flags() -> str:
+    """This CPU's instruction-set flags (what -march=native compiles for)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def build_name() -> str:
+    """Name of the cached build: a digest of the sources, the flags, this CPU and the torch version."""
+    digest = hashlib.sha256()
+    for name in SOURCES + HEADERS:
+        digest.update((SOURCE_DIR / name).read_bytes())
+    digest.update(" ".join(CFLAGS + LDFLAGS).encode() + _cpu_flags().encode() + torch.__version__.encode())
+    return f"laid_kernels_cpu_{digest.hexdigest()[:16]}"
+
+
+@functools.cache
+def _toolchain_problem() -> str | None:
+    """Why the extension cannot be built here (None if it can): a cheap check, no compilation."""
+    missing = [name for name in SOURCES + HEADERS if not (SOURCE_DIR / name).is_file()]
+    if missing:
+        return f"the C++ sources {missing} are not in {SOURCE_DIR}"
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler found ({compiler!r} is not on PATH; set CXX)"
+    from torch.utils.cpp_extension import is_ninja_available
+
+    if not is_ninja_available():
+        return "ninja is not installed (pip install ninja)"
+    return None
+
+
+def why_unavailable(device: torch.device) -> str | None:
+    """None when the native CPU backend can run on ``device``, else the reason it cannot."""
+    if device.type != "cpu":
+        return f"the native CPU backend runs on CPU tensors, not {device.type}"
+    return _toolchain_problem()
+
+
+@functools.cache
+def library():
+    """``torch.ops.laid_cpu``, compiling the C++ sources on the first call (cached on disk across processes)."""
+    from torch.utils.cpp_extension import load
+
+    load(build_name(), [str(SOURCE_DIR / name) for name in SOURCES], extra_cflags=list(CFLAGS),
+         extra_ldflags=list(LDFLAGS), is_python_module=False)
+    return torch.ops.laid_cpu
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x itself when its last dimension is contiguous (the kernels read any other strides in place), else a copy."""
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
+@torch.library.custom_op("laid_kernels::mrope_cpu", mutates_args=())
+def mrope_cpu(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, section: list[int],
+              inverse: bool) -> torch.Tensor:
+    """R x (or R^T x if ``inverse``) by the C++ kernel; x [B, N, H, D] -> contiguous [B, N, H, D], x's dtype."""
+    return library().apply_mrope(_rows(x), positions, inv_freq.float().contiguous(), section[0], section[1],
+                                 inverse)
+
+
+mrope_cpu.register_fake(_mrope_triton_fake)
+
+
+def _mrope_backward(ctx, grad):
+    positions, inv_freq = ctx.saved_tensors
+    return mrope_cpu(grad, positions, inv_freq, ctx.section, not ctx.inverse), None, None, None, None
+
+
+mrope_cpu.register_autograd(_mrope_backward, setup_context=_mrope_setup_context)
+
+
+def _apply_mrope_cpu(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+                     section: Sequence[int]) -> torch.Tensor:
+    return mrope_cpu(x, positions, inv_freq, list(section), False)
+
+
+@torch.library.custom_op("laid_kernels::qk_align_cpu", mutates_args=())
+def qk_align_cpu(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor, w_q: torch.Tensor,
+                 w_k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, section: list[int],
+                 token_weight: torch.Tensor | None, valid: torch.Tensor | None, normalize: str,
+                 rope: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                      torch.Tensor]:
+    """(loss, 1 / denominator, grad_q_s, grad_k_s, grad_w_q, grad_w_k) by the C++ kernel; the four gradients are
+    those of the numerator (d loss = grad * grad_output / denominator). Shapes as in ``qk_align_loss``."""
+    batch, seq, hs, dim = q_s.shape
+    weight = reference.token_weights(valid, token_weight, batch, seq, q_s.device).contiguous()  # [B, N] fp32
+    numerator, target_norm, grad_q, grad_k, dw_q, dw_k = library().qk_align(
+        _rows(q_s), _rows(k_s), _rows(q_t), _rows(k_t), w_q.float().contiguous(), w_k.float().contiguous(),
+        positions, inv_freq.float().contiguous(), section[0], section[1], weight, rope, 2.0)
+    if normalize == "target":
+        denominator = target_norm
+    else:
+        denominator = weight.double().sum() * (hs + k_s.shape[2]) * dim
+    inv_denominator = (1.0 / denominator.clamp_min(torch.finfo(torch.float32).tiny)).float()
+    return (numerator.float() * inv_denominator, inv_denominator, grad_q, grad_k, dw_q.to(w_q.dtype),
+            dw_k.to(w_k.dtype))
+
+
+qk_align_cpu.register_fake(_qk_align_triton_fake)
+
+
+def _qk_align_backward(ctx, grad_loss, *unused_grads):
+    inv_denominator, grad_q, grad_k, dw_q, dw_k = ctx.saved_tensors
+    scale = grad_loss.float() * inv_denominator
+    # In place: these saved tensors are used by this one backward, and a copy would double the gradients' memory.
+    # A 0-dim fp32 factor multiplies in fp32 and rounds once to the gradient's dtype.
+    return (grad_q.mul_(scale), grad_k.mul_(scale), None, None, dw_q * scale, dw_k * scale,
+            None, None, None, None, None, None, None)
+
+
+qk_align_cpu.register_autograd(_qk_align_backward, setup_context=_qk_align_setup_context)
+
+
+def _qk_align_loss_cpu(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section, *, token_weight=None,
+                       valid=None, normalize="target", rope=True):
+    return qk_align_cpu(q_s, k_s, q_t.detach(), k_t.detach(), w_q, w_k, positions, inv_freq, list(section),
+                        token_weight, valid, normalize, rope)[0]
+
+
+backends.register_availability("cpu", why_unavailable)
+backends.register("apply_mrope", "cpu", _apply_mrope_cpu)
+backends.register("qk_align_loss", "cpu", _qk_align_loss_cpu)
