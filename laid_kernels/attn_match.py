@@ -17,8 +17,8 @@ have their student queries rotated and their teacher queries mixed (w_q) and rot
 
 Backends (registered with ``laid_kernels.backends``):
 
-- ``"triton"``: three kernels. Teacher keys are mixed (w_k) and rotated once into a tensor [B, N, Hs_kv, D] of
-  k_s's dtype (the size of k_s); student keys are rotated in registers. ``_fwd_kernel`` and ``_dq_kernel`` run one
+- ``"triton"``: three kernels; every key block is loaded once per program and rotated (student) or mixed by w_k
+  and rotated (teacher) in registers, so nothing of size N is allocated. ``_fwd_kernel`` and ``_dq_kernel`` run one
   program per (block of row-head lanes, student kv head, sample) and stream the sample's causal keys;
   ``_dk_kernel`` runs one program per (key block, kv head, sample) and streams the sample's rows.
 - ``"cpu"``: the same algorithm in PyTorch over key blocks sized so one block's logits stay about 4 MB, with
@@ -44,8 +44,8 @@ from .validation import check_attn_match_args
 
 OP = "attn_match_loss"
 
-# Largest number of fp32 logits per key block of the CPU path (4 MiB per [Hs, rows, block] tensor).
-CPU_BLOCK_ELEMENTS = 1 << 20
+# Largest number of fp32 logits per key block of the CPU path (1 MiB per [Hs, rows, block] tensor).
+CPU_BLOCK_ELEMENTS = 1 << 18
 # Finite "minus infinity" that starts each running maximum: exp(-inf - MAX_INIT) = 0 and never inf - inf = NaN.
 MAX_INIT = -1.0e30
 
@@ -253,39 +253,15 @@ def _cpu_backward(grad, q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, secti
 
 
 @triton.jit
-def _mix_rotate_kernel(x_ptr, w_ptr, out_ptr, pos_ptr, inv_freq_ptr, seq,
-                       stride_xb, stride_xn, stride_xh, stride_xd, stride_pr, stride_pb, stride_pn,
-                       H_IN: tl.constexpr, H_OUT: tl.constexpr, HALF: tl.constexpr, SECTION_T: tl.constexpr,
-                       SECTION_TH: tl.constexpr, BLOCK_N: tl.constexpr):
-    """out[b, n, h] = R(sum_j w[h, j] x[b, n, j]) for one block of tokens; out contiguous [B, N, H_OUT, 2 * HALF]."""
-    pid_n, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_f = tl.arange(0, HALF)
-    n_ok = offs_n < seq
-    p_t, p_h, p_w = load_positions(pos_ptr + b * stride_pb, stride_pr, offs_n * stride_pn, n_ok)
-    inv_freq = tl.load(inv_freq_ptr + offs_f).to(tl.float32)
-    cos, sin = mrope_cos_sin(p_t[:, None], p_h[:, None], p_w[:, None], inv_freq[None, :], offs_f[None, :],
-                             SECTION_T, SECTION_TH)
-    x_base = x_ptr + b * stride_xb + offs_n[:, None] * stride_xn + offs_f[None, :] * stride_xd
-    out_base = out_ptr + (b * seq + offs_n[:, None]) * (H_OUT * 2 * HALF) + offs_f[None, :]
-    for h in tl.static_range(H_OUT):
-        lo = tl.zeros((BLOCK_N, HALF), tl.float32)
-        hi = tl.zeros((BLOCK_N, HALF), tl.float32)
-        for j in tl.static_range(H_IN):
-            w = tl.load(w_ptr + h * H_IN + j).to(tl.float32)
-            lo += w * tl.load(x_base + j * stride_xh, mask=n_ok[:, None], other=0.0).to(tl.float32)
-            hi += w * tl.load(x_base + j * stride_xh + HALF * stride_xd, mask=n_ok[:, None], other=0.0).to(tl.float32)
-        lo, hi = rotate_pair(lo, hi, cos, sin)
-        tl.store(out_base + h * 2 * HALF, lo.to(out_ptr.dtype.element_ty), mask=n_ok[:, None])
-        tl.store(out_base + h * 2 * HALF + HALF, hi.to(out_ptr.dtype.element_ty), mask=n_ok[:, None])
+def _rotated_key_block(ks_ptr, kt_ptr, wk_ptr, pos_ptr, inv_freq, b, offs_n, offs_f, key_ok,
+                       stride_kb, stride_kn, stride_kd, stride_tb, stride_tn, stride_th, stride_td,
+                       stride_pr, stride_pb, stride_pn, HT_KV: tl.constexpr, HALF: tl.constexpr,
+                       SECTION_T: tl.constexpr, SECTION_TH: tl.constexpr):
+    """One key block for one student kv head h: the rotated student key halves, the teacher key halves mixed by
+    w_k[h, :] and rotated ([BLOCK_N, HALF] each, fp32), and the block's cos / sin.
 
-
-@triton.jit
-def _rotated_key_block(ks_ptr, kt_ptr, pos_ptr, inv_freq, b, offs_n, offs_f, key_ok, seq,
-                       stride_kb, stride_kn, stride_kd, stride_pr, stride_pb, stride_pn,
-                       HS_KV: tl.constexpr, HALF: tl.constexpr, SECTION_T: tl.constexpr, SECTION_TH: tl.constexpr):
-    """One key block of one kv head: rotated student key halves, mixed rotated teacher key halves [BLOCK_N, HALF]
-    (fp32) and the block's cos / sin. ks_ptr / kt_ptr already point at the kv head; kt is contiguous."""
+    ks_ptr points at k_s[:, :, h]; wk_ptr at w_k[h, 0]; kt_ptr at k_t (all HT_KV teacher kv heads are read).
+    """
     p_t, p_h, p_w = load_positions(pos_ptr + b * stride_pb, stride_pr, offs_n * stride_pn, key_ok)
     cos, sin = mrope_cos_sin(p_t[:, None], p_h[:, None], p_w[:, None], inv_freq[None, :], offs_f[None, :],
                              SECTION_T, SECTION_TH)
@@ -293,9 +269,14 @@ def _rotated_key_block(ks_ptr, kt_ptr, pos_ptr, inv_freq, b, offs_n, offs_f, key
     ks_lo = tl.load(ks, mask=key_ok[:, None], other=0.0).to(tl.float32)
     ks_hi = tl.load(ks + HALF * stride_kd, mask=key_ok[:, None], other=0.0).to(tl.float32)
     ks_lo, ks_hi = rotate_pair(ks_lo, ks_hi, cos, sin)
-    kt = kt_ptr + (b * seq + offs_n[:, None]) * (HS_KV * 2 * HALF) + offs_f[None, :]
-    kt_lo = tl.load(kt, mask=key_ok[:, None], other=0.0).to(tl.float32)
-    kt_hi = tl.load(kt + HALF, mask=key_ok[:, None], other=0.0).to(tl.float32)
+    kt = kt_ptr + b * stride_tb + offs_n[:, None] * stride_tn + offs_f[None, :] * stride_td
+    kt_lo = tl.zeros_like(ks_lo)
+    kt_hi = tl.zeros_like(ks_hi)
+    for j in tl.static_range(HT_KV):
+        w = tl.load(wk_ptr + j).to(tl.float32)
+        kt_lo += w * tl.load(kt + j * stride_th, mask=key_ok[:, None], other=0.0).to(tl.float32)
+        kt_hi += w * tl.load(kt + j * stride_th + HALF * stride_td, mask=key_ok[:, None], other=0.0).to(tl.float32)
+    kt_lo, kt_hi = rotate_pair(kt_lo, kt_hi, cos, sin)
     return ks_lo, ks_hi, kt_lo, kt_hi, cos, sin
 
 
@@ -335,11 +316,12 @@ def _load_lanes(ptr, row, head, offs_f, lane_ok, HS: tl.constexpr, HALF: tl.cons
 
 
 @triton.jit
-def _fwd_kernel(qs_ptr, qt_ptr, row_m_ptr, sample_rows_ptr, ks_ptr, kt_ptr, pos_ptr, inv_freq_ptr, valid_ptr,
+def _fwd_kernel(qs_ptr, qt_ptr, row_m_ptr, sample_rows_ptr, ks_ptr, kt_ptr, wk_ptr, pos_ptr, inv_freq_ptr, valid_ptr,
                 lse_s_ptr, lse_t_ptr, kl_ptr, seq, sm_scale, coef,
-                stride_kb, stride_kn, stride_kh, stride_kd, stride_pr, stride_pb, stride_pn,
-                HS: tl.constexpr, HS_KV: tl.constexpr, HALF: tl.constexpr, SECTION_T: tl.constexpr,
-                SECTION_TH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                stride_kb, stride_kn, stride_kh, stride_kd, stride_tb, stride_tn, stride_th, stride_td,
+                stride_pr, stride_pb, stride_pn, HS: tl.constexpr, HS_KV: tl.constexpr, HT_KV: tl.constexpr,
+                HALF: tl.constexpr, SECTION_T: tl.constexpr, SECTION_TH: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """Per (row, head) lane: lse_s, lse_t and KL(phat_t || p_s), streaming the sample's keys n < max m + 1."""
     pid_m, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     GROUP: tl.constexpr = HS // HS_KV
@@ -358,8 +340,9 @@ def _fwd_kernel(qs_ptr, qt_ptr, row_m_ptr, sample_rows_ptr, ks_ptr, kt_ptr, pos_
         offs_n = n0 + tl.arange(0, BLOCK_N)
         key_ok = (offs_n < n_end) & (tl.load(valid_ptr + b * seq + offs_n, mask=offs_n < n_end, other=0) != 0)
         ks_lo, ks_hi, kt_lo, kt_hi, _, _ = _rotated_key_block(
-            ks_ptr + h * stride_kh, kt_ptr + h * 2 * HALF, pos_ptr, inv_freq, b, offs_n, offs_f, key_ok, seq,
-            stride_kb, stride_kn, stride_kd, stride_pr, stride_pb, stride_pn, HS_KV, HALF, SECTION_T, SECTION_TH)
+            ks_ptr + h * stride_kh, kt_ptr, wk_ptr + h * HT_KV, pos_ptr, inv_freq, b, offs_n, offs_f, key_ok,
+            stride_kb, stride_kn, stride_kd, stride_tb, stride_tn, stride_th, stride_td, stride_pr, stride_pb,
+            stride_pn, HT_KV, HALF, SECTION_T, SECTION_TH)
         s_s, s_t, allowed = _block_logits(qs_lo, qs_hi, qt_lo, qt_hi, ks_lo, ks_hi, kt_lo, kt_hi, m, offs_n,
                                           lane_ok, key_ok, sm_scale, coef, PRECISION)
         new_max = tl.maximum(max_s, tl.max(s_s, axis=1))
@@ -380,11 +363,12 @@ def _fwd_kernel(qs_ptr, qt_ptr, row_m_ptr, sample_rows_ptr, ks_ptr, kt_ptr, pos_
 
 
 @triton.jit
-def _dq_kernel(qs_ptr, qt_ptr, row_m_ptr, sample_rows_ptr, ks_ptr, kt_ptr, pos_ptr, inv_freq_ptr, valid_ptr,
+def _dq_kernel(qs_ptr, qt_ptr, row_m_ptr, sample_rows_ptr, ks_ptr, kt_ptr, wk_ptr, pos_ptr, inv_freq_ptr, valid_ptr,
                lse_s_ptr, lse_t_ptr, grad_ptr, dq_ptr, seq, sm_scale, coef, grad_scale,
-               stride_kb, stride_kn, stride_kh, stride_kd, stride_pr, stride_pb, stride_pn,
-               HS: tl.constexpr, HS_KV: tl.constexpr, HALF: tl.constexpr, SECTION_T: tl.constexpr,
-               SECTION_TH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+               stride_kb, stride_kn, stride_kh, stride_kd, stride_tb, stride_tn, stride_th, stride_td,
+               stride_pr, stride_pb, stride_pn, HS: tl.constexpr, HS_KV: tl.constexpr, HT_KV: tl.constexpr,
+               HALF: tl.constexpr, SECTION_T: tl.constexpr, SECTION_TH: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """Gradient of the loss with respect to the rotated student query rows, fp32 [R, HS, 2 * HALF]."""
     pid_m, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     GROUP: tl.constexpr = HS // HS_KV
@@ -403,8 +387,9 @@ def _dq_kernel(qs_ptr, qt_ptr, row_m_ptr, sample_rows_ptr, ks_ptr, kt_ptr, pos_p
         offs_n = n0 + tl.arange(0, BLOCK_N)
         key_ok = (offs_n < n_end) & (tl.load(valid_ptr + b * seq + offs_n, mask=offs_n < n_end, other=0) != 0)
         ks_lo, ks_hi, kt_lo, kt_hi, _, _ = _rotated_key_block(
-            ks_ptr + h * stride_kh, kt_ptr + h * 2 * HALF, pos_ptr, inv_freq, b, offs_n, offs_f, key_ok, seq,
-            stride_kb, stride_kn, stride_kd, stride_pr, stride_pb, stride_pn, HS_KV, HALF, SECTION_T, SECTION_TH)
+            ks_ptr + h * stride_kh, kt_ptr, wk_ptr + h * HT_KV, pos_ptr, inv_freq, b, offs_n, offs_f, key_ok,
+            stride_kb, stride_kn, stride_kd, stride_tb, stride_tn, stride_th, stride_td, stride_pr, stride_pb,
+            stride_pn, HT_KV, HALF, SECTION_T, SECTION_TH)
         s_s, s_t, _ = _block_logits(qs_lo, qs_hi, qt_lo, qt_hi, ks_lo, ks_hi, kt_lo, kt_hi, m, offs_n,
                                     lane_ok, key_ok, sm_scale, coef, PRECISION)
         d_logits = (tl.exp(s_s - lse_s[:, None]) - tl.exp(s_t - lse_t[:, None])) * scale
@@ -416,11 +401,12 @@ def _dq_kernel(qs_ptr, qt_ptr, row_m_ptr, sample_rows_ptr, ks_ptr, kt_ptr, pos_p
 
 
 @triton.jit
-def _dk_kernel(qs_ptr, qt_ptr, row_m_ptr, sample_rows_ptr, ks_ptr, kt_ptr, pos_ptr, inv_freq_ptr, valid_ptr,
+def _dk_kernel(qs_ptr, qt_ptr, row_m_ptr, sample_rows_ptr, ks_ptr, kt_ptr, wk_ptr, pos_ptr, inv_freq_ptr, valid_ptr,
                lse_s_ptr, lse_t_ptr, grad_ptr, dk_ptr, seq, sm_scale, coef, grad_scale,
-               stride_kb, stride_kn, stride_kh, stride_kd, stride_pr, stride_pb, stride_pn,
-               HS: tl.constexpr, HS_KV: tl.constexpr, HALF: tl.constexpr, SECTION_T: tl.constexpr,
-               SECTION_TH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+               stride_kb, stride_kn, stride_kh, stride_kd, stride_tb, stride_tn, stride_th, stride_td,
+               stride_pr, stride_pb, stride_pn, HS: tl.constexpr, HS_KV: tl.constexpr, HT_KV: tl.constexpr,
+               HALF: tl.constexpr, SECTION_T: tl.constexpr, SECTION_TH: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """dk_s [B, N, HS_KV, 2 * HALF] (contiguous, k_s's dtype) for one key block of one kv head, streaming the
     sample's (row, head) lanes; every key is written (zero where no row attends to it)."""
     pid_n, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
@@ -431,8 +417,9 @@ def _dk_kernel(qs_ptr, qt_ptr, row_m_ptr, sample_rows_ptr, ks_ptr, kt_ptr, pos_p
     key_ok = n_ok & (tl.load(valid_ptr + b * seq + offs_n, mask=n_ok, other=0) != 0)
     inv_freq = tl.load(inv_freq_ptr + offs_f).to(tl.float32)
     ks_lo, ks_hi, kt_lo, kt_hi, cos, sin = _rotated_key_block(
-        ks_ptr + h * stride_kh, kt_ptr + h * 2 * HALF, pos_ptr, inv_freq, b, offs_n, offs_f, key_ok, seq,
-        stride_kb, stride_kn, stride_kd, stride_pr, stride_pb, stride_pn, HS_KV, HALF, SECTION_T, SECTION_TH)
+        ks_ptr + h * stride_kh, kt_ptr, wk_ptr + h * HT_KV, pos_ptr, inv_freq, b, offs_n, offs_f, key_ok,
+        stride_kb, stride_kn, stride_kd, stride_tb, stride_tn, stride_th, stride_td, stride_pr, stride_pb, stride_pn,
+        HT_KV, HALF, SECTION_T, SECTION_TH)
     scale = tl.load(grad_ptr).to(tl.float32) * grad_scale
     dk_lo = tl.zeros((BLOCK_N, HALF), tl.float32)
     dk_hi = tl.zeros((BLOCK_N, HALF), tl.float32)
@@ -458,39 +445,25 @@ def _dk_kernel(qs_ptr, qt_ptr, row_m_ptr, sample_rows_ptr, ks_ptr, kt_ptr, pos_p
 TRITON_BLOCK_M = 64
 TRITON_BLOCK_N = 32
 TRITON_NUM_WARPS = 4
-TRITON_MIX_BLOCK_N = 32
 TRITON_PRECISION = "tf32x3"  # three TF32 MMAs: fp32-level logits on the GPU (plain TF32 shifts them by ~1e-3)
 
 
-def mix_rotate_launch(k_t: torch.Tensor, w_k: torch.Tensor, out: torch.Tensor, positions: torch.Tensor,
-                      inv_freq: torch.Tensor, section: Sequence[int]) -> Launch:
-    """The launch writing R(w_k k_t) into contiguous ``out`` [B, N, Hs_kv, D]: the teacher keys mixed to the
-    student's kv heads and rotated. k_t [B, N, Ht_kv, D] strided; works on meta tensors (AOT compilation)."""
-    batch, seq, ht_kv, dim = k_t.shape
-    return Launch(name="attn_match/mix_rotate", kernel=_mix_rotate_kernel,
-                  grid=(triton.cdiv(seq, TRITON_MIX_BLOCK_N), batch),
-                  args=(k_t, w_k, out, positions, inv_freq, seq, *k_t.stride(), *positions.stride()),
-                  constexprs=dict(H_IN=ht_kv, H_OUT=w_k.shape[0], HALF=dim // 2, SECTION_T=section[0],
-                                  SECTION_TH=section[0] + section[1], BLOCK_N=TRITON_MIX_BLOCK_N),
-                  num_warps=TRITON_NUM_WARPS)
-
-
 def attention_launch(kernel, name: str, grid: tuple[int, int, int], rows: Sequence[torch.Tensor],
-                     k_s: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
-                     valid: torch.Tensor, tensors: Sequence[torch.Tensor], scalars: Sequence[float],
-                     section: Sequence[int]) -> Launch:
-    """A launch of ``_fwd_kernel``, ``_dq_kernel`` or ``_dk_kernel``.
+                     k_s: torch.Tensor, k_t: torch.Tensor, w_k: torch.Tensor, positions: torch.Tensor,
+                     inv_freq: torch.Tensor, valid: torch.Tensor, tensors: Sequence[torch.Tensor],
+                     scalars: Sequence[float], section: Sequence[int]) -> Launch:
+    """A launch of ``_fwd_kernel``, ``_dq_kernel`` or ``_dk_kernel``; works on meta tensors (AOT compilation).
 
     rows: (student rows [R, Hs, D] fp32, teacher rows [R, Hs, D] fp32, row m [R] int64, sample row offsets [B + 1]
-    int64); keys: mixed rotated teacher keys, contiguous [B, N, Hs_kv, D]; valid: [B, N] uint8; tensors: the
-    kernel's statistics / gradient tensors in parameter order; scalars: (sm_scale, coef[, grad_scale]).
+    int64); k_s, k_t: strided key views; w_k: contiguous [Hs_kv, Ht_kv]; valid: [B, N] uint8; tensors: the kernel's
+    statistics / gradient tensors in parameter order; scalars: (sm_scale, coef[, grad_scale]).
     """
     return Launch(name=name, kernel=kernel, grid=grid,
-                  args=(*rows, k_s, keys, positions, inv_freq, valid, *tensors, k_s.shape[1], *scalars,
-                        *k_s.stride(), *positions.stride()),
-                  constexprs=dict(HS=rows[0].shape[1], HS_KV=k_s.shape[2], HALF=k_s.shape[3] // 2,
-                                  SECTION_T=section[0], SECTION_TH=section[0] + section[1], BLOCK_M=TRITON_BLOCK_M,
-                                  BLOCK_N=TRITON_BLOCK_N, PRECISION=TRITON_PRECISION),
+                  args=(*rows, k_s, k_t, w_k, positions, inv_freq, valid, *tensors, k_s.shape[1], *scalars,
+                        *k_s.stride(), *k_t.stride(), *positions.stride()),
+                  constexprs=dict(HS=rows[0].shape[1], HS_KV=k_s.shape[2], HT_KV=k_t.shape[2],
+                                  HALF=k_s.shape[3] // 2, SECTION_T=section[0], SECTION_TH=section[0] + section[1],
+                                  BLOCK_M=TRITON_BLOCK_M, BLOCK_N=TRITON_BLOCK_N, PRECISION=TRITON_PRECISION),
                   num_warps=TRITON_NUM_WARPS)
 
 
@@ -504,42 +477,41 @@ def _key_grid(seq: int, hs_kv: int, batch: int) -> tuple[int, int, int]:
     return triton.cdiv(seq, TRITON_BLOCK_N), hs_kv, batch
 
 
-def _triton_prepare(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section, row_index, key_valid):
-    """Row tensors, teacher keys and valid mask shared by the attention kernels, the row grid and the rows' cos/sin."""
-    batch, seq, hs, dim = q_s.shape
+def _triton_prepare(q_s, q_t, w_q, positions, inv_freq, section, row_index, key_valid):
+    """Row tensors and valid mask shared by the attention kernels, the row grid and the rows' cos / sin."""
+    batch, seq, hs, _ = q_s.shape
     q_rows, t_rows, cos, sin = _query_rows(q_s, q_t, w_q, positions, inv_freq, section, row_index)
     sample_rows = _sample_rows(row_index, batch, seq)
-    keys = torch.empty(batch, seq, k_s.shape[2], dim, dtype=k_s.dtype, device=k_s.device)
-    mix_rotate_launch(k_t, w_k.contiguous(), keys, positions, inv_freq, section).run()
     rows = (q_rows.contiguous(), t_rows.contiguous(), (row_index % seq).contiguous(), sample_rows)
-    grid = _row_grid(int((sample_rows[1:] - sample_rows[:-1]).max()), hs // k_s.shape[2], k_s.shape[2], batch)
-    return rows, keys, key_valid.contiguous().view(torch.uint8), grid, (cos, sin)
+    return rows, key_valid.contiguous().view(torch.uint8), int((sample_rows[1:] - sample_rows[:-1]).max()), (cos, sin)
 
 
 def _triton_forward(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section, row_index, key_valid, progress,
                     alpha):
-    rows, keys, valid, grid, _ = _triton_prepare(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section,
-                                                 row_index, key_valid)
-    lse_s, lse_t, kl = (torch.empty(row_index.numel(), q_s.shape[2], dtype=torch.float32, device=q_s.device)
-                        for _ in range(3))
-    attention_launch(_fwd_kernel, "attn_match/forward", grid, rows, k_s, keys, positions, inv_freq, valid,
-                     (lse_s, lse_t, kl), (1.0 / math.sqrt(q_s.shape[3]), alpha * progress), section).run()
+    rows, valid, max_rows, _ = _triton_prepare(q_s, q_t, w_q, positions, inv_freq, section, row_index, key_valid)
+    hs, hs_kv = q_s.shape[2], k_s.shape[2]
+    lse_s, lse_t, kl = (torch.empty(row_index.numel(), hs, dtype=torch.float32, device=q_s.device) for _ in range(3))
+    attention_launch(_fwd_kernel, "attn_match/forward", _row_grid(max_rows, hs // hs_kv, hs_kv, q_s.shape[0]), rows,
+                     k_s, k_t, w_k.contiguous(), positions, inv_freq, valid, (lse_s, lse_t, kl),
+                     (1.0 / math.sqrt(q_s.shape[3]), alpha * progress), section).run()
     return (kl.sum(dtype=torch.float64) / kl.numel()).float(), lse_s, lse_t
 
 
 def _triton_backward(grad, q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section, row_index, key_valid, lse_s,
                      lse_t, progress, alpha):
     batch, seq, hs, dim = q_s.shape
-    rows, keys, valid, grid, (cos, sin) = _triton_prepare(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq,
-                                                          section, row_index, key_valid)
+    hs_kv = k_s.shape[2]
+    rows, valid, max_rows, (cos, sin) = _triton_prepare(q_s, q_t, w_q, positions, inv_freq, section, row_index,
+                                                        key_valid)
+    keys = (k_s, k_t, w_k.contiguous(), positions, inv_freq, valid)
     scalars = (1.0 / math.sqrt(dim), alpha * progress, 1.0 / (math.sqrt(dim) * row_index.numel() * hs))
     stats = (lse_s.contiguous(), lse_t.contiguous(), grad.float().reshape(1))
     d_rows = torch.empty(row_index.numel(), hs, dim, dtype=torch.float32, device=q_s.device)
-    attention_launch(_dq_kernel, "attn_match/dq", grid, rows, k_s, keys, positions, inv_freq, valid,
+    attention_launch(_dq_kernel, "attn_match/dq", _row_grid(max_rows, hs // hs_kv, hs_kv, batch), rows, *keys,
                      (*stats, d_rows), scalars, section).run()
     dk_s = torch.empty(k_s.shape, dtype=k_s.dtype, device=k_s.device)
-    attention_launch(_dk_kernel, "attn_match/dk", _key_grid(seq, k_s.shape[2], batch), rows, k_s, keys, positions,
-                     inv_freq, valid, (*stats, dk_s), scalars, section).run()
+    attention_launch(_dk_kernel, "attn_match/dk", _key_grid(seq, hs_kv, batch), rows, *keys, (*stats, dk_s), scalars,
+                     section).run()
     return _unrotate_rows(d_rows, cos, sin, row_index, q_s), dk_s
 
 
@@ -552,11 +524,9 @@ def aot_launches(heads: Sequence[int] = (28, 4, 40, 8), tokens: int = 53590, row
     meta = dict(device="meta", dtype=getattr(torch, dtype))
     k_s = torch.empty(1, tokens, hs_kv * head_dim, **meta).view(1, tokens, hs_kv, head_dim)
     k_t = torch.empty(1, tokens, ht_kv * head_dim, **meta).view(1, tokens, ht_kv, head_dim)
-    keys = torch.empty(1, tokens, hs_kv, head_dim, **meta)
-    w_k = torch.empty(hs_kv, ht_kv, device="meta")
-    positions = torch.empty(3, 1, tokens, dtype=torch.int64, device="meta")
-    inv_freq = torch.empty(head_dim // 2, device="meta")
-    valid = torch.empty(1, tokens, dtype=torch.uint8, device="meta")
+    keys = (k_s, k_t, torch.empty(hs_kv, ht_kv, device="meta"), torch.empty(3, 1, tokens, dtype=torch.int64,
+            device="meta"), torch.empty(head_dim // 2, device="meta"), torch.empty(1, tokens, dtype=torch.uint8,
+                                                                                   device="meta"))
     q_rows = torch.empty(rows, hs, head_dim, device="meta")
     row_tensors = (q_rows, torch.empty_like(q_rows), torch.empty(rows, dtype=torch.int64, device="meta"),
                    torch.empty(2, dtype=torch.int64, device="meta"))
@@ -564,15 +534,13 @@ def aot_launches(heads: Sequence[int] = (28, 4, 40, 8), tokens: int = 53590, row
     grid = _row_grid(rows, hs // hs_kv, hs_kv, 1)
     scalars = (head_dim ** -0.5, 0.5)
     grad = torch.empty(1, device="meta")
-    common = (row_tensors, k_s, keys, positions, inv_freq, valid)
     return [
-        mix_rotate_launch(k_t, w_k, keys, positions, inv_freq, section),
-        attention_launch(_fwd_kernel, "attn_match/forward", grid, *common, (*stats, torch.empty_like(stats[0])),
-                         scalars, section),
-        attention_launch(_dq_kernel, "attn_match/dq", grid, *common, (*stats, grad, torch.empty_like(q_rows)),
-                         (*scalars, 1e-6), section),
-        attention_launch(_dk_kernel, "attn_match/dk", _key_grid(tokens, hs_kv, 1), *common,
-                         (*stats, grad, torch.empty_like(keys)), (*scalars, 1e-6), section),
+        attention_launch(_fwd_kernel, "attn_match/forward", grid, row_tensors, *keys,
+                         (*stats, torch.empty_like(stats[0])), scalars, section),
+        attention_launch(_dq_kernel, "attn_match/dq", grid, row_tensors, *keys,
+                         (*stats, grad, torch.empty_like(q_rows)), (*scalars, 1e-6), section),
+        attention_launch(_dk_kernel, "attn_match/dk", _key_grid(tokens, hs_kv, 1), row_tensors, *keys,
+                         (*stats, grad, torch.empty_like(k_s)), (*scalars, 1e-6), section),
     ]
 
 

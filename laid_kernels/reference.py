@@ -99,16 +99,18 @@ def qk_align_loss(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: 
 
 
 
-def distance_log_weight(distance: torch.Tensor, alpha: float, progress: float) -> torch.Tensor:
-    """log omega_p(d) = alpha * p * log(1 + log2(1 + d)) for integer distances d >= 0 (fp32, same shape)."""
-    return (alpha * progress) * torch.log1p(torch.log2(1.0 + distance.float()))
+def distance_log_weight(distance: torch.Tensor, alpha: float, progress: float,
+                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """log omega_p(d) = alpha * p * log(1 + log2(1 + d)) for integer distances d >= 0 (same shape, ``dtype``)."""
+    return (alpha * progress) * torch.log1p(torch.log2(1.0 + distance.to(dtype)))
 
 
 def attn_match_loss(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor,
                     w_q: torch.Tensor, w_k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
                     mrope_section: Sequence[int], query_mask: torch.Tensor, *, progress: float, alpha: float = 1.0,
                     valid: torch.Tensor | None = None) -> torch.Tensor:
-    """L_attn, progressive distance-weighted attention matching (fp32 scalar); materialises the logits.
+    """L_attn, progressive distance-weighted attention matching (fp32 scalar; fp64 for fp64 inputs); materialises
+    the logits.
 
     For every sample b, selected valid query row m (query_mask & valid) and student head i, over the keys n <= m
     that are valid in sample b, with d = m - n:
@@ -127,10 +129,10 @@ def attn_match_loss(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t
     group = hs // k_s.shape[2]
     key_valid = torch.ones(batch, seq, dtype=torch.bool, device=q_s.device) if valid is None else valid.bool()
     cos, sin = mrope_cos_sin(positions, inv_freq, section)
-    student_q = rotate(q_s.float(), cos, sin)  # [B, N, Hs, D]
-    student_k = rotate(k_s.float(), cos, sin).repeat_interleave(group, dim=2)  # [B, N, Hs, D]
-    teacher_q = torch.einsum("ij,bnjd->bnid", w_q.detach().float(), rotate(q_t.detach().float(), cos, sin))
-    teacher_k = torch.einsum("ij,bnjd->bnid", w_k.detach().float(), rotate(k_t.detach().float(), cos, sin))
+    student_q = rotate(upcast(q_s), cos, sin)  # [B, N, Hs, D]
+    student_k = rotate(upcast(k_s), cos, sin).repeat_interleave(group, dim=2)  # [B, N, Hs, D]
+    teacher_q = torch.einsum("ij,bnjd->bnid", upcast(w_q.detach()), rotate(upcast(q_t.detach()), cos, sin))
+    teacher_k = torch.einsum("ij,bnjd->bnid", upcast(w_k.detach()), rotate(upcast(k_t.detach()), cos, sin))
     teacher_k = teacher_k.repeat_interleave(group, dim=2)  # [B, N, Hs, D]
 
     total = torch.zeros((), device=q_s.device)
@@ -143,7 +145,7 @@ def attn_match_loss(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t
         distance = (m[:, None] - n[None, :]).clamp_min(0)
         logits_s = torch.einsum("rid,nid->irn", student_q[b, m], student_k[b]) / dim ** 0.5  # [Hs, R_b, N]
         logits_t = torch.einsum("rid,nid->irn", teacher_q[b, m], teacher_k[b]) / dim ** 0.5
-        logits_t = logits_t + distance_log_weight(distance, alpha, progress)
+        logits_t = logits_t + distance_log_weight(distance, alpha, progress, logits_t.dtype)
         logits_s = logits_s.masked_fill(~allowed, float("-inf"))
         logits_t = logits_t.masked_fill(~allowed, float("-inf"))
         log_p_s = torch.log_softmax(logits_s, dim=-1)

@@ -1,0 +1,274 @@
+"""Benchmark of attn_match_loss (L_attn) from 1 to 150 images: peak memory and forward+backward time.
+
+One sample laid out like a Visual Haystacks prompt: a 20-token system prefix, per image a vision-start delimiter,
+357 visual tokens (a 17 x 21 grid, M-RoPE positions as get_rope_index gives them) and a vision-end delimiter, then a
+40-token question. Query rows: both delimiters of every image and the question tokens (2 per image + 40). 7B student
+heads (28 / 4) against 32B teacher heads (40 / 8), head_dim 128, bf16 inputs.
+
+Every (backend, size) runs in a fresh process. Memory on CPU: peak RSS (VmHWM, reset after the inputs exist) minus
+RSS after the inputs were created; "extra" subtracts the gradient tensors the loss must return (dq_s, dk_s). On CUDA:
+torch.cuda.max_memory_allocated minus the allocation after the inputs. The reference materialises the logits: its
+memory is predicted from a least-squares fit to the sizes it ran at (features: tokens and rows x tokens), and sizes
+whose prediction exceeds the budget (min(--limit-gb, available memory - 3 GB)) are reported as out of memory
+without being run; a watchdog also ends a worker whose RSS crosses the budget.
+
+    python benchmarks/attn_match_150img.py                       # all sizes, fused backend of the device + reference
+    python benchmarks/attn_match_150img.py --images 1 10 --backends cpu
+
+Writes benchmarks/out/attn_match_150img.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+OUT = Path(__file__).resolve().parent / "out"
+STUDENT, TEACHER, HEAD_DIM, SECTION = (28, 4), (40, 8), 128, (16, 24, 24)
+PREFIX, GRID, QUESTION = 20, (17, 21), 40
+MARGIN_BYTES = 3 << 30
+GIB = 1 << 30
+
+
+def layout(images: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions [3, 1, N] (M-RoPE, as get_rope_index) and query_mask [1, N] for ``images`` images."""
+    rows, cols = GRID
+    pos, mask, nxt = [], [], 0
+
+    def text(count: int, query: bool) -> None:
+        nonlocal nxt
+        for _ in range(count):
+            pos.append((nxt, nxt, nxt))
+            mask.append(query)
+            nxt += 1
+
+    text(PREFIX, False)
+    for _ in range(images):
+        text(1, True)  # <|vision_start|>
+        for r in range(rows):
+            for c in range(cols):
+                pos.append((nxt, nxt + r, nxt + c))
+                mask.append(False)
+        nxt += max(rows, cols)
+        text(1, True)  # <|vision_end|>
+    text(QUESTION, True)
+    return torch.tensor(pos).T.unsqueeze(1).contiguous(), torch.tensor(mask).unsqueeze(0)
+
+
+def tokens_and_rows(images: int) -> tuple[int, int]:
+    return PREFIX + images * (GRID[0] * GRID[1] + 2) + QUESTION, 2 * images + QUESTION
+
+
+def make_inputs(images: int, device: str) -> dict:
+    positions, query_mask = layout(images)
+    seq = positions.shape[-1]
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def rand(heads: int) -> torch.Tensor:
+        return torch.randn(1, seq, heads * HEAD_DIM, generator=g, device=device, dtype=torch.bfloat16).view(
+            1, seq, heads, HEAD_DIM)
+
+    inputs = dict(q_s=rand(STUDENT[0]).requires_grad_(True), k_s=rand(STUDENT[1]).requires_grad_(True),
+                  q_t=rand(TEACHER[0]), k_t=rand(TEACHER[1]),
+                  w_q=torch.randn(STUDENT[0], TEACHER[0], generator=g, device=device) / TEACHER[0] ** 0.5,
+                  w_k=torch.randn(STUDENT[1], TEACHER[1], generator=g, device=device) / TEACHER[1] ** 0.5,
+                  positions=positions.to(device),
+                  inv_freq=1.0 / 1e6 ** (torch.arange(HEAD_DIM // 2, device=device).float() * 2 / HEAD_DIM),
+                  mrope_section=SECTION, query_mask=query_mask.to(device))
+    return inputs
+
+
+def _status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _watchdog(limit: int) -> None:
+    """End this process (exit code 3) as soon as its RSS exceeds ``limit`` bytes."""
+    def watch():
+        while True:
+            if _status("VmRSS") > limit:
+                print(json.dumps({"error": "watchdog"}), flush=True)
+                os._exit(3)
+            time.sleep(0.005)
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def worker(images: int, backend: str, device: str, limit: int) -> dict:
+    """One forward+backward measurement after a 1-image warm-up (memory of the first measured run, time = best of the
+    runs within ~30 s)."""
+    import laid_kernels
+
+    if device == "cpu":
+        _watchdog(limit)
+    warm_up = make_inputs(1, device)  # one-time costs (lazy library loading, thread pools, kernel compilation)
+    laid_kernels.attn_match_loss(**warm_up, progress=0.5, alpha=1.0, backend=backend).backward()
+    del warm_up
+    inputs = make_inputs(images, device)
+    input_bytes = sum(v.numel() * v.element_size() for v in inputs.values() if isinstance(v, torch.Tensor))
+    grad_bytes = sum(inputs[k].numel() * inputs[k].element_size() for k in ("q_s", "k_s"))
+    if device == "cpu":
+        base = _status("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    else:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    times, peak = [], None
+    while not times or (sum(times) < 30 and len(times) < 5):
+        for k in ("q_s", "k_s"):
+            inputs[k].grad = None
+        start = time.perf_counter()
+        loss = laid_kernels.attn_match_loss(**inputs, progress=0.5, alpha=1.0, backend=backend)
+        loss.backward()
+        if device != "cpu":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        if peak is None:
+            peak = (_status("VmHWM") if device == "cpu" else torch.cuda.max_memory_allocated()) - base
+    seq, rows = tokens_and_rows(images)
+    return dict(images=images, tokens=seq, rows=rows, backend=backend, device=device, seconds=min(times),
+                runs=len(times), loss=loss.item(), peak_bytes=peak, extra_bytes=peak - grad_bytes,
+                input_bytes=input_bytes, grad_bytes=grad_bytes)
+
+
+def run_worker(images: int, backend: str, device: str, limit: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", str(images), backend, device, str(limit)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    result = json.loads(lines[-1]) if lines else {"error": done.stderr[-2000:]}
+    if done.returncode != 0 and "error" not in result:
+        result = {"error": done.stderr[-2000:]}
+    return result
+
+
+def fit_prediction(measured: list[dict]):
+    """Least-squares peak bytes ~ a * tokens + b * rows * tokens + c over the measured runs; returns predict(images)."""
+    x = torch.tensor([[r["tokens"], r["rows"] * r["tokens"], 1.0] for r in measured], dtype=torch.float64)
+    y = torch.tensor([float(r["peak_bytes"]) for r in measured], dtype=torch.float64)
+    coef = torch.linalg.lstsq(x, y[:, None]).solution[:, 0]
+
+    def predict(images: int) -> float:
+        seq, rows = tokens_and_rows(images)
+        return float(coef @ torch.tensor([seq, rows * seq, 1.0], dtype=torch.float64))
+    return predict
+
+
+def available_bytes() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("MemAvailable not in /proc/meminfo")
+
+
+def run_all(sizes: list[int], backends: list[str], device: str, limit_gb: float) -> list[dict]:
+    results = []
+    for backend in backends:
+        measured, stop_reason = [], None
+        for images in sizes:
+            seq, rows = tokens_and_rows(images)
+            budget = min(int(limit_gb * GIB), available_bytes() - MARGIN_BYTES)
+            row = dict(images=images, tokens=seq, rows=rows, backend=backend, device=device)
+            if stop_reason is not None:
+                results.append({**row, "skipped": stop_reason})
+                continue
+            if backend == "reference" and len(measured) >= 3:
+                predicted = fit_prediction(measured)(images)
+                if predicted > budget:
+                    stop_reason = f"out of memory (predicted {predicted / GIB:.1f} GB > budget {budget / GIB:.1f} GB)"
+                    results.append({**row, "skipped": stop_reason, "predicted_bytes": predicted})
+                    print(f"{backend} {images} images: {stop_reason}", flush=True)
+                    continue
+            result = run_worker(images, backend, device, budget)
+            if "error" in result:
+                stop_reason = "out of memory (watchdog)" if "watchdog" in result["error"] else "failed"
+                results.append({**row, "skipped": stop_reason, "detail": result["error"][-500:]})
+                print(f"{backend} {images} images: {stop_reason}", flush=True)
+                continue
+            measured.append(result)
+            results.append(result)
+            print(f"{backend} {images} images ({seq} tokens, {rows} rows): {result['seconds']:.2f} s, peak "
+                  f"{result['peak_bytes'] / GIB:.3f} GiB, extra beyond grads {result['extra_bytes'] / GIB:.3f} GiB "
+                  f"({100 * result['extra_bytes'] / result['input_bytes']:.1f}% of inputs)", flush=True)
+    return results
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| backend | images | tokens | rows | fwd+bwd (s) | peak extra memory (MiB) | beyond returned grads "
+             "(MiB) | beyond grads / input bytes |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        head = f"| {r['backend']} | {r['images']} | {r['tokens']} | {r['rows']} |"
+        if "skipped" in r:
+            lines.append(f"{head} {r['skipped']} | | | |")
+        else:
+            lines.append(f"{head} {r['seconds']:.2f} | {r['peak_bytes'] / 2**20:.0f} | {r['extra_bytes'] / 2**20:.0f}"
+                         f" | {100 * r['extra_bytes'] / r['input_bytes']:.1f}% |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(11, 4))
+    for backend in dict.fromkeys(r["backend"] for r in results):
+        ran = [r for r in results if r["backend"] == backend and "skipped" not in r]
+        predicted = [r for r in results if r["backend"] == backend and "predicted_bytes" in r]
+        ax_mem.plot([r["images"] for r in ran], [r["peak_bytes"] / GIB for r in ran], "o-", label=backend)
+        if predicted:
+            ax_mem.plot([r["images"] for r in predicted], [r["predicted_bytes"] / GIB for r in predicted], "x--",
+                        label=f"{backend} (predicted, not run)")
+        ax_time.plot([r["images"] for r in ran], [r["seconds"] for r in ran], "o-", label=backend)
+    inputs = [r for r in results if "input_bytes" in r]
+    ax_mem.plot([r["images"] for r in inputs], [r["input_bytes"] / GIB for r in inputs], ":", color="gray",
+                label="input bytes")
+    ax_mem.set(xlabel="images", ylabel="peak memory beyond inputs (GiB)", title="attn_match_loss memory")
+    ax_time.set(xlabel="images", ylabel="forward + backward (s)", title="attn_match_loss time", yscale="log")
+    ax_mem.legend()
+    ax_time.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        images, backend, device, limit = int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
+        print(json.dumps(worker(images, backend, device, limit)), flush=True)
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, nargs="+", default=[1, 2, 5, 10, 25, 50, 100, 150])
+    parser.add_argument("--backends", nargs="+", default=None,
+                        help="default: the fused backend of the device (triton on CUDA, cpu here) and reference")
+    parser.add_argument("--limit-gb", type=float, default=24.0, help="memory budget of one run (RAM on CPU)")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    backends = args.backends or ["triton" if device == "cuda" else "cpu", "reference"]
+    results = run_all(sorted(args.images), backends, device, args.limit_gb)
+    OUT.mkdir(parents=True, exist_ok=True)
+    machine = (torch.cuda.get_device_name() if device == "cuda" else
+               f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
+    meta = dict(date=time.strftime("%Y-%m-%d", time.gmtime()), machine=machine, device=device,
+                student_heads=STUDENT, teacher_heads=TEACHER, head_dim=HEAD_DIM, dtype="bfloat16")
+    (OUT / "attn_match_150img.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    text = table(results)
+    (OUT / "attn_match_150img.md").write_text(f"{meta['date']}, {machine}\n\n{text}\n")
+    plot(results, OUT / "attn_match_150img.png")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
