@@ -49,6 +49,24 @@ def load_teacher(source: str, *, device: torch.device, attn_implementation: str 
     return teacher.eval()
 
 
+def shard_teacher(teacher, device: torch.device):
+    """Shard the frozen teacher over all processes with FSDP2 (``fully_shard``), for runs under FSDP.
+
+    Each decoder layer and vision block is its own unit (parameters gathered just for its forward), the inner
+    ``teacher.model`` holds the rest (embeddings, vision patch embedding and merger, final norm); the lm_head stays
+    whole on every device, so both the decoder-only forward (``teacher.model``) and the full forward enter the same
+    FSDP root. The teacher is not part of accelerate's prepared models: it never enters checkpoints.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    teacher.to(device)
+    for module in list(teacher.modules()):
+        if type(module).__name__ in teacher._no_split_modules:
+            fully_shard(module)
+    fully_shard(teacher.model)
+    return teacher
+
+
 def load_student(source: str, *, device: torch.device, attn_implementation: str = "auto",
                  train_language_model: bool = True, train_vision: bool = False,
                  gradient_checkpointing: bool = True):

@@ -28,17 +28,17 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .capture import decoder_layers, resolve_layer
+from .capture import decoder_layers, resolve_layer, unwrap
 from .checkpoint import RunState, export, load_checkpoint, resolve_resume, save_checkpoint
 from .config import LAidConfig
 from .data import VHsDataset, collate
 from .losses import LAidObjective
 from .mixer import HeadMixer
-from .models import head_dim, load_processor, load_student, load_teacher, text_config
+from .models import head_dim, load_processor, load_student, load_teacher, shard_teacher, text_config
 
 
 def resolve_config(config: LAidConfig | str | Path | None, overrides: dict) -> LAidConfig:
@@ -117,7 +117,10 @@ def train(config: LAidConfig | str | Path | None = None, /, **overrides) -> dict
     adam = dict(betas=tuple(config.adam_betas), weight_decay=config.weight_decay)
     model_optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=config.lr, **adam)
     mixer_optimizer = torch.optim.AdamW(mixer.parameters(), lr=config.mixer_lr, **adam)
-    teacher.to(device)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        shard_teacher(teacher, device)  # the student is sharded by accelerate below, the teacher here
+    else:
+        teacher.to(device)
     student, model_optimizer, loader = accelerator.prepare(student, model_optimizer, loader)
     mixer_optimizer = accelerator.prepare_optimizer(mixer_optimizer)
 
@@ -148,6 +151,9 @@ def train(config: LAidConfig | str | Path | None = None, /, **overrides) -> dict
         metrics_path.write_text("".join(line + "\n" for line in kept))
     if config.trackers:
         accelerator.init_trackers("laid", config=config.to_dict())
+    accelerator.print(f"laid: {accelerator.distributed_type.value} x {accelerator.num_processes} processes, "
+                      f"precision {precision}, attention {unwrap(student).config._attn_implementation}, "
+                      f"{total_steps} optimizer steps of {config.grad_accum} x {config.batch_size} per process")
     if config.lambda_laid > 0 and config.beta == 0:
         accelerator.print("note: beta = 0, training without L_attn")
 
