@@ -1,0 +1,210 @@
+"""Compile and memory-traffic report for the apply_mrope and qk_align_loss Triton kernels (no GPU needed).
+
+1. Every launch of both ops for the 7B-student / 32B-teacher shapes (q heads 28 / 40, kv heads 4 / 8, head_dim 128,
+   bf16) is compiled ahead of time for sm_80 and sm_90 (laid_kernels.aot): registers, shared memory, LOCAL (cuobjdump)
+   and spill bytes (ptxas -v).
+2. The kernels run under the Triton interpreter on a 7B/32B-shaped input of a few hundred tokens, with the block sizes
+   of the GPU launch, while benchmarks/bytecount.py counts the bytes of every unmasked load / store lane. That is
+   compared with the minimal traffic: every input read once, every returned gradient written once.
+   For qk_align_loss the host-side torch ops are added analytically: the reduction of the per-program partials, and
+   the backward's scaling of the saved gradients by grad_output / S (one read and one write of dq_s, dk_s, dW), which
+   is reported separately because it cannot be fused into the one pass (S is known only at its end, grad_output only
+   in backward).
+
+GPU times below are predictions (bytes / 3.0e12 B/s, an H100's bandwidth), never measurements.
+
+    python benchmarks/compile_report.py [--tokens 384] [--out benchmarks/out]
+
+Prints the tables (markdown), writes <out>/compile_report.json and <out>/compile_report.png.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before laid_kernels defines its kernels
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from bytecount import ByteCounter  # noqa: E402
+
+from laid_kernels import qk_align  # noqa: E402
+from laid_kernels.aot import compile_in_subprocess  # noqa: E402
+from laid_kernels.mrope import mrope_launch  # noqa: E402
+
+HEADS = (28, 4, 40, 8)  # student q, student kv, teacher q, teacher kv
+HEAD_DIM = 128
+SECTION = (16, 24, 24)
+DTYPE = torch.bfloat16
+BANDWIDTH = 3.0e12  # B/s, H100 HBM3: for predictions only
+PREDICT_TOKENS = 54_000  # about 150 Visual Haystacks images
+
+
+def nbytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def projection_view(seq: int, heads: int, generator: torch.Generator) -> torch.Tensor:
+    """[1, seq, heads, HEAD_DIM] bf16, laid out as ``q_proj(h).view(1, seq, heads, HEAD_DIM)``."""
+    return torch.randn(1, seq, heads * HEAD_DIM, generator=generator).to(DTYPE).view(1, seq, heads, HEAD_DIM)
+
+
+def rope_inputs(seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    positions = torch.arange(seq).repeat(3, 1, 1) + 50_000
+    inv_freq = 1.0 / 1e6 ** (torch.arange(HEAD_DIM // 2, dtype=torch.float32) * 2 / HEAD_DIM)
+    return positions, inv_freq
+
+
+def qk_align_traffic(seq: int) -> dict:
+    """Counted and minimal bytes of qk_align_loss's fused pass on one [1, seq] sample with a valid mask."""
+    g = torch.Generator().manual_seed(0)
+    hs, hs_kv, ht, ht_kv = HEADS
+    q_s, k_s = projection_view(seq, hs, g), projection_view(seq, hs_kv, g)
+    q_t, k_t = projection_view(seq, ht, g), projection_view(seq, ht_kv, g)
+    w_q, w_k = torch.randn(hs, ht, generator=g), torch.randn(hs_kv, ht_kv, generator=g)
+    positions, inv_freq = rope_inputs(seq)
+    valid = torch.ones(1, seq, dtype=torch.bool)
+    named = dict(q_s=q_s, k_s=k_s, q_t=q_t, k_t=k_t, w_q=w_q, w_k=w_k, positions=positions, inv_freq=inv_freq,
+                 valid=valid)
+    launches, partials = [], []
+    for x_s, x_t, w, part in ((q_s, q_t, w_q, "q"), (k_s, k_t, w_k, "k")):
+        grad, dw, sums = qk_align._outputs(x_s, w)
+        named.update({f"d{part}_s": grad, f"dw_{part} partials": dw, f"sums_{part}": sums})
+        launches.append(qk_align.qk_align_launch(x_s, x_t, w, positions, inv_freq, SECTION, None, valid, True, grad,
+                                                 dw, sums, f"qk_align/{part}", block_f=qk_align.BLOCK_F))
+        partials.append((dw, sums))
+    with ByteCounter(named) as counter:
+        for launch in launches:
+            launch.run()
+    # Host side of the forward: dw.sum(0) and sums.double().sum(0) read the partials and write [Hs, Ht] / [3].
+    reduction = sum(nbytes(dw, sums) + dw[0].numel() * 4 + 3 * 8 for dw, sums in partials)
+    gradients = nbytes(q_s, k_s, w_q, w_k)  # dq_s, dk_s, dw_q, dw_k have the inputs' shapes and dtypes
+    minimal = nbytes(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, valid) + gradients
+    return dict(tokens=seq, loads=dict(counter.loads), stores=dict(counter.stores), kernel=counter.total(),
+                reduction=reduction, fused=counter.total() + reduction, minimal=minimal,
+                backward_scaling=2 * gradients, programs=launches[0].grid[0])
+
+
+def mrope_traffic(seq: int) -> dict:
+    """Counted and minimal bytes of apply_mrope's forward (and, identical, backward) on [1, seq, 28, 128]."""
+    x = projection_view(seq, HEADS[0], torch.Generator().manual_seed(0))
+    positions, inv_freq = rope_inputs(seq)
+    out = torch.empty(x.shape, dtype=x.dtype)
+    launch = mrope_launch(x, out, positions, inv_freq, SECTION, inverse=False)
+    named = dict(x=x, out=out, positions=positions, inv_freq=inv_freq)
+    with ByteCounter(named) as counter:
+        launch.run()
+    return dict(tokens=seq, loads=dict(counter.loads), stores=dict(counter.stores), kernel=counter.total(),
+                minimal=nbytes(x, out, positions, inv_freq))
+
+
+def compile_rows() -> list[dict]:
+    shapes = {"heads": list(HEADS), "tokens": 512, "head_dim": HEAD_DIM, "section": list(SECTION),
+              "dtype": "bfloat16"}
+    rows = []
+    for factory in ("laid_kernels.mrope:aot_launches", "laid_kernels.qk_align:aot_launches"):
+        for r in compile_in_subprocess(factory, shapes, (80, 90)):
+            rows.append(dict(name=r.name, arch=f"sm_{r.arch}", warps=r.num_warps, registers=r.registers,
+                             shared=r.shared_bytes, local=r.local_bytes, stack=r.stack_bytes,
+                             spill_stores=r.spill_store_bytes, spill_loads=r.spill_load_bytes,
+                             constexprs={k: v for k, v in r.constexprs.items() if k.isupper()},
+                             cos_approx="cos.approx" in r.ptx or "sin.approx" in r.ptx))
+    return rows
+
+
+def markdown(rows: list[dict], qk: dict, mrope: dict) -> str:
+    lines = ["| kernel launch | arch | warps | REG | SHARED (B) | LOCAL (B) | spill st/ld (B) | STACK (B) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['arch']} | {r['warps']} | {r['registers']} | {r['shared']} | {r['local']} "
+                     f"| {r['spill_stores']}/{r['spill_loads']} | {r['stack']} |")
+    per_token = lambda b, n: b / n  # noqa: E731
+    n = qk["tokens"]
+    fused_ratio = qk["fused"] / qk["minimal"]
+    with_backward = (qk["fused"] + qk["backward_scaling"]) / qk["minimal"]
+    lines += ["", f"Memory traffic, counted under the interpreter with the GPU block sizes ({n} tokens, bf16, "
+              f"7B student / 32B teacher heads; qk_align: {qk['programs']} programs per part):", "",
+              "| pass | counted bytes/token | minimal bytes/token | counted / minimal | predicted H100 time at "
+              f"{PREDICT_TOKENS // 1000}K tokens (prediction: bytes / 3.0e12 B/s) |",
+              "|---|---|---|---|---|"]
+
+    def row(label, counted, minimal, tokens):
+        time_ms = counted / tokens * PREDICT_TOKENS / BANDWIDTH * 1e3
+        lines.append(f"| {label} | {per_token(counted, tokens):,.0f} | {per_token(minimal, tokens):,.0f} | "
+                     f"{counted / minimal:.3f} | {time_ms:.2f} ms (predicted) |")
+
+    row("apply_mrope forward (q, 28 heads)", mrope["kernel"], mrope["minimal"], mrope["tokens"])
+    row("qk_align fused loss + gradients (kernel + partial-sum reduction)", qk["fused"], qk["minimal"], n)
+    row("qk_align backward scaling of the saved gradients (grad_output / S), alone", qk["backward_scaling"],
+        qk["minimal"], n)
+    row("qk_align forward + backward in all", qk["fused"] + qk["backward_scaling"], qk["minimal"], n)
+    lines += ["", f"Fused pass: {fused_ratio:.3f} x minimal (target <= 1.10); with the backward's scaling: "
+              f"{with_backward:.3f} x.", "",
+              "qk_align bytes by tensor (loads / stores): " + ", ".join(
+                  f"{k} {v:,}" for k, v in sorted(qk["loads"].items())) + " / " + ", ".join(
+                  f"{k} {v:,}" for k, v in sorted(qk["stores"].items()))]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], qk: dict, mrope: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    labels = ["mrope fwd", "qk_align fused", "qk_align fused\n+ bwd scaling"]
+    counted = [mrope["kernel"] / mrope["tokens"], qk["fused"] / qk["tokens"],
+               (qk["fused"] + qk["backward_scaling"]) / qk["tokens"]]
+    minimal = [mrope["minimal"] / mrope["tokens"], qk["minimal"] / qk["tokens"], qk["minimal"] / qk["tokens"]]
+    xs = range(len(labels))
+    left.bar([x - 0.2 for x in xs], [m / 1e3 for m in minimal], 0.4, label="minimal")
+    left.bar([x + 0.2 for x in xs], [c / 1e3 for c in counted], 0.4, label="counted (interpreter)")
+    for x, c, m in zip(xs, counted, minimal):
+        left.text(x + 0.2, c / 1e3, f"{c / m:.2f}x", ha="center", va="bottom")
+    left.set_xticks(list(xs), labels)
+    left.set_ylabel("kB per token")
+    left.set_title("Global memory traffic, 7B/32B shapes, bf16")
+    left.legend()
+    names = sorted({r["name"] for r in rows})
+    for offset, arch in ((-0.2, "sm_80"), (0.2, "sm_90")):
+        regs = [next(r["registers"] for r in rows if r["name"] == n and r["arch"] == arch) for n in names]
+        right.bar([i + offset for i in range(len(names))], regs, 0.4, label=arch)
+    right.axhline(255, color="gray", linestyle="--", linewidth=1)
+    right.set_xticks(range(len(names)), names, fontsize=7, rotation=30, ha="right")
+    right.set_ylabel("registers per thread")
+    right.set_title("Registers (no spills in any build)" if not any(r["spill_stores"] for r in rows)
+                    else "Registers (SPILLS present)")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=384, help="tokens of the interpreted input (default 384)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    rows = compile_rows()
+    mrope = mrope_traffic(args.tokens)
+    qk = qk_align_traffic(args.tokens)
+    report = markdown(rows, qk, mrope)
+    print(report)
+    meta = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), machine=platform.platform(),
+                cpu_count=os.cpu_count(), torch=torch.__version__, triton=__import__("triton").__version__,
+                seconds=round(time.time() - start, 1))
+    (args.out / "compile_report.json").write_text(json.dumps(dict(meta=meta, compile=rows, qk_align=qk,
+                                                                  mrope=mrope), indent=1))
+    plot(rows, qk, mrope, args.out / "compile_report.png")
+    print(f"\nwrote {args.out / 'compile_report.json'} and {args.out / 'compile_report.png'} ({meta['seconds']} s)")
+
+
+if __name__ == "__main__":
+    main()
