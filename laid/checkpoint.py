@@ -42,7 +42,8 @@ def checkpoint_dir(output_dir: str | Path) -> Path:
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The complete checkpoint with the highest step under ``output_dir``, or None."""
     folder = checkpoint_dir(output_dir)
-    steps = sorted((int(m.group(1)), p) for p in folder.glob("step_*") if (m := STEP_DIR.match(p.name)) and p.is_dir())
+    steps = sorted((int(m.group(1)), p) for p in folder.glob("step_*")
+                   if (m := STEP_DIR.match(p.name)) and p.is_dir())
     return steps[-1][1] if steps else None
 
 

@@ -25,7 +25,7 @@ import laid_kernels
 from .capture import QKCapture, decoder_layers, mrope_positions, resolve_layer, stop_after, unwrap
 from .config import LAidConfig
 from .mixer import HeadMixer
-from .models import check_compatible, text_config
+from .models import check_compatible
 
 IGNORE_INDEX = -100
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -91,6 +91,10 @@ def train(config: LAidConfig | str | Path | None = None, /, **overrides) -> dict
         log_with=config.trackers or None,
         project_dir=str(output_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
+        # A student without logits to compute (lambda_kl = lambda_sft = 0) stops after its last aligned layer:
+        # DDP must then allow the later layers to get no gradient.
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(find_unused_parameters=config.lambda_kl + config.lambda_sft == 0)],
     )
     set_seed(config.seed)
     device = accelerator.device

@@ -2,15 +2,14 @@
 processes (gloo) under torchrun. The student's FSDP path goes through accelerate, which supports FSDP on GPUs only,
 and is not exercised here."""
 
-import os
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from laid.tiny import TINY_TEACHER, save_tiny_model, tiny_qwen25vl_config
+from train_helpers import free_port, subprocess_env
 
 TESTS = Path(__file__).parent
 
@@ -18,13 +17,8 @@ TESTS = Path(__file__).parent
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
 def test_sharded_teacher_matches_the_whole_teacher(tmp_path):
     save_tiny_model(tmp_path / "teacher", tiny_qwen25vl_config(**TINY_TEACHER), seed=0)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run(["torchrun", "--nproc_per_node", "2", "--master_port", str(port),
+    result = subprocess.run(["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()),
                              str(TESTS / "fsdp_teacher_script.py"), str(tmp_path / "teacher")],
-                            env=env, capture_output=True, text=True, timeout=300)
+                            env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "ok 0" in result.stdout and "ok 1" in result.stdout

@@ -1,10 +1,7 @@
 """Two CPU processes under ``accelerate launch`` (DDP over gloo) keep identical student and mixer parameters."""
 
-import os
 import shutil
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,15 +9,9 @@ import torch
 import yaml
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from train_helpers import build_tiny_setup, tiny_config
+from train_helpers import build_tiny_setup, free_port, subprocess_env, tiny_config
 
 TESTS = Path(__file__).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.skipif(shutil.which("accelerate") is None, reason="the accelerate launcher is not on PATH")
@@ -31,8 +22,7 @@ def test_two_processes_keep_identical_parameters(tmp_path):
     config_path.write_text(yaml.safe_dump(config.to_dict()))
     # Two local processes through accelerate's multi-process launcher (torchrun); ACCELERATE_USE_CPU makes them
     # a MULTI_CPU (gloo) group instead of looking for GPUs.
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    env = subprocess_env(ACCELERATE_USE_CPU="true")
     command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
                str(TESTS / "ddp_train_script.py"), str(config_path), str(tmp_path)]

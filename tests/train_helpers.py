@@ -7,6 +7,8 @@ Everything is built offline with ``laid.tiny`` / ``laid.data``, saved, and loade
 
 from __future__ import annotations
 
+import os
+import socket
 from functools import partial
 from pathlib import Path
 
@@ -39,3 +41,17 @@ def first_batch(paths: dict[str, str], processor, size: int = 1) -> dict:
     """The first ``size`` VHs items of the tiny data set, collated."""
     dataset = VHsDataset(paths["data"], paths["image_root"], processor)
     return partial(collate, pad_token_id=processor.tokenizer.pad_token_id)([dataset[i] for i in range(size)])
+
+
+def free_port() -> int:
+    """A free local TCP port for a multi-process launch."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment of a launched test process: this checkout and tests/ importable, one thread per process."""
+    tests = Path(__file__).parent
+    path = os.pathsep.join([str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **extra}
