@@ -130,16 +130,17 @@ def test_bitwise_deterministic(backend):
         assert torch.equal(first[1][name], second[1][name]), name
 
 
-def test_triton_gpu_block_size_under_interpreter(monkeypatch):
+@pytest.mark.parametrize("normalize", ["target", "none"])
+def test_triton_gpu_block_size_under_interpreter(monkeypatch, normalize):
     """The interpreter normally runs all channel pairs in one block; run the block size the GPU launches with
     (several channel blocks per token) against the reference too."""
     if "triton" not in FUSED:
         pytest.skip("Triton interpreter not available")
     monkeypatch.setattr(qk_align_module, "INTERPRETER_BLOCK_F", qk_align_module.BLOCK_F)
     inputs = make_inputs((28, 4, 40, 8), batch=2, seq=5, dtype=torch.bfloat16)
-    loss, grads = loss_and_grads(inputs, 1.3, backend="triton")
-    torch_loss, torch_grads = loss_and_grads(inputs, 1.3, backend="reference")
-    exact_loss, exact_grads = loss_and_grads(as_double(inputs), 1.3, backend="reference")
+    loss, grads = loss_and_grads(inputs, 1.3, normalize=normalize, backend="triton")
+    torch_loss, torch_grads = loss_and_grads(inputs, 1.3, normalize=normalize, backend="reference")
+    exact_loss, exact_grads = loss_and_grads(as_double(inputs), 1.3, normalize=normalize, backend="reference")
     assert_within_pytorch_error("loss", loss, torch_loss, exact_loss, VALUE_FACTOR)
     for name, grad in grads.items():
         assert_within_pytorch_error(f"d{name}", grad, torch_grads[name], exact_grads[name], GRAD_FACTOR)
