@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+import yaml
 from accelerate import Accelerator
 from safetensors.torch import load_file
 from transformers import Qwen2_5_VLForConditionalGeneration
@@ -13,6 +14,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 import laid
 from laid.capture import QKCapture, decoder_layers
 from laid.checkpoint import export
+from laid.cli import main
 from laid.losses import LAidObjective
 from laid.mixer import HeadMixer
 from laid.models import load_processor, load_student, load_teacher, text_config
@@ -176,3 +178,25 @@ def test_clear_errors(paths, tmp_path):
     (images / entries[3]["neg_image"][0]).unlink()
     with pytest.raises(FileNotFoundError, match=f"entry 3: image .*{entries[3]['neg_image'][0]}' not found"):
         laid.train(tiny_config(paths, tmp_path / "d", image_root=str(images)))
+
+
+def test_reentrant_checkpointing_is_refused(paths):
+    objective, batch = objective_for(paths)
+    objective.student.activation_checkpointing_disable()
+    objective.student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(RuntimeError, match="captured student Q/K do not require grad"):
+        objective(batch, progress=0.0)
+
+
+def test_cli_builds_tiny_models_and_trains_with_overrides(paths, tmp_path, capsys):
+    assert main(["models", "tiny", str(tmp_path / "models")]) == 0
+    for name in ("teacher", "student"):
+        Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "models" / name)
+    config_path = tmp_path / "run.yaml"
+    config_path.write_text(yaml.safe_dump(tiny_config(paths, tmp_path / "run", beta=0.0).to_dict()))
+    assert main(["train", str(config_path), "--max_steps", "1", "--lambda-kl", "0.5", "--layer_pairs", "[[0, 1]]"]) == 0
+    assert capsys.readouterr().out.strip().endswith(str(tmp_path / "run" / "final"))
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert (saved["max_steps"], saved["lambda_kl"], saved["layer_pairs"]) == (1, 0.5, [[0, 1]])
+    assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1]
+    assert main(["train", str(config_path), "--no_such_field", "1"]) == 2
