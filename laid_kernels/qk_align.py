@@ -12,8 +12,11 @@ rotated or mixed [B, N, H, D] tensor exists. Padding tokens (weight 0) are not r
 
 The loss is numerator / denominator, and the denominator (S for ``normalize="target"``) is only known after the pass
 while grad_output is only known in backward, so backward scales the saved gradients by grad_output / denominator:
-one extra read and write of dq_s and dk_s (counted separately in benchmarks/compile_report.py). The per-program
-partial sums are reduced on the host by ``torch.sum`` over a fixed-size dimension (deterministic).
+one extra read and write of dq_s and dk_s (counted separately in benchmarks/compile_report.py). The saved gradient
+is therefore rounded to the input dtype twice (at most about 1.5 ulp instead of 0.5 for bf16 / fp16 inputs; the tests'
+3x rule covers it), and for fp16 inputs the unscaled gradient 2 w (R x_s - target) overflows beyond 65504 (inputs
+of about 1e4). The per-program partial sums are reduced on the host by ``torch.sum`` over a fixed-size dimension
+(deterministic).
 
 Registered as the custom op ``laid_kernels::qk_align_triton`` (fake implementation and autograd included), so
 torch.compile can trace a training step through it.
