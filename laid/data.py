@@ -105,7 +105,8 @@ def haystack_order(entry: dict, *, seed: int, index: int, max_images: int | None
     negatives = entry["neg_image"]
     if max_images is not None:
         if max_images < len(entry["pos_image"]):
-            raise ValueError(f"max_images={max_images} is smaller than the {len(entry['pos_image'])} needle images")
+            n_needles = len(entry["pos_image"])
+            raise ValueError(f"max_images={max_images} is smaller than the {n_needles} needle images")
         negatives = negatives[: max_images - len(entry["pos_image"])]
     images = entry["pos_image"] + negatives
     order = np.random.default_rng([seed, index]).permutation(len(images))
@@ -160,13 +161,17 @@ class VHsDataset(torch.utils.data.Dataset):
         tokenizer = processor.tokenizer
         self._assistant_header = tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
         self._im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.pad_token_id = tokenizer.pad_token_id  # for collate(batch, pad_token_id=...)
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def _load_images(self, paths: list[Path], index: int) -> list[Image.Image]:
+    def _load_images(self, messages: list[dict], index: int) -> list[Image.Image]:
+        """The images of ``build_messages`` output, read and resized one by one as ``process_vision_info`` does."""
         images = []
-        for item in build_messages(paths, "", min_pixels=self.min_pixels, max_pixels=self.max_pixels)[0]["content"][:-1]:
+        for item in messages[0]["content"]:
+            if "image" not in item:
+                continue
             if not Path(item["image"]).is_file():
                 raise FileNotFoundError(f"{self.json_path}: entry {index}: image {item['image']} not found")
             try:
@@ -178,9 +183,10 @@ class VHsDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         entry = self.entries[index]
         question, answer = entry["conversations"][0]["value"], entry["conversations"][1]["value"]
-        paths = [self.image_root / p for p in haystack_order(entry, seed=self.seed, index=index, max_images=self.max_images)]
-        images = self._load_images(paths, index)
+        order = haystack_order(entry, seed=self.seed, index=index, max_images=self.max_images)
+        paths = [self.image_root / p for p in order]
         messages = build_messages(paths, question, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        images = self._load_images(messages, index)
         messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
         text = self.processor.apply_chat_template(messages, tokenize=False)
         enc = self.processor(text=[text], images=images, return_tensors="pt", **self._size_kwargs)
@@ -191,16 +197,17 @@ class VHsDataset(torch.utils.data.Dataset):
 
     def _answer_labels(self, input_ids: torch.Tensor, index: int) -> torch.Tensor:
         """labels [N]: input_ids on the last assistant turn's tokens up to its ``<|im_end|>``, -100 elsewhere."""
-        ids = input_ids.tolist()
-        header = self._assistant_header
-        starts = [k + len(header) for k in range(len(ids) - len(header), -1, -1) if ids[k : k + len(header)] == header]
-        if not starts or self._im_end not in ids[starts[0] :]:
-            raise RuntimeError(f"{self.json_path}: entry {index}: no closed assistant turn in the chat template output")
-        start = starts[0]
-        end = start + ids[start:].index(self._im_end) + 1
-        labels = torch.full_like(input_ids, IGNORE_INDEX)
-        labels[start:end] = input_ids[start:end]
-        return labels
+        ids, header = input_ids.tolist(), self._assistant_header
+        for k in range(len(ids) - len(header), -1, -1):
+            if ids[k : k + len(header)] == header:
+                start = k + len(header)
+                if self._im_end in ids[start:]:
+                    end = start + ids[start:].index(self._im_end) + 1
+                    labels = torch.full_like(input_ids, IGNORE_INDEX)
+                    labels[start:end] = input_ids[start:end]
+                    return labels
+                break
+        raise RuntimeError(f"{self.json_path}: entry {index}: no closed assistant turn in the chat template output")
 
 
 def collate(batch: list[dict[str, torch.Tensor]], *, pad_token_id: int = 0) -> dict[str, torch.Tensor]:
@@ -333,7 +340,7 @@ def _read_coco(instances_files: list[str | Path]) -> tuple[dict[str, set[str]], 
     for file in map(Path, instances_files):
         match = _COCO_SPLIT.search(file.name)
         if match is None:
-            raise ValueError(f"{file}: expected a COCO file named instances_<split>.json (e.g. instances_train2017.json)")
+            raise ValueError(f"{file}: expected a COCO file named instances_<split>.json (e.g. instances_val2017.json)")
         if not file.is_file():
             raise FileNotFoundError(f"COCO instances file {file} does not exist")
         data = json.loads(file.read_text())

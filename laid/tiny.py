@@ -112,7 +112,7 @@ def build_tiny_tokenizer(bpe_vocab_size: int = 400) -> Qwen2Tokenizer:
     """
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if bpe_vocab_size < len(alphabet) + 1:
-        raise ValueError(f"bpe_vocab_size must be at least {len(alphabet) + 1} (byte alphabet + 1), got {bpe_vocab_size}")
+        raise ValueError(f"bpe_vocab_size must be at least {len(alphabet) + 1} (bytes + 1 merge), got {bpe_vocab_size}")
     trainer_tok = Tokenizer(models.BPE())
     trainer_tok.normalizer = normalizers.NFC()
     trainer_tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -127,10 +127,10 @@ def build_tiny_tokenizer(bpe_vocab_size: int = 400) -> Qwen2Tokenizer:
     )
     trainer_tok.train_from_iterator(_CORPUS, trainer=trainer)
     learned = json.loads(trainer_tok.to_str())["model"]
-    vocab, merges = learned["vocab"], [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
+    vocab, merges = learned["vocab"], [tuple(pair) for pair in learned["merges"]]
     if len(vocab) != bpe_vocab_size:
         raise ValueError(
-            f"the built-in corpus supports at most {len(vocab)} BPE tokens; bpe_vocab_size={bpe_vocab_size} is too large"
+            f"the built-in corpus supports at most {len(vocab)} BPE tokens, bpe_vocab_size={bpe_vocab_size} is too many"
         )
     # The special tokens get the ids right after the ordinary ones, whatever order transformers registers them in.
     vocab.update({token: bpe_vocab_size + i for i, token in enumerate(SPECIAL_TOKENS)})
@@ -207,7 +207,9 @@ def tiny_qwen25vl_config(
     if vocab_size < len(tokenizer):
         raise ValueError(f"vocab_size={vocab_size} is smaller than the tokenizer ({len(tokenizer)} tokens)")
     if len(mrope_section) != 3 or 2 * sum(mrope_section) != head_dim:
-        raise ValueError(f"mrope_section {tuple(mrope_section)} must be 3 ints summing to head_dim // 2 = {head_dim // 2}")
+        raise ValueError(
+            f"mrope_section {tuple(mrope_section)} must be 3 ints adding up to head_dim / 2 = {head_dim // 2}"
+        )
     if heads % kv_heads:
         raise ValueError(f"heads={heads} must be a multiple of kv_heads={kv_heads}")
     if vision_hidden % vision_heads or (vision_hidden // vision_heads) % 4:

@@ -29,6 +29,12 @@ ANCHOR_RE = re.compile(r"for the image with (a|an) (.*?),")
 TARGET_RE = re.compile(r".*is there (an? [\w\s]+)[?!.]*")
 
 
+def _anchor_target(question):
+    """(anchor, target) as the benchmark's regexes read them, articles dropped."""
+    anchor = ANCHOR_RE.search(question.lower()).group(2)
+    return anchor, TARGET_RE.search(question.lower()).group(1).split(" ", 1)[1]
+
+
 @pytest.fixture(scope="module")
 def processor():
     return build_tiny_processor()
@@ -79,7 +85,8 @@ def test_load_vhs_file_level_errors(tmp_path):
         load_vhs(_write(tmp_path / "dict.json", {"a": 1}))
     with pytest.raises(FileNotFoundError, match="missing.json"):
         load_vhs(tmp_path / "missing.json")
-    assert load_vhs(_write(tmp_path / "good.json", [GOOD, {**GOOD, "neg_image": []}])) == [GOOD, {**GOOD, "neg_image": []}]
+    oracle_entries = [GOOD, {**GOOD, "neg_image": []}]
+    assert load_vhs(_write(tmp_path / "good.json", oracle_entries)) == oracle_entries
 
 
 def test_build_messages_follows_the_protocol():
@@ -97,7 +104,8 @@ def test_build_messages_follows_the_protocol():
 def test_haystack_order_is_seeded_and_uniform():
     entry = {"pos_image": ["needle"], "neg_image": [f"n{k}" for k in range(9)]}
     first = haystack_order(entry, seed=3, index=7)
-    assert first == haystack_order(entry, seed=3, index=7) and sorted(first) == sorted(entry["pos_image"] + entry["neg_image"])
+    assert first == haystack_order(entry, seed=3, index=7)
+    assert sorted(first) == sorted(entry["pos_image"] + entry["neg_image"])
     assert len({tuple(haystack_order(entry, seed=s, index=7)) for s in range(5)}) > 1
     assert len({tuple(haystack_order(entry, seed=3, index=i)) for i in range(5)}) > 1
     positions = collections.Counter(haystack_order(entry, seed=0, index=i).index("needle") for i in range(2000))
@@ -137,7 +145,8 @@ def test_dataset_uses_the_seeded_image_order(synth, processor):
     item = a[2]
     assert all(torch.equal(item[k], b[2][k]) for k in item)
     order = haystack_order(load_vhs(json_path)[2], seed=1, index=2)
-    expected = processor.image_processor(images=[fetch_image({"image": str(root / p)}) for p in order], return_tensors="pt")
+    images = [fetch_image({"image": str(root / p)}) for p in order]
+    expected = processor.image_processor(images=images, return_tensors="pt")
     assert torch.equal(item["pixel_values"], expected["pixel_values"])
     other = [haystack_order(load_vhs(json_path)[2], seed=s, index=2) for s in range(2, 8)]
     assert any(o != order for o in other)
@@ -207,8 +216,7 @@ def test_synth_balance_template_and_determinism(tmp_path):
     assert set(sizes) == {2, 3, 4, 5}
     for e in entries:
         question, answer = e["conversations"][0]["value"], e["conversations"][1]["value"]
-        anchor = ANCHOR_RE.search(question.lower()).group(2)
-        target = TARGET_RE.search(question.lower()).group(1).split(" ", 1)[1]
+        anchor, target = _anchor_target(question)
         assert question == f"For the image with a {anchor}, is there a {target}?"
         needle, *distractors = e["objects"]
         assert anchor in needle and (target in needle) == (answer == "yes")
@@ -218,45 +226,38 @@ def test_synth_balance_template_and_determinism(tmp_path):
 
 
 def _fake_coco(tmp_path, seed=0):
-    """Two small instances files (train / val) over 6 categories with random annotations."""
+    """Two small instances files (train / val, 6 categories, random annotations) and the truth they encode:
+    ``(paths, {"<split>/<file_name>": {category names}})``."""
     rng = random.Random(seed)
     categories = [{"id": 10 + k, "name": n} for k, n in enumerate(["cat", "dog", "apple", "bus", "person", "tie"])]
-    paths = []
+    paths, truth = [], {}
     for split, n_images in (("train2017", 150), ("val2017", 50)):
-        images = [{"id": i, "file_name": f"{split}_{i:012d}.jpg"} for i in range(n_images)]
-        annotations = [
-            {"id": len(images) * 10 + k, "image_id": img["id"], "category_id": rng.choice(categories)["id"]}
-            for img in images
-            for k in range(rng.randint(0, 3))
-        ]
-        paths.append(_write(tmp_path / f"instances_{split}.json", {"images": images, "annotations": annotations, "categories": categories}))
-    return paths
+        images, annotations = [], []
+        for i in range(n_images):
+            images.append({"id": i, "file_name": f"{split}_{i:012d}.jpg"})
+            present = [rng.choice(categories) for _ in range(rng.randint(0, 3))]
+            for c in present:
+                annotations.append({"id": len(annotations), "image_id": i, "category_id": c["id"]})
+            truth[f"{split}/{images[-1]['file_name']}"] = {c["name"] for c in present}
+        data = {"images": images, "annotations": annotations, "categories": categories}
+        paths.append(_write(tmp_path / f"instances_{split}.json", data))
+    return paths, truth
 
 
 def test_build_train_from_coco_is_leak_free_and_balanced(tmp_path):
-    instances = _fake_coco(tmp_path)
-    coco = {}
-    for path in instances:
-        data = json.loads(path.read_text())
-        split = path.stem.split("_")[1]
-        names = {c["id"]: c["name"] for c in data["categories"]}
-        for img in data["images"]:
-            coco[f"{split}/{img['file_name']}"] = set()
-        by_id = {img["id"]: f"{split}/{img['file_name']}" for img in data["images"]}
-        for ann in data["annotations"]:
-            coco[by_id[ann["image_id"]]].add(names[ann["category_id"]])
+    instances, coco = _fake_coco(tmp_path)
     excluded = sorted(coco)[::4]
-    vhs = _write(tmp_path / "vhs.json", [{**GOOD, "pos_image": [f"coco/{excluded[0]}"], "neg_image": [f"coco/{p}" for p in excluded[1:]]}])
+    vhs_entry = {**GOOD, "pos_image": [f"coco/{excluded[0]}"], "neg_image": [f"coco/{p}" for p in excluded[1:]]}
+    vhs = _write(tmp_path / "vhs.json", [vhs_entry])
+    options = dict(exclude_vhs_files=[vhs], n_entries=60, min_images=2, max_images=6, seed=1)
 
-    out = build_train_from_coco(instances, tmp_path / "out" / "train.json", exclude_vhs_files=[vhs], n_entries=60, min_images=2, max_images=6, seed=1)
-    entries = load_vhs(out)
+    entries = load_vhs(build_train_from_coco(instances, tmp_path / "out" / "train.json", **options))
     assert len(entries) == 60
     per_pair = collections.defaultdict(collections.Counter)
     excluded_names = {p.split("/")[-1] for p in excluded}
     for e in entries:
-        question, answer = e["conversations"][0]["value"], e["conversations"][1]["value"]
-        anchor = ANCHOR_RE.search(question.lower()).group(2)
-        target = TARGET_RE.search(question.lower()).group(1).split(" ", 1)[1]
+        anchor, target = _anchor_target(e["conversations"][0]["value"])
+        answer = e["conversations"][1]["value"]
         assert anchor != target and answer in ("yes", "no")
         per_pair[anchor, target][answer] += 1
         images = e["pos_image"] + e["neg_image"]
@@ -267,8 +268,7 @@ def test_build_train_from_coco_is_leak_free_and_balanced(tmp_path):
         assert all(anchor not in coco[p] for p in e["neg_image"])
     assert all(c["yes"] == c["no"] for c in per_pair.values())
     assert len({len(e["pos_image"]) + len(e["neg_image"]) for e in entries}) == 5
-    again = build_train_from_coco(instances, tmp_path / "again.json", exclude_vhs_files=[vhs], n_entries=60, min_images=2, max_images=6, seed=1)
-    assert load_vhs(again) == entries
+    assert load_vhs(build_train_from_coco(instances, tmp_path / "again.json", **options)) == entries
     with pytest.raises(ValueError, match="even"):
         build_train_from_coco(instances, tmp_path / "x.json", exclude_vhs_files=[vhs], n_entries=5)
     with pytest.raises(ValueError, match="instances_<split>.json"):
@@ -276,14 +276,17 @@ def test_build_train_from_coco_is_leak_free_and_balanced(tmp_path):
 
 
 def test_cli_round_trip(tmp_path, capsys):
-    assert main(["data", "synth", "--out", str(tmp_path / "s"), "--n-entries", "4", "--min-images", "2", "--max-images", "3", "--seed", "2"]) == 0
+    synth_args = ["--n-entries", "4", "--min-images", "2", "--max-images", "3", "--seed", "2"]
+    assert main(["data", "synth", "--out", str(tmp_path / "s"), *synth_args]) == 0
     printed = capsys.readouterr().out.strip()
-    assert load_vhs(printed) == load_vhs(synth_haystacks(tmp_path / "t", n_entries=4, min_images=2, max_images=3, seed=2))
+    direct = synth_haystacks(tmp_path / "t", n_entries=4, min_images=2, max_images=3, seed=2)
+    assert load_vhs(printed) == load_vhs(direct)
 
-    instances = _fake_coco(tmp_path)
-    args = ["data", "build-train", "--instances", *map(str, instances), "--exclude-vhs", printed, "--out", str(tmp_path / "train.json"), "--n-entries", "8", "--max-images", "4"]
-    assert main(args) == 0
+    instances, _ = _fake_coco(tmp_path)
+    args = ["data", "build-train", "--instances", *map(str, instances), "--exclude-vhs", printed]
+    assert main([*args, "--out", str(tmp_path / "train.json"), "--n-entries", "8", "--max-images", "4"]) == 0
     assert len(load_vhs(capsys.readouterr().out.strip())) == 8
 
-    assert main(["data", "synth", "--out", str(tmp_path / "u"), "--n-entries", "4", "--min-images", "5", "--max-images", "2"]) == 2
+    bad_range = ["--n-entries", "4", "--min-images", "5", "--max-images", "2"]
+    assert main(["data", "synth", "--out", str(tmp_path / "u"), *bad_range]) == 2
     assert "laid: error: need 1 <= min_images <= max_images" in capsys.readouterr().err

@@ -57,7 +57,7 @@ def test_score_response_rejects_bad_truth():
 
 def _random_responses(n, seed):
     words = ["yes", "no", "Yes", "NO", "not", "yesterday", "nope", "cannot", "don't", "the", "cat", "3.5"]
-    punct = [".", ",", "!", "?", ":", ";", "'", '"', "(", ")", "-", "/", "...", "--", "*", "'s", "’", "“", "\n", "]"]
+    punct = [".", ",", "!", "?", ":", ";", "'", '"', "(", ")", "-", "/", "...", "--", "*", "'s", "’", "“", "\n"]
     rng = random.Random(seed)
     for _ in range(n):
         parts = [rng.choice(words) if rng.random() < 0.5 else rng.choice(punct) for _ in range(rng.randint(1, 7))]
