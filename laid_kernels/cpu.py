@@ -35,9 +35,8 @@ from . import backends, reference
 from .mrope import _mrope_setup_context, _mrope_triton_fake
 from .qk_align import _qk_align_setup_context, _qk_align_triton_fake
 
-_HERE = Path(__file__).resolve().parent
-# Installed wheels carry the sources as the package laid_kernels.csrc; a source checkout has them at the top level.
-SOURCE_DIR = next((d for d in (_HERE / "csrc", _HERE.parent / "csrc") if (d / "ops.h").is_file()), _HERE / "csrc")
+# The sources: top-level csrc/ in a checkout (laid_kernels/csrc is a symlink to it), copied into installed wheels.
+SOURCE_DIR = Path(__file__).parent / "csrc"
 SOURCES = ("register.cpp", "mrope.cpp", "qk_align.cpp")
 HEADERS = ("common.h", "ops.h")
 CFLAGS = ("-O3", "-march=native", "-fopenmp")

@@ -1,0 +1,315 @@
+"""Peak memory and time of one forward + backward of L_qk (qk_align_loss) on a many-image prompt.
+
+For each number of images (default 1, 10, 50, 100, 150; 357 visual tokens per image plus the chat text), with the
+7B-student / 32B-teacher head counts (q 28 vs 40, kv 4 vs 8; ``--student 3b``: 16 vs 40, 2 vs 8), bf16 inputs laid
+out as q_proj / k_proj outputs, D = 128 and real M-RoPE positions (transformers' ``get_rope_index`` on the token
+layout of such a prompt, with a tiny Qwen2.5-VL config from ``laid.tiny``: nothing is downloaded), it runs the
+plain PyTorch reference and the fused backend of the device (the C++ backend on CPU, Triton on CUDA), each in its
+own fresh process, and records:
+
+- extra memory: on CPU the process's peak resident memory during the step minus its resident memory once the
+  inputs exist; on CUDA
+  ``torch.cuda.max_memory_allocated`` minus the allocation after the inputs; both after a warm-up step on 8 tokens
+  (one-time set-up). Reported with and without the gradients the step must return (dq_s, dk_s, dW).
+- time of the step (fused: median of ``--repeats`` runs, the first one measured for memory; reference: one run).
+
+It also measures this machine's copy bandwidth (bytes read + written per second by a large tensor copy) and fp32
+matrix-multiply rate (a 2048^3 ``torch.mm``), and prints the roofline floor of the fused step: the larger of
+(inputs read once + gradients written once) / bandwidth and (the head mixing and its dW product,
+4 (Hs Ht + Hs_kv Ht_kv) D FLOPs per token) / matmul rate.
+
+Outputs: a table on stdout (also as Markdown for benchmarks/RESULTS.md), ``<out>/memory_150img_<device>_<student>.json``
+and a plot ``.png`` beside it. ``--quick`` (for the test suite): one run per variant, small calibration sizes.
+
+Example::
+
+    python benchmarks/memory_150img.py                     # the full run (CPU: several minutes)
+    python benchmarks/memory_150img.py --images 1 2 --quick --out /tmp/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+TOKENS_PER_IMAGE = 357
+IMAGE_GRID = (1, 34, 42)  # patches (t, h, w) before the 2x2 merge: 17 * 21 = 357 tokens
+HEAD_DIM = 128
+SECTION = (16, 24, 24)
+ROPE_THETA = 1e6
+STUDENTS = {"7b": (28, 4), "3b": (16, 2)}  # (q heads, kv heads) of the student
+TEACHER = (40, 8)  # 32B
+VARIANTS = ("reference", "fused")
+
+
+def prompt_positions(images: int) -> torch.Tensor:
+    """M-RoPE positions [3, 1, N] of a chat prompt with ``images`` images, from transformers' ``get_rope_index``.
+
+    Layout (Qwen2.5-VL's chat template): system turn, user turn with "Picture k: <|vision_start|>" + 357 image pad
+    tokens + "<|vision_end|>" per image, then the question, then the open assistant turn; text is tokenised by the
+    tiny tokenizer of ``laid.tiny``.
+    """
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
+
+    from laid.tiny import build_tiny_tokenizer, tiny_qwen25vl_config
+
+    tokenizer = build_tiny_tokenizer()
+    config = tiny_qwen25vl_config(tokenizer=tokenizer)
+    model = Qwen2_5_VLModel(config)
+
+    def text(s: str) -> list[int]:
+        return tokenizer.encode(s, add_special_tokens=False)
+
+    ids: list[int] = text("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
+    kinds = [0] * len(ids)
+    for k in range(images):
+        piece = text(f"Picture {k + 1}: ") + [config.vision_start_token_id]
+        piece += [config.image_token_id] * TOKENS_PER_IMAGE + [config.vision_end_token_id]
+        ids += piece
+        kinds += [1 if t == config.image_token_id else 0 for t in piece]
+    tail = text("\nFor the image with the anchor object, is there a dog in the image? Answer yes or no.<|im_end|>\n"
+                "<|im_start|>assistant\n")
+    ids += tail
+    kinds += [0] * len(tail)
+    positions, _ = model.get_rope_index(torch.tensor([ids]), torch.tensor([kinds], dtype=torch.int32),
+                                        image_grid_thw=torch.tensor([IMAGE_GRID] * images))
+    return positions
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> None:
+    """Reset the kernel's peak resident set size (VmHWM) of this process to its current size."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def worker(variant: str, student: str, positions_path: str, repeats: int) -> dict:
+    """One variant in this (fresh) process: build inputs, measure one forward + backward, return the record."""
+    import laid_kernels
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backend = "reference" if variant == "reference" else ("triton" if device.type == "cuda" else "cpu")
+    hs, hs_kv = STUDENTS[student]
+    ht, ht_kv = TEACHER
+    bf16 = dict(dtype=torch.bfloat16, device=device)
+    inv_freq = 1.0 / ROPE_THETA ** (torch.arange(HEAD_DIM // 2, dtype=torch.float32, device=device) * 2 / HEAD_DIM)
+
+    def inputs(positions: torch.Tensor) -> dict:
+        """bf16 q / k of both models as views of q_proj / k_proj outputs [1, N, H * D], fp32 mixing weights."""
+        seq = positions.shape[-1]
+
+        def projection(heads: int) -> torch.Tensor:
+            return torch.empty(1, seq, heads * HEAD_DIM, **bf16).normal_().view(1, seq, heads, HEAD_DIM)
+
+        generator = torch.Generator().manual_seed(0)
+        return dict(q_s=projection(hs).requires_grad_(), k_s=projection(hs_kv).requires_grad_(), q_t=projection(ht),
+                    k_t=projection(ht_kv),
+                    w_q=(torch.randn(hs, ht, generator=generator) / ht ** 0.5).to(device).requires_grad_(),
+                    w_k=(torch.randn(hs_kv, ht_kv, generator=generator) / ht_kv ** 0.5).to(device).requires_grad_(),
+                    positions=positions, inv_freq=inv_freq)
+
+    def step(x: dict) -> float:
+        for name in ("q_s", "k_s", "w_q", "w_k"):
+            x[name].grad = None
+        start = time.perf_counter()
+        loss = laid_kernels.qk_align_loss(x["q_s"], x["k_s"], x["q_t"], x["k_t"], x["w_q"], x["w_k"],
+                                          x["positions"], x["inv_freq"], SECTION, backend=backend)
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    positions = torch.load(positions_path).to(device)
+    # Warm-up on 8 tokens: one-time set-up of the first call (loading or building the compiled library, lazily
+    # imported modules, dispatcher caches, the thread pool) is not memory of the step.
+    step(inputs(positions[..., :8].contiguous()))
+    x = inputs(positions)
+    seq = positions.shape[-1]
+    input_bytes = sum(t.nbytes for t in x.values())
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        baseline = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        _reset_peak_rss()
+        baseline = _rss_kib("VmRSS") * 1024
+    times = [step(x)]
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = _rss_kib("VmHWM") * 1024
+    grad_bytes = sum(x[name].grad.nbytes for name in ("q_s", "k_s", "w_q", "w_k"))
+    times += [step(x) for _ in range(repeats - 1)]
+    return dict(variant=variant, backend=backend, device=device.type, student=student, tokens=seq,
+                input_bytes=input_bytes, grad_bytes=grad_bytes, extra_bytes=peak - baseline,
+                extra_beyond_grads_bytes=peak - baseline - grad_bytes, time_s=statistics.median(times),
+                times_s=times, threads=torch.get_num_threads())
+
+
+def machine_rates(quick: bool) -> dict:
+    """Copy bandwidth (bytes read + written per second) and fp32 matmul rate (FLOP/s) of this machine, best of 5."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def best(fn, runs=5) -> float:
+        fn()
+        timings = []
+        for _ in range(runs):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            timings.append(time.perf_counter() - start)
+        return min(timings)
+
+    elements = (16 if quick else 256) * 2 ** 20 // 4
+    src, dst = torch.empty(elements, device=device).normal_(), torch.empty(elements, device=device)
+    bandwidth = 2 * src.nbytes / best(lambda: dst.copy_(src))
+    n = 512 if quick else 2048
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    rate = 2 * n ** 3 / best(lambda: torch.mm(a, b))
+    return dict(copy_bytes_per_s=bandwidth, matmul_flop_per_s=rate)
+
+
+def roofline_s(record: dict, rates: dict) -> float:
+    """Floor of the fused step: max(minimal bytes / bandwidth, mixing FLOPs / matmul rate)."""
+    hs, hs_kv = STUDENTS[record["student"]]
+    ht, ht_kv = TEACHER
+    flops = 4 * (hs * ht + hs_kv * ht_kv) * HEAD_DIM * record["tokens"]
+    minimal_bytes = record["input_bytes"] + record["grad_bytes"]
+    return max(minimal_bytes / rates["copy_bytes_per_s"], flops / rates["matmul_flop_per_s"])
+
+
+def machine_description() -> str:
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{cpu}, {torch.get_num_threads()} threads"
+    return f"{device}; torch {torch.__version__}"
+
+
+def run(images: list[int], student: str, repeats: int, quick: bool, out: Path) -> dict:
+    """Every (images, variant) in a fresh process; returns and writes the results."""
+    import laid_kernels
+
+    out.mkdir(parents=True, exist_ok=True)
+    rates = machine_rates(quick)
+    # The workers import laid_kernels from where this process found it (an installed package or a checkout).
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(Path(laid_kernels.__file__).parent.parent), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    records = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for count in images:
+            positions_path = str(Path(tmp) / f"positions_{count}.pt")
+            torch.save(prompt_positions(count), positions_path)
+            for variant in VARIANTS:
+                command = [sys.executable, __file__, "--worker", variant, "--positions", positions_path,
+                           "--student", student, "--repeats", str(1 if variant == "reference" else repeats)]
+                done = subprocess.run(command, capture_output=True, text=True, env=env)
+                if done.returncode:
+                    raise RuntimeError(f"{variant} at {count} images failed:\n{done.stderr[-4000:]}")
+                record = json.loads(done.stdout.strip().splitlines()[-1])
+                record["images"] = count
+                if variant == "fused":
+                    record["roofline_s"] = roofline_s(record, rates)
+                records.append(record)
+    result = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  machine=machine_description(), student=student, rates=rates, records=records)
+    stem = out / f"memory_150img_{records[0]['device']}_{student}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    plot(result, stem.with_suffix(".png"))
+    return result
+
+
+def table(result: dict) -> str:
+    """The results as a Markdown table, one row per image count."""
+    by = {(r["images"], r["variant"]): r for r in result["records"]}
+    gib = 2 ** 30
+    lines = ["| images | tokens | inputs GiB | ref extra GiB | ref time s | fused extra GiB (beyond grads) "
+             "| fused extra / inputs | fused time s | speed-up | roofline s | fused / roofline |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for count in sorted({r["images"] for r in result["records"]}):
+        ref, fused = by[(count, "reference")], by[(count, "fused")]
+        lines.append(
+            f"| {count} | {fused['tokens']} | {fused['input_bytes'] / gib:.3f} "
+            f"| {ref['extra_bytes'] / gib:.3f} | {ref['time_s']:.3f} "
+            f"| {fused['extra_bytes'] / gib:.3f} ({fused['extra_beyond_grads_bytes'] / gib:.4f}) "
+            f"| {fused['extra_beyond_grads_bytes'] / fused['input_bytes']:.2%} | {fused['time_s']:.3f} "
+            f"| {ref['time_s'] / fused['time_s']:.1f}x | {fused['roofline_s']:.3f} "
+            f"| {fused['time_s'] / fused['roofline_s']:.2f}x |")
+    rates = result["rates"]
+    lines.append(f"\n{result['date']}, {result['machine']}, student {result['student']} against the 32B teacher; "
+                 f"copy bandwidth {rates['copy_bytes_per_s'] / 1e9:.1f} GB/s (read + write), fp32 matmul "
+                 f"{rates['matmul_flop_per_s'] / 1e9:.1f} GFLOP/s.")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (memory, timing) = plt.subplots(1, 2, figsize=(11, 4))
+    for variant in VARIANTS:
+        rows = sorted((r for r in result["records"] if r["variant"] == variant), key=lambda r: r["images"])
+        images = [r["images"] for r in rows]
+        memory.plot(images, [r["extra_bytes"] / 2 ** 30 for r in rows], "o-", label=f"{variant} ({rows[0]['backend']})")
+        timing.plot(images, [r["time_s"] for r in rows], "o-", label=f"{variant} ({rows[0]['backend']})")
+        if variant == "fused":
+            memory.plot(images, [r["grad_bytes"] / 2 ** 30 for r in rows], "k:", label="returned gradients")
+            timing.plot(images, [r["roofline_s"] for r in rows], "k--", label="roofline floor (fused)")
+    memory.set(xlabel="images", ylabel="extra memory beyond inputs (GiB)", title="Peak memory of L_qk fwd+bwd")
+    timing.set(xlabel="images", ylabel="seconds", title="Time of L_qk fwd+bwd", yscale="log")
+    for ax in (memory, timing):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{result['machine']} ({result['date']})", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, nargs="+", default=[1, 10, 50, 100, 150])
+    parser.add_argument("--student", choices=sorted(STUDENTS), default="7b")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of the fused step (median)")
+    parser.add_argument("--quick", action="store_true", help="one run per variant, small calibration (tests)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out")
+    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--positions", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.student, args.positions, args.repeats)))
+        return
+    if any(count < 1 for count in args.images) or args.repeats < 1:
+        parser.error("--images and --repeats must be positive")
+    result = run(args.images, args.student, 1 if args.quick else args.repeats, args.quick, args.out)
+    print(table(result))
+
+
+if __name__ == "__main__":
+    main()
