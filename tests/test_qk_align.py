@@ -106,9 +106,11 @@ def test_matches_reference(backend, heads, batch, seq, dim, section, dtype, norm
 
 
 @pytest.mark.parametrize("backend", FUSED)
-def test_padding_gets_zero_gradient_and_is_not_read(backend):
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64])  # an attention_mask passed as it comes
+def test_padding_gets_zero_gradient_and_is_not_read(backend, mask_dtype):
     inputs = make_inputs((16, 2, 40, 8), batch=2, seq=20, dim=64, section=SMALL_SECTION)
     valid = inputs["valid"]
+    inputs["valid"] = valid.to(mask_dtype)
     for name in ("q_s", "k_s", "q_t", "k_t"):  # garbage on padding must not leak in
         inputs[name][~valid] = float("nan")
     loss, grads = loss_and_grads(inputs, 1.0, backend=backend)
