@@ -74,10 +74,12 @@ def qk_align_loss(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: 
 
 
 # tl.dot precision. "ieee" keeps fp32 accuracy on the GPU (TF32 would give ~1e-3 relative errors, far above the
-# plain PyTorch fp32 error the tests compare against); the kernel is bound by memory traffic, not by the dots.
+# plain PyTorch fp32 error the tests compare against). It runs the dots on fp32 FMA units: about 1.2 MFLOP per token
+# for the 7B/32B shapes, which may exceed the memory time on an H100 (a prediction, see benchmarks/RESULTS.md;
+# "tf32x3" is the candidate to measure on a GPU).
 INPUT_PRECISION = "ieee"
 # Channel pairs per iteration (tl.dot needs >= 16) and warps. Chosen with laid_kernels.aot for the 7B/32B shapes:
-# 16 / 4 warps compiles without spills for sm_80 and sm_90 (188 registers for the query part on sm_90); 16 / 8 warps
+# 16 / 4 warps compiles without spills for sm_80 and sm_90 (196 registers for the query part on sm_90); 16 / 8 warps
 # and 32 / 4 warps reach 255 registers and 32 / 4 spills. The interpreter (CPU tensors) has no registers and pays
 # per operation, so it runs one block of all channel pairs (INTERPRETER_BLOCK_F); the tests also run BLOCK_F there.
 BLOCK_F = 16
