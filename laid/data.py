@@ -10,6 +10,7 @@ benchmark). The protocol shows all images first, then one text item ``VHS_PROMPT
 
 from __future__ import annotations
 
+import collections
 import json
 import random
 import re
@@ -389,17 +390,30 @@ def build_train_from_coco(
     pool = sorted(rel for rel in contents if Path(rel).name not in excluded)
     if not pool:
         raise ValueError("no COCO image is left after excluding the Visual Haystacks images")
-    with_category = {name: sorted(rel for rel in pool if name in contents[rel]) for name in names}
+    with_category: dict[str, list[str]] = {name: [] for name in names}
+    for rel in pool:
+        for name in contents[rel]:
+            with_category[name].append(rel)
     rng = random.Random(seed)
+    co_occurring: dict[str, dict[str, list[str]]] = {}  # anchor -> target -> images holding both (built on demand)
 
-    def distractors(anchor: str, needle: str, count: int) -> list[str]:
-        candidates = len(pool) - len(with_category[anchor])
-        if count > candidates:
-            raise ValueError(f"only {candidates} images lack '{anchor}', cannot draw {count} distractors")
+    def needles(anchor: str, target: str) -> tuple[list[str], int]:
+        """Images holding anchor and target, and how many images hold the anchor without the target."""
+        if anchor not in co_occurring:
+            co_occurring[anchor] = collections.defaultdict(list)
+            for rel in with_category[anchor]:
+                for name in contents[rel]:
+                    co_occurring[anchor][name].append(rel)
+        both = co_occurring[anchor].get(target, [])
+        return both, len(with_category[anchor]) - len(both)
+
+    def draw(candidates: list[str], lacking: str, count: int) -> list[str]:
+        """``count`` distinct images of ``candidates`` without category ``lacking`` (rejection sampling: the
+        candidate lists have a fixed order, so the result is deterministic per seed)."""
         chosen: set[str] = set()
-        while len(chosen) < count:  # rejection sampling: pool order is fixed, so this is deterministic per seed
-            rel = rng.choice(pool)
-            if anchor not in contents[rel] and rel != needle:
+        while len(chosen) < count:
+            rel = rng.choice(candidates)
+            if lacking not in contents[rel]:
                 chosen.add(rel)
         return sorted(chosen)
 
@@ -407,15 +421,18 @@ def build_train_from_coco(
     for _ in range(n_entries // 2):
         for _ in range(max_tries):
             anchor, target = rng.sample(names, 2)
-            yes_needles = [rel for rel in with_category[anchor] if target in contents[rel]]
-            no_needles = [rel for rel in with_category[anchor] if target not in contents[rel]]
-            if yes_needles and no_needles:
+            yes_needles, n_no_needles = needles(anchor, target)
+            if yes_needles and n_no_needles:
                 break
         else:
             raise ValueError(f"no (anchor, target) category pair with both answers found in {max_tries} tries")
-        for answer, needles in (("yes", yes_needles), ("no", no_needles)):
-            needle = rng.choice(needles)
-            negatives = distractors(anchor, needle, rng.randint(min_images, max_images) - 1)
+        without_anchor = len(pool) - len(with_category[anchor])
+        for answer in ("yes", "no"):
+            needle = rng.choice(yes_needles) if answer == "yes" else draw(with_category[anchor], target, 1)[0]
+            count = rng.randint(min_images, max_images) - 1
+            if count > without_anchor:
+                raise ValueError(f"only {without_anchor} images lack '{anchor}', cannot draw {count} distractors")
+            negatives = draw(pool, anchor, count)
             rng.shuffle(negatives)
             entries.append(_entry(_question(anchor, target), answer, [needle], negatives))
     rng.shuffle(entries)
