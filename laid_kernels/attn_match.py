@@ -30,6 +30,7 @@ Both are ``torch.library`` custom ops (forward and backward each) with fake impl
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable, Iterator, Sequence
 
@@ -148,32 +149,35 @@ def _cpu_key_blocks(k_s: torch.Tensor, k_t: torch.Tensor, w_k: torch.Tensor, pos
 def _cpu_block_logits(qs: torch.Tensor, qt: torch.Tensor, ks: torch.Tensor, kt: torch.Tensor, m: torch.Tensor,
                       n0: int, key_valid: torch.Tensor, coef: float,
                       group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Student logits s_s and distance-weighted teacher logits shat_t [Hs_kv, G, R_b, K], -inf where not allowed.
+    """Student logits s_s and distance-weighted teacher logits shat_t [Hs_kv, R, G, K], -inf where not allowed.
 
-    qs, qt: [Hs_kv, G * R_b, D] query lanes (head h * G + g, row r at lane g * R_b + r); ks, kt: [Hs_kv, K, D];
-    m: [R_b] row positions; key_valid: [N] of this sample. Also returns allowed [R_b, K] (causal and valid).
+    qs, qt: [Hs_kv, R * G, D] query lanes (row r, head h * G + g at lane r * G + g of batch h); ks, kt:
+    [Hs_kv, K, D] keys n0 + [0, K); m: [R] row positions; key_valid: [N] of this sample. Also returns allowed
+    [R, K] (causal and valid).
     """
     hs_kv, lanes, dim = qs.shape
     keys = ks.shape[1]
     n = torch.arange(n0, n0 + keys, device=m.device)
-    distance = m[:, None] - n[None, :]  # [R_b, K]
+    distance = m[:, None] - n[None, :]  # [R, K]
     allowed = (distance >= 0) & key_valid[n0:n0 + keys][None, :]
     scale = 1.0 / math.sqrt(dim)
-    s_s = torch.bmm(qs, ks.transpose(1, 2)).view(hs_kv, group, lanes // group, keys) * scale
-    s_t = torch.bmm(qt, kt.transpose(1, 2)).view(hs_kv, group, lanes // group, keys) * scale
-    s_t = s_t + reference.distance_log_weight(distance.clamp_min(0), coef, 1.0)
-    return s_s.masked_fill(~allowed, float("-inf")), s_t.masked_fill(~allowed, float("-inf")), allowed
+    s_s = torch.bmm(qs, ks.transpose(1, 2)).view(hs_kv, lanes // group, group, keys) * scale
+    s_t = torch.bmm(qt, kt.transpose(1, 2)).view(hs_kv, lanes // group, group, keys) * scale
+    s_t = s_t + reference.distance_log_weight(distance.clamp_min(0), coef, 1.0)[:, None, :]
+    blocked = ~allowed[:, None, :]
+    return s_s.masked_fill(blocked, float("-inf")), s_t.masked_fill(blocked, float("-inf")), allowed
 
 
 def _cpu_lanes(rows: torch.Tensor, hs_kv: int) -> torch.Tensor:
-    """[R_b, Hs, D] -> the lane layout [Hs_kv, G * R_b, D] of :func:`_cpu_block_logits`."""
-    r, hs, dim = rows.shape
-    return rows.view(r, hs_kv, hs // hs_kv, dim).permute(1, 2, 0, 3).reshape(hs_kv, -1, dim)
+    """[R, Hs, X] -> the lane layout [Hs_kv, R * G, X] of :func:`_cpu_block_logits`."""
+    r, hs, x = rows.shape
+    return rows.view(r, hs_kv, hs // hs_kv, x).transpose(0, 1).reshape(hs_kv, -1, x)
 
 
-def _cpu_row_stat(stat: torch.Tensor) -> torch.Tensor:
-    """[Hs_kv, G, R_b] -> [R_b, Hs] (head h * G + g)."""
-    return stat.permute(2, 0, 1).reshape(stat.shape[2], -1)
+def _cpu_unlanes(lanes: torch.Tensor, rows: int) -> torch.Tensor:
+    """[Hs_kv, R * G, X] -> [R, Hs, X] (inverse of :func:`_cpu_lanes`)."""
+    hs_kv, _, x = lanes.shape
+    return lanes.view(hs_kv, rows, -1, x).transpose(0, 1).reshape(rows, -1, x)
 
 
 def _cpu_samples(row_index: torch.Tensor, batch: int, seq: int, hs: int) -> Iterator[tuple[int, int, int, int, int]]:
@@ -191,31 +195,33 @@ def _cpu_samples(row_index: torch.Tensor, batch: int, seq: int, hs: int) -> Iter
 def _cpu_forward(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section, row_index, key_valid, progress, alpha):
     batch, seq, hs, _ = q_s.shape
     hs_kv = k_s.shape[2]
-    coef = alpha * progress
+    group = hs // hs_kv
     q_rows, t_rows, _, _ = _query_rows(q_s, q_t, w_q, positions, inv_freq, section, row_index)
     lse_s = q_rows.new_empty(row_index.numel(), hs)
     lse_t = q_rows.new_empty(row_index.numel(), hs)
     total = q_rows.new_zeros((), dtype=torch.float64)
     for b, lo, hi, n_end, block in _cpu_samples(row_index, batch, seq, hs):
         m = row_index[lo:hi] - b * seq
+        m_list = m.tolist()
         qs, qt = _cpu_lanes(q_rows[lo:hi], hs_kv), _cpu_lanes(t_rows[lo:hi], hs_kv)
-        stat_shape = (hs_kv, hs // hs_kv, hi - lo)
-        max_s, sum_s = q_rows.new_full(stat_shape, MAX_INIT), q_rows.new_zeros(stat_shape)
-        max_t, sum_t, acc = q_rows.new_full(stat_shape, MAX_INIT), q_rows.new_zeros(stat_shape), q_rows.new_zeros(
-            stat_shape)
+        # per (kv head, row, head in group): running max / sum of the student and teacher rows, and acc
+        max_s, sum_s = q_rows.new_full((hs_kv, hi - lo, group), MAX_INIT), q_rows.new_zeros((hs_kv, hi - lo, group))
+        max_t, sum_t = torch.full_like(max_s, MAX_INIT), torch.zeros_like(sum_s)
+        acc = torch.zeros_like(sum_s)
         for n0, ks, kt, _, _ in _cpu_key_blocks(k_s, k_t, w_k, positions, inv_freq, section, b, n_end, block):
-            s_s, s_t, allowed = _cpu_block_logits(qs, qt, ks, kt, m, n0, key_valid[b], coef, hs // hs_kv)
-            new_max = torch.maximum(max_s, s_s.amax(-1))
-            sum_s = sum_s * (max_s - new_max).exp() + (s_s - new_max[..., None]).exp().sum(-1)
-            max_s = new_max
-            new_max = torch.maximum(max_t, s_t.amax(-1))
-            e_t = (s_t - new_max[..., None]).exp()
-            rescale = (max_t - new_max).exp()
-            sum_t = sum_t * rescale + e_t.sum(-1)
-            acc = acc * rescale + (e_t * torch.where(allowed, s_t - s_s, 0.0)).sum(-1)
-            max_t = new_max
-        row_lse_s, row_lse_t = max_s + sum_s.log(), max_t + sum_t.log()
-        lse_s[lo:hi], lse_t[lo:hi] = _cpu_row_stat(row_lse_s), _cpu_row_stat(row_lse_t)
+            r0 = bisect.bisect_left(m_list, n0)  # rows before r0 end before this block (rows ascend in m)
+            s_s, s_t, allowed = _cpu_block_logits(qs[:, r0 * group:], qt[:, r0 * group:], ks, kt, m[r0:], n0,
+                                                  key_valid[b], alpha * progress, group)
+            old_s, old_t = max_s[:, r0:], max_t[:, r0:]
+            new_s, new_t = torch.maximum(old_s, s_s.amax(-1)), torch.maximum(old_t, s_t.amax(-1))
+            sum_s[:, r0:] = sum_s[:, r0:] * (old_s - new_s).exp() + (s_s - new_s[..., None]).exp().sum(-1)
+            e_t = (s_t - new_t[..., None]).exp()
+            rescale = (old_t - new_t).exp()
+            sum_t[:, r0:] = sum_t[:, r0:] * rescale + e_t.sum(-1)
+            acc[:, r0:] = acc[:, r0:] * rescale + (e_t * torch.where(allowed[:, None, :], s_t - s_s, 0.0)).sum(-1)
+            max_s[:, r0:], max_t[:, r0:] = new_s, new_t
+        lse_s[lo:hi] = _cpu_unlanes((max_s + sum_s.log()).reshape(hs_kv, -1, 1), hi - lo)[..., 0]
+        lse_t[lo:hi] = _cpu_unlanes((max_t + sum_t.log()).reshape(hs_kv, -1, 1), hi - lo)[..., 0]
         total += (acc / sum_t - (max_t - max_s) + (sum_s.log() - sum_t.log())).double().sum()
     return (total / (row_index.numel() * hs)).float(), lse_s, lse_t
 
@@ -226,25 +232,28 @@ def _cpu_backward(grad, q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, secti
     batch, seq, hs, dim = q_s.shape
     hs_kv = k_s.shape[2]
     group = hs // hs_kv
-    coef = alpha * progress
     q_rows, t_rows, cos_rows, sin_rows = _query_rows(q_s, q_t, w_q, positions, inv_freq, section, row_index)
     d_rows = torch.zeros_like(q_rows)
     dk_s = torch.zeros(k_s.shape, dtype=k_s.dtype, device=k_s.device)
     scale = grad.float() / (row_index.numel() * hs * math.sqrt(dim))
     for b, lo, hi, n_end, block in _cpu_samples(row_index, batch, seq, hs):
         m = row_index[lo:hi] - b * seq
+        m_list = m.tolist()
         qs, qt = _cpu_lanes(q_rows[lo:hi], hs_kv), _cpu_lanes(t_rows[lo:hi], hs_kv)
-        row_lse_s = _cpu_lanes(lse_s[lo:hi, :, None], hs_kv).view(hs_kv, group, hi - lo, 1)
-        row_lse_t = _cpu_lanes(lse_t[lo:hi, :, None], hs_kv).view(hs_kv, group, hi - lo, 1)
+        row_lse_s = _cpu_lanes(lse_s[lo:hi, :, None], hs_kv).view(hs_kv, hi - lo, group, 1)
+        row_lse_t = _cpu_lanes(lse_t[lo:hi, :, None], hs_kv).view(hs_kv, hi - lo, group, 1)
         dq = torch.zeros_like(qs)
         for n0, ks, kt, cos, sin in _cpu_key_blocks(k_s, k_t, w_k, positions, inv_freq, section, b, n_end, block):
-            s_s, s_t, _ = _cpu_block_logits(qs, qt, ks, kt, m, n0, key_valid[b], coef, group)
-            d_logits = ((s_s - row_lse_s).exp() - (s_t - row_lse_t).exp()).mul_(scale).view(hs_kv, -1, ks.shape[1])
-            dq += torch.bmm(d_logits, ks)
-            dk = torch.bmm(d_logits.transpose(1, 2), qs)  # [Hs_kv, K, D], rotated frame
+            r0 = bisect.bisect_left(m_list, n0)
+            s_s, s_t, _ = _cpu_block_logits(qs[:, r0 * group:], qt[:, r0 * group:], ks, kt, m[r0:], n0, key_valid[b],
+                                            alpha * progress, group)
+            d_logits = (s_s - row_lse_s[:, r0:]).exp_().sub_((s_t - row_lse_t[:, r0:]).exp_()).mul_(scale)
+            d_logits = d_logits.view(hs_kv, -1, ks.shape[1])  # [Hs_kv, lanes, K]
+            dq[:, r0 * group:] += torch.bmm(d_logits, ks)
+            dk = torch.bmm(d_logits.transpose(1, 2), qs[:, r0 * group:])  # [Hs_kv, K, D], rotated frame
             dk = reference.rotate(dk.transpose(0, 1).unsqueeze(0), cos, -sin)
             dk_s[b, n0:n0 + ks.shape[1]] = dk[0].to(k_s.dtype)
-        d_rows[lo:hi] = dq.view(hs_kv, group, hi - lo, dim).permute(2, 0, 1, 3).reshape(hi - lo, hs, dim)
+        d_rows[lo:hi] = _cpu_unlanes(dq, hi - lo)
     return _unrotate_rows(d_rows, cos_rows, sin_rows, row_index, q_s), dk_s
 
 
@@ -253,15 +262,17 @@ def _cpu_backward(grad, q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, secti
 
 
 @triton.jit
-def _rotated_key_block(ks_ptr, kt_ptr, wk_ptr, pos_ptr, inv_freq, b, offs_n, offs_f, key_ok,
+def _rotated_key_block(ks_ptr, kt_ptr, wk_ptr, pos_ptr, inv_freq, valid_ptr, b, offs_n, offs_f, n_end, seq,
                        stride_kb, stride_kn, stride_kd, stride_tb, stride_tn, stride_th, stride_td,
                        stride_pr, stride_pb, stride_pn, HT_KV: tl.constexpr, HALF: tl.constexpr,
                        SECTION_T: tl.constexpr, SECTION_TH: tl.constexpr):
-    """One key block for one student kv head h: the rotated student key halves, the teacher key halves mixed by
-    w_k[h, :] and rotated ([BLOCK_N, HALF] each, fp32), and the block's cos / sin.
+    """One key block for one student kv head h: the rotated student key halves and the teacher key halves mixed by
+    w_k[h, :] and rotated ([BLOCK_N, HALF] each, fp32).
 
-    ks_ptr points at k_s[:, :, h]; wk_ptr at w_k[h, 0]; kt_ptr at k_t (all HT_KV teacher kv heads are read).
+    ks_ptr points at k_s[:, :, h]; wk_ptr at w_k[h, 0]; kt_ptr at k_t (all HT_KV teacher kv heads are read). Also
+    returns key_ok [BLOCK_N]: the key is below n_end and valid in sample b (other keys load as 0).
     """
+    key_ok = (offs_n < n_end) & (tl.load(valid_ptr + b * seq + offs_n, mask=offs_n < n_end, other=0) != 0)
     p_t, p_h, p_w = load_positions(pos_ptr + b * stride_pb, stride_pr, offs_n * stride_pn, key_ok)
     cos, sin = mrope_cos_sin(p_t[:, None], p_h[:, None], p_w[:, None], inv_freq[None, :], offs_f[None, :],
                              SECTION_T, SECTION_TH)
@@ -277,7 +288,7 @@ def _rotated_key_block(ks_ptr, kt_ptr, wk_ptr, pos_ptr, inv_freq, b, offs_n, off
         kt_lo += w * tl.load(kt + j * stride_th, mask=key_ok[:, None], other=0.0).to(tl.float32)
         kt_hi += w * tl.load(kt + j * stride_th + HALF * stride_td, mask=key_ok[:, None], other=0.0).to(tl.float32)
     kt_lo, kt_hi = rotate_pair(kt_lo, kt_hi, cos, sin)
-    return ks_lo, ks_hi, kt_lo, kt_hi, cos, sin
+    return key_ok, ks_lo, ks_hi, kt_lo, kt_hi
 
 
 @triton.jit
@@ -295,9 +306,13 @@ def _block_logits(qs_lo, qs_hi, qt_lo, qt_hi, ks_lo, ks_hi, kt_lo, kt_hi, m, off
 
 
 @triton.jit
-def _row_lanes(sample_rows_ptr, row_m_ptr, b, lane0, h, BLOCK_M: tl.constexpr, GROUP: tl.constexpr):
-    """Lanes lane0 + [0, BLOCK_M) of sample b's (row, head-in-group) pairs for kv head h: flat row index, student
-    head, row position m (-1 on dead lanes) and whether the lane is live."""
+def _row_block(qs_ptr, qt_ptr, sample_rows_ptr, row_m_ptr, b, lane0, h, offs_f, BLOCK_M: tl.constexpr,
+               GROUP: tl.constexpr, HS: tl.constexpr, HALF: tl.constexpr):
+    """Lanes lane0 + [0, BLOCK_M) of sample b's (row, head in group) pairs for kv head h.
+
+    Returns the flat row index, the student head, the row position m (-1 on dead lanes), whether the lane is live,
+    and the student and teacher query halves [BLOCK_M, HALF] (fp32 [R, HS, 2 * HALF] row tensors).
+    """
     row_lo = tl.load(sample_rows_ptr + b)
     row_hi = tl.load(sample_rows_ptr + b + 1)
     lanes = lane0 + tl.arange(0, BLOCK_M)
@@ -305,14 +320,12 @@ def _row_lanes(sample_rows_ptr, row_m_ptr, b, lane0, h, BLOCK_M: tl.constexpr, G
     lane_ok = row < row_hi
     head = h * GROUP + lanes % GROUP
     m = tl.load(row_m_ptr + row, mask=lane_ok, other=-1)
-    return row, head, m, lane_ok
-
-
-@triton.jit
-def _load_lanes(ptr, row, head, offs_f, lane_ok, HS: tl.constexpr, HALF: tl.constexpr):
-    """Halves [BLOCK_M, HALF] of the fp32 [R, HS, 2 * HALF] row tensor at (row, head)."""
-    p = ptr + (row[:, None] * HS + head[:, None]) * (2 * HALF) + offs_f[None, :]
-    return (tl.load(p, mask=lane_ok[:, None], other=0.0), tl.load(p + HALF, mask=lane_ok[:, None], other=0.0))
+    offs = (row[:, None] * HS + head[:, None]) * (2 * HALF) + offs_f[None, :]
+    qs_lo = tl.load(qs_ptr + offs, mask=lane_ok[:, None], other=0.0)
+    qs_hi = tl.load(qs_ptr + offs + HALF, mask=lane_ok[:, None], other=0.0)
+    qt_lo = tl.load(qt_ptr + offs, mask=lane_ok[:, None], other=0.0)
+    qt_hi = tl.load(qt_ptr + offs + HALF, mask=lane_ok[:, None], other=0.0)
+    return row, head, m, lane_ok, qs_lo, qs_hi, qt_lo, qt_hi
 
 
 @triton.jit
@@ -325,10 +338,9 @@ def _fwd_kernel(qs_ptr, qt_ptr, row_m_ptr, sample_rows_ptr, ks_ptr, kt_ptr, wk_p
     """Per (row, head) lane: lse_s, lse_t and KL(phat_t || p_s), streaming the sample's keys n < max m + 1."""
     pid_m, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     GROUP: tl.constexpr = HS // HS_KV
-    row, head, m, lane_ok = _row_lanes(sample_rows_ptr, row_m_ptr, b, pid_m * BLOCK_M, h, BLOCK_M, GROUP)
     offs_f = tl.arange(0, HALF)
-    qs_lo, qs_hi = _load_lanes(qs_ptr, row, head, offs_f, lane_ok, HS, HALF)
-    qt_lo, qt_hi = _load_lanes(qt_ptr, row, head, offs_f, lane_ok, HS, HALF)
+    row, head, m, lane_ok, qs_lo, qs_hi, qt_lo, qt_hi = _row_block(
+        qs_ptr, qt_ptr, sample_rows_ptr, row_m_ptr, b, pid_m * BLOCK_M, h, offs_f, BLOCK_M, GROUP, HS, HALF)
     inv_freq = tl.load(inv_freq_ptr + offs_f).to(tl.float32)
     max_s = tl.full((BLOCK_M,), -1.0e30, tl.float32)
     max_t = tl.full((BLOCK_M,), -1.0e30, tl.float32)
@@ -338,11 +350,10 @@ def _fwd_kernel(qs_ptr, qt_ptr, row_m_ptr, sample_rows_ptr, ks_ptr, kt_ptr, wk_p
     n_end = tl.max(m, axis=0) + 1
     for n0 in range(0, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        key_ok = (offs_n < n_end) & (tl.load(valid_ptr + b * seq + offs_n, mask=offs_n < n_end, other=0) != 0)
-        ks_lo, ks_hi, kt_lo, kt_hi, _, _ = _rotated_key_block(
-            ks_ptr + h * stride_kh, kt_ptr, wk_ptr + h * HT_KV, pos_ptr, inv_freq, b, offs_n, offs_f, key_ok,
-            stride_kb, stride_kn, stride_kd, stride_tb, stride_tn, stride_th, stride_td, stride_pr, stride_pb,
-            stride_pn, HT_KV, HALF, SECTION_T, SECTION_TH)
+        key_ok, ks_lo, ks_hi, kt_lo, kt_hi = _rotated_key_block(
+            ks_ptr + h * stride_kh, kt_ptr, wk_ptr + h * HT_KV, pos_ptr, inv_freq, valid_ptr, b, offs_n, offs_f,
+            n_end, seq, stride_kb, stride_kn, stride_kd, stride_tb, stride_tn, stride_th, stride_td, stride_pr,
+            stride_pb, stride_pn, HT_KV, HALF, SECTION_T, SECTION_TH)
         s_s, s_t, allowed = _block_logits(qs_lo, qs_hi, qt_lo, qt_hi, ks_lo, ks_hi, kt_lo, kt_hi, m, offs_n,
                                           lane_ok, key_ok, sm_scale, coef, PRECISION)
         new_max = tl.maximum(max_s, tl.max(s_s, axis=1))
@@ -372,10 +383,9 @@ def _dq_kernel(qs_ptr, qt_ptr, row_m_ptr, sample_rows_ptr, ks_ptr, kt_ptr, wk_pt
     """Gradient of the loss with respect to the rotated student query rows, fp32 [R, HS, 2 * HALF]."""
     pid_m, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     GROUP: tl.constexpr = HS // HS_KV
-    row, head, m, lane_ok = _row_lanes(sample_rows_ptr, row_m_ptr, b, pid_m * BLOCK_M, h, BLOCK_M, GROUP)
     offs_f = tl.arange(0, HALF)
-    qs_lo, qs_hi = _load_lanes(qs_ptr, row, head, offs_f, lane_ok, HS, HALF)
-    qt_lo, qt_hi = _load_lanes(qt_ptr, row, head, offs_f, lane_ok, HS, HALF)
+    row, head, m, lane_ok, qs_lo, qs_hi, qt_lo, qt_hi = _row_block(
+        qs_ptr, qt_ptr, sample_rows_ptr, row_m_ptr, b, pid_m * BLOCK_M, h, offs_f, BLOCK_M, GROUP, HS, HALF)
     inv_freq = tl.load(inv_freq_ptr + offs_f).to(tl.float32)
     lse_s = tl.load(lse_s_ptr + row * HS + head, mask=lane_ok, other=0.0)
     lse_t = tl.load(lse_t_ptr + row * HS + head, mask=lane_ok, other=0.0)
@@ -385,11 +395,10 @@ def _dq_kernel(qs_ptr, qt_ptr, row_m_ptr, sample_rows_ptr, ks_ptr, kt_ptr, wk_pt
     n_end = tl.max(m, axis=0) + 1
     for n0 in range(0, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        key_ok = (offs_n < n_end) & (tl.load(valid_ptr + b * seq + offs_n, mask=offs_n < n_end, other=0) != 0)
-        ks_lo, ks_hi, kt_lo, kt_hi, _, _ = _rotated_key_block(
-            ks_ptr + h * stride_kh, kt_ptr, wk_ptr + h * HT_KV, pos_ptr, inv_freq, b, offs_n, offs_f, key_ok,
-            stride_kb, stride_kn, stride_kd, stride_tb, stride_tn, stride_th, stride_td, stride_pr, stride_pb,
-            stride_pn, HT_KV, HALF, SECTION_T, SECTION_TH)
+        key_ok, ks_lo, ks_hi, kt_lo, kt_hi = _rotated_key_block(
+            ks_ptr + h * stride_kh, kt_ptr, wk_ptr + h * HT_KV, pos_ptr, inv_freq, valid_ptr, b, offs_n, offs_f,
+            n_end, seq, stride_kb, stride_kn, stride_kd, stride_tb, stride_tn, stride_th, stride_td, stride_pr,
+            stride_pb, stride_pn, HT_KV, HALF, SECTION_T, SECTION_TH)
         s_s, s_t, _ = _block_logits(qs_lo, qs_hi, qt_lo, qt_hi, ks_lo, ks_hi, kt_lo, kt_hi, m, offs_n,
                                     lane_ok, key_ok, sm_scale, coef, PRECISION)
         d_logits = (tl.exp(s_s - lse_s[:, None]) - tl.exp(s_t - lse_t[:, None])) * scale
@@ -413,21 +422,18 @@ def _dk_kernel(qs_ptr, qt_ptr, row_m_ptr, sample_rows_ptr, ks_ptr, kt_ptr, wk_pt
     GROUP: tl.constexpr = HS // HS_KV
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_f = tl.arange(0, HALF)
-    n_ok = offs_n < seq
-    key_ok = n_ok & (tl.load(valid_ptr + b * seq + offs_n, mask=n_ok, other=0) != 0)
     inv_freq = tl.load(inv_freq_ptr + offs_f).to(tl.float32)
-    ks_lo, ks_hi, kt_lo, kt_hi, cos, sin = _rotated_key_block(
-        ks_ptr + h * stride_kh, kt_ptr, wk_ptr + h * HT_KV, pos_ptr, inv_freq, b, offs_n, offs_f, key_ok,
-        stride_kb, stride_kn, stride_kd, stride_tb, stride_tn, stride_th, stride_td, stride_pr, stride_pb, stride_pn,
-        HT_KV, HALF, SECTION_T, SECTION_TH)
+    key_ok, ks_lo, ks_hi, kt_lo, kt_hi = _rotated_key_block(
+        ks_ptr + h * stride_kh, kt_ptr, wk_ptr + h * HT_KV, pos_ptr, inv_freq, valid_ptr, b, offs_n, offs_f, seq,
+        seq, stride_kb, stride_kn, stride_kd, stride_tb, stride_tn, stride_th, stride_td, stride_pr, stride_pb,
+        stride_pn, HT_KV, HALF, SECTION_T, SECTION_TH)
     scale = tl.load(grad_ptr).to(tl.float32) * grad_scale
     dk_lo = tl.zeros((BLOCK_N, HALF), tl.float32)
     dk_hi = tl.zeros((BLOCK_N, HALF), tl.float32)
     lanes = (tl.load(sample_rows_ptr + b + 1) - tl.load(sample_rows_ptr + b)) * GROUP
     for lane0 in range(0, lanes, BLOCK_M):
-        row, head, m, lane_ok = _row_lanes(sample_rows_ptr, row_m_ptr, b, lane0, h, BLOCK_M, GROUP)
-        qs_lo, qs_hi = _load_lanes(qs_ptr, row, head, offs_f, lane_ok, HS, HALF)
-        qt_lo, qt_hi = _load_lanes(qt_ptr, row, head, offs_f, lane_ok, HS, HALF)
+        row, head, m, lane_ok, qs_lo, qs_hi, qt_lo, qt_hi = _row_block(
+            qs_ptr, qt_ptr, sample_rows_ptr, row_m_ptr, b, lane0, h, offs_f, BLOCK_M, GROUP, HS, HALF)
         lse_s = tl.load(lse_s_ptr + row * HS + head, mask=lane_ok, other=0.0)
         lse_t = tl.load(lse_t_ptr + row * HS + head, mask=lane_ok, other=0.0)
         s_s, s_t, _ = _block_logits(qs_lo, qs_hi, qt_lo, qt_hi, ks_lo, ks_hi, kt_lo, kt_hi, m, offs_n,
@@ -435,17 +441,22 @@ def _dk_kernel(qs_ptr, qt_ptr, row_m_ptr, sample_rows_ptr, ks_ptr, kt_ptr, wk_pt
         d_logits = (tl.exp(s_s - lse_s[:, None]) - tl.exp(s_t - lse_t[:, None])) * scale
         dk_lo = tl.dot(tl.trans(d_logits), qs_lo, dk_lo, input_precision=PRECISION)
         dk_hi = tl.dot(tl.trans(d_logits), qs_hi, dk_hi, input_precision=PRECISION)
+    # the block's cos / sin again, rather than kept live through the loop (registers)
+    p_t, p_h, p_w = load_positions(pos_ptr + b * stride_pb, stride_pr, offs_n * stride_pn, key_ok)
+    cos, sin = mrope_cos_sin(p_t[:, None], p_h[:, None], p_w[:, None], inv_freq[None, :], offs_f[None, :],
+                             SECTION_T, SECTION_TH)
     dk_lo, dk_hi = unrotate_pair(dk_lo, dk_hi, cos, sin)
     out = dk_ptr + ((b * seq + offs_n[:, None]) * HS_KV + h) * (2 * HALF) + offs_f[None, :]
+    n_ok = offs_n < seq
     tl.store(out, dk_lo.to(dk_ptr.dtype.element_ty), mask=n_ok[:, None])
     tl.store(out + HALF, dk_hi.to(dk_ptr.dtype.element_ty), mask=n_ok[:, None])
 
 
 # Launch configuration of the Triton kernels (also what ``aot_launches`` compiles).
-TRITON_BLOCK_M = 64
-TRITON_BLOCK_N = 32
+TRITON_BLOCK_M = 32
+TRITON_BLOCK_N = 16
 TRITON_NUM_WARPS = 4
-TRITON_PRECISION = "tf32x3"  # three TF32 MMAs: fp32-level logits on the GPU (plain TF32 shifts them by ~1e-3)
+TRITON_PRECISION = "tf32"  # operands rounded to 10-bit mantissas on the GPU (the interpreter is exact); "tf32x3" spills
 
 
 def attention_launch(kernel, name: str, grid: tuple[int, int, int], rows: Sequence[torch.Tensor],

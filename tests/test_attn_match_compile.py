@@ -1,0 +1,41 @@
+"""Ahead-of-time compilation of the attn_match_loss Triton kernels for A100 (sm_80) and H100 (sm_90), no GPU needed.
+
+Every launch of a forward + backward (``attn_match.aot_launches``: the block sizes, warps and dot precision the
+kernels really launch with) is compiled for the 7B student (28 / 4 heads) against the 32B teacher (40 / 8) at 150
+images (53,590 tokens, 340 query rows), in a subprocess without TRITON_INTERPRET (laid_kernels.aot). ptxas must report
+no spill stores or loads and no local memory; the stack frame is allowed (libdevice's accurate cos / sin keep their
+argument-reduction array there), but the accurate cos / sin must be what the PTX calls.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from laid_kernels import aot
+
+pytestmark = pytest.mark.skipif(aot.cuobjdump_path() is None, reason="cuobjdump (shipped in the triton wheel) not found")
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    return aot.compile_in_subprocess("laid_kernels.attn_match:aot_launches", {"heads": (28, 4, 40, 8)},
+                                     archs=(80, 90))
+
+
+def test_every_launch_compiles_for_both_archs(compiled):
+    names = {(r.name, r.arch) for r in compiled}
+    assert names == {(n, a) for n in ("attn_match/forward", "attn_match/dq", "attn_match/dk") for a in (80, 90)}
+
+
+def test_no_register_spills(compiled):
+    for r in compiled:
+        assert r.registers <= 255, (r.name, r.arch, r.registers)
+        assert r.spill_store_bytes == 0 and r.spill_load_bytes == 0, (
+            f"{r.name} sm_{r.arch}: {r.spill_store_bytes} bytes spill stores, {r.spill_load_bytes} spill loads "
+            f"({r.registers} registers, {r.num_warps} warps, {r.constexprs})")
+        assert r.local_bytes == 0, (r.name, r.arch, r.local_bytes)
+
+
+def test_accurate_cos_sin(compiled):
+    for r in compiled:
+        assert "cos.approx" not in r.ptx and "sin.approx" not in r.ptx, (r.name, r.arch)
