@@ -32,7 +32,7 @@ from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .capture import decoder_layers, resolve_layer, unwrap
+from .capture import unwrap
 from .checkpoint import RunState, export, load_checkpoint, resolve_resume, save_checkpoint
 from .config import LAidConfig
 from .data import VHsDataset, collate
@@ -112,8 +112,6 @@ def train(config: LAidConfig | str | Path | None = None, /, **overrides) -> dict
                            train_language_model=config.train_language_model, train_vision=config.train_vision,
                            gradient_checkpointing=config.gradient_checkpointing)
     s_cfg, t_cfg = text_config(student), text_config(teacher)
-    student_layers = [resolve_layer(s, len(decoder_layers(student)), "layer_pairs (student)")
-                      for s, _ in config.layer_pairs]
 
     # --- mixer and optimizers: model lr for the student, mixer_lr for W_q, W_k and the gain --------------------
     mixer = HeadMixer(len(config.layer_pairs), s_cfg.num_attention_heads, s_cfg.num_key_value_heads,
@@ -136,6 +134,7 @@ def train(config: LAidConfig | str | Path | None = None, /, **overrides) -> dict
     accelerator.register_for_checkpointing(mixer, *schedulers)
 
     objective = LAidObjective(teacher, student, mixer, config, vocab=len(processor.tokenizer))
+    student_layers = objective.student_capture.layers  # pair p's student layer (non-negative)
 
     # --- start or resume ---------------------------------------------------------------------------------------
     resume = resolve_resume(config.resume_from, output_dir)
