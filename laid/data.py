@@ -109,6 +109,8 @@ def haystack_order(entry: dict, *, seed: int, index: int, max_images: int | None
             n_needles = len(entry["pos_image"])
             raise ValueError(f"max_images={max_images} is smaller than the {n_needles} needle images")
         negatives = negatives[: max_images - len(entry["pos_image"])]
+    if seed < 0 or index < 0:
+        raise ValueError(f"seed and index must be >= 0, got seed={seed}, index={index}")
     images = entry["pos_image"] + negatives
     order = np.random.default_rng([seed, index]).permutation(len(images))
     return [images[k] for k in order]
@@ -183,6 +185,7 @@ class VHsDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         entry = self.entries[index]
+        index %= len(self.entries)  # ds[-1] is the last entry, shuffled as that entry
         question, answer = entry["conversations"][0]["value"], entry["conversations"][1]["value"]
         order = haystack_order(entry, seed=self.seed, index=index, max_images=self.max_images)
         paths = [self.image_root / p for p in order]

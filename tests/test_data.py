@@ -113,6 +113,8 @@ def test_haystack_order_is_seeded_and_uniform():
     assert sorted(haystack_order(entry, seed=0, index=0, max_images=3)) == ["n0", "n1", "needle"]
     with pytest.raises(ValueError, match="max_images=0"):
         haystack_order(entry, seed=0, index=0, max_images=0)
+    with pytest.raises(ValueError, match="seed=-1"):
+        haystack_order(entry, seed=-1, index=0)
 
 
 def test_dataset_item_supervises_only_the_answer(synth, processor):
@@ -144,6 +146,9 @@ def test_dataset_uses_the_seeded_image_order(synth, processor):
     a, b = VHsDataset(json_path, root, processor, seed=1), VHsDataset(json_path, root, processor, seed=1)
     item = a[2]
     assert all(torch.equal(item[k], b[2][k]) for k in item)
+    assert all(torch.equal(a[len(a) - 1][k], a[-1][k]) for k in item)
+    with pytest.raises(IndexError):
+        a[len(a)]
     order = haystack_order(load_vhs(json_path)[2], seed=1, index=2)
     images = [fetch_image({"image": str(root / p)}) for p in order]
     expected = processor.image_processor(images=images, return_tensors="pt")
