@@ -210,3 +210,16 @@ def test_reference_gradcheck_float64(normalize):
                                        token_weight=args["token_weight"], valid=args["valid"], normalize=normalize)
 
     assert torch.autograd.gradcheck(loss, leaves)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_second_backward_through_the_same_graph_fails_loudly(backend):
+    """The fused backward scales its saved gradients in place (no second gradient-sized tensor): a second backward
+    with retain_graph=True must raise, not return gradients scaled twice."""
+    inputs = make_inputs((4, 2, 6, 3), batch=1, seq=4, dim=64, section=SMALL_SECTION, padded=False)
+    q_s = inputs["q_s"].clone().requires_grad_()
+    loss = qk_align_loss(q_s, inputs["k_s"], inputs["q_t"], inputs["k_t"], inputs["w_q"], inputs["w_k"],
+                         inputs["positions"], inputs["inv_freq"], SMALL_SECTION, backend=backend)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
