@@ -68,6 +68,19 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
 
 
+def metrics_until(path: Path, step: int) -> str:
+    """The lines of a metrics.jsonl for steps <= ``step`` (a resumed run redoes the later ones); a line cut by a
+    kill is dropped."""
+    kept = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (json.JSONDecodeError, KeyError):
+            continue
+    return "".join(kept)
+
+
 def check_images(entries: list[dict], image_root: Path, data: str) -> None:
     """FileNotFoundError naming the first missing image of any entry, before training starts (not hours into it)."""
     for index, entry in enumerate(entries):
@@ -149,9 +162,7 @@ def train(config: LAidConfig | str | Path | None = None, /, **overrides) -> dict
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        kept = [line for line in (metrics_path.read_text().splitlines() if metrics_path.exists() else [])
-                if json.loads(line)["step"] <= state.step]  # drop steps lost since the resumed checkpoint
-        metrics_path.write_text("".join(line + "\n" for line in kept))
+        metrics_path.write_text(metrics_until(metrics_path, state.step))
     if config.trackers:
         accelerator.init_trackers("laid", config=config.to_dict())
     accelerator.print(f"laid: {accelerator.distributed_type.value} x {accelerator.num_processes} processes, "

@@ -3,6 +3,9 @@
 import json
 import math
 import shutil
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -13,13 +16,14 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 
 import laid
 from laid.capture import QKCapture, decoder_layers
-from laid.checkpoint import export
+from laid.checkpoint import export, latest_checkpoint
 from laid.cli import main
 from laid.losses import LAidObjective
 from laid.mixer import HeadMixer
 from laid.models import load_processor, load_student, load_teacher, text_config
+from laid.trainer import metrics_until
 from laid.tiny import TINY_STUDENT, save_tiny_model, tiny_qwen25vl_config
-from train_helpers import build_tiny_setup, first_batch, tiny_config
+from train_helpers import build_tiny_setup, first_batch, subprocess_env, tiny_config
 
 TERMS = ("qk", "attn", "kl", "sft", "loss")
 CPU = torch.device("cpu")
@@ -136,18 +140,29 @@ def test_teacher_stops_after_its_last_aligned_layer(paths, lambda_kl, expected_c
 
 
 def test_kill_and_resume_reproduces_the_uninterrupted_run(paths, tmp_path):
-    fields = dict(epochs=2, save_every=3, beta=0.0)
+    fields = dict(epochs=2, save_every=2, beta=0.0)
     laid.train(tiny_config(paths, tmp_path / "full", **fields))
 
-    # Killed after step 5: the last complete checkpoint is step 3, and a save of step 6 was cut half-way.
+    # A real kill: `laid train` in another process, SIGKILLed as soon as it has logged step 5 of 8.
     run = tmp_path / "killed"
-    laid.train(tiny_config(paths, run, max_steps=5, **fields))
-    shutil.rmtree(run / "checkpoints" / "step_0000005")
-    shutil.rmtree(run / "final")
-    (run / "checkpoints" / "step_0000006.tmp").mkdir()
+    config_path = tmp_path / "killed.yaml"
+    config_path.write_text(yaml.safe_dump(tiny_config(paths, run, **fields).to_dict()))
+    with open(tmp_path / "killed.log", "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "laid.cli", "train", str(config_path)],
+                                   env=subprocess_env(), stdout=log, stderr=log)
+        deadline = time.monotonic() + 240
+        metrics = run / "metrics.jsonl"
+        while (metrics.read_text().count("\n") if metrics.exists() else 0) < 5:  # 5 complete lines
+            assert process.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the training process did not reach step 5 in time"
+            time.sleep(0.02)
+        process.kill()
+        process.wait()
+    assert not (run / "final").exists()  # it really died before the end
+    assert int(latest_checkpoint(run).name.removeprefix("step_")) >= 4  # only steps since step 4 are lost
+
     summary = laid.train(tiny_config(paths, run, resume_from="latest", **fields))
     assert summary["steps"] == 8
-
     full, resumed = read_metrics(tmp_path / "full"), read_metrics(run)
     assert [m["step"] for m in resumed] == list(range(1, 9))
     for a, b in zip(full, resumed):
@@ -156,6 +171,15 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(paths, tmp_path):
     weights_full = load_file(tmp_path / "full" / "final" / "model.safetensors")
     weights_resumed = load_file(run / "final" / "model.safetensors")
     assert all(torch.allclose(weights_full[k], weights_resumed[k], rtol=1e-6, atol=1e-8) for k in weights_full)
+
+
+def test_incomplete_checkpoints_and_cut_metrics_lines_are_ignored(tmp_path):
+    (tmp_path / "checkpoints" / "step_0000004").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step_0000006.tmp").mkdir()  # a save cut by a kill
+    assert latest_checkpoint(tmp_path).name == "step_0000004"
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"step": i, "loss": 1.0}) + "\n" for i in range(1, 7)) + '{"step": 7, "lo')
+    assert [json.loads(line)["step"] for line in metrics_until(metrics, 4).splitlines()] == [1, 2, 3, 4]
 
 
 def test_clear_errors(paths, tmp_path):
