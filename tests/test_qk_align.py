@@ -79,7 +79,8 @@ def as_double(inputs):
 
 
 # (heads (Hs, Hs_kv, Ht, Ht_kv), batch, seq, dim, section, dtype, normalize, padded, weighted): the 3B and 7B
-# students against the 32B teacher, odd N (131, 1), both head dims, fp32 and bf16, both normalisations.
+# students against the 32B teacher, odd N (131, 1), head dims 128 and 64 (and two small ones), fp32 and bf16, both
+# normalisations.
 CASES = [
     ((28, 4, 40, 8), 2, 131, 128, QWEN_SECTION, torch.bfloat16, "target", True, True),
     ((16, 2, 40, 8), 2, 131, 128, QWEN_SECTION, torch.float32, "none", True, False),
@@ -87,6 +88,8 @@ CASES = [
     ((28, 4, 40, 8), 1, 1, 128, QWEN_SECTION, torch.float32, "target", False, False),
     ((16, 2, 40, 8), 2, 37, 64, SMALL_SECTION, torch.float32, "target", True, True),
     ((28, 4, 40, 8), 2, 37, 64, SMALL_SECTION, torch.bfloat16, "none", True, True),
+    ((4, 2, 8, 4), 2, 7, 16, (2, 3, 3), torch.float32, "target", True, True),  # the tiny test models' head_dim
+    ((4, 2, 8, 4), 2, 7, 80, (10, 15, 15), torch.bfloat16, "none", True, True),  # D/2 not a power of two
 ]
 
 
