@@ -10,8 +10,13 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace laid_cpu {
 
@@ -38,6 +43,22 @@ struct Rows {
     return data + (b * stride_b + n * stride_n + h * stride_h) * itemsize;
   }
 };
+
+// An uninitialised contiguous tensor for an output the kernel writes completely. Large ones are 2 MiB aligned and
+// advised to use transparent huge pages on Linux: a first touch then costs one page fault per 2 MiB instead of per
+// 4 KiB, which on the test VMs is most of the cost of writing a fresh 0.4 GB gradient (measured: 0.44 s -> 0.1 s).
+inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+#if defined(__linux__)
+  constexpr size_t kHugePage = size_t(2) << 20;
+  const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
+  void* data = nullptr;
+  if (bytes >= 4 * kHugePage && posix_memalign(&data, kHugePage, (bytes + kHugePage - 1) / kHugePage * kHugePage) == 0) {
+    madvise(data, (bytes + kHugePage - 1) / kHugePage * kHugePage, MADV_HUGEPAGE);
+    return at::from_blob(data, sizes, [](void* p) { std::free(p); }, options);
+  }
+#endif
+  return at::empty(sizes, options);
+}
 
 inline float bf16_to_float(uint16_t h) {
   const uint32_t u = static_cast<uint32_t>(h) << 16;

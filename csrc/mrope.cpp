@@ -10,7 +10,7 @@ namespace laid_cpu {
 at::Tensor apply_mrope(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& inv_freq, int64_t s0,
                        int64_t s1, bool inverse) {
   TORCH_CHECK(x.dim() == 4 && x.stride(3) == 1, "apply_mrope: x must be [B, N, H, D] with a contiguous last dim");
-  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor out = empty_output(x.sizes(), x.options());
   const Rows in_rows(x), out_rows(out);
   const Rope rope(positions, inv_freq, s0, s1);
   const int64_t tokens = x.size(0) * x.size(1), heads = x.size(2), dim = x.size(3), half = dim / 2;

@@ -212,9 +212,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   TORCH_CHECK(w_q.is_contiguous() && w_q.scalar_type() == at::kFloat && w_k.is_contiguous() &&
                   w_k.scalar_type() == at::kFloat, "qk_align: w_q / w_k must be contiguous fp32");
   TORCH_CHECK(weight.is_contiguous() && weight.scalar_type() == at::kFloat, "qk_align: weight must be fp32");
-  const auto contiguous = at::MemoryFormat::Contiguous;
-  at::Tensor grad_q_s = at::empty(q_s.sizes(), q_s.options().memory_format(contiguous));
-  at::Tensor grad_k_s = at::empty(k_s.sizes(), k_s.options().memory_format(contiguous));
+  at::Tensor grad_q_s = empty_output(q_s.sizes(), q_s.options());
+  at::Tensor grad_k_s = empty_output(k_s.sizes(), k_s.options());
   const Side sides[2] = {{Rows(q_s), Rows(q_t), Rows(grad_q_s), w_q.data_ptr<float>(), q_s.size(2), q_t.size(2)},
                          {Rows(k_s), Rows(k_t), Rows(grad_k_s), w_k.data_ptr<float>(), k_s.size(2), k_t.size(2)}};
   const Rope rotation(positions, inv_freq, s0, s1);

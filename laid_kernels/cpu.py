@@ -159,7 +159,14 @@ def _qk_align_backward(ctx, grad_loss, *unused_grads):
             None, None, None, None, None, None, None)
 
 
-qk_align_cpu.register_autograd(_qk_align_backward, setup_context=_qk_align_setup_context)
+def _qk_align_setup_context_cpu(ctx, inputs, output):
+    _qk_align_setup_context(ctx, inputs, output)
+    # Only the loss receives a gradient: without this, autograd would pass zero tensors the size of dq_s and dk_s
+    # for the other outputs (doubling the gradients' memory).
+    ctx.set_materialize_grads(False)
+
+
+qk_align_cpu.register_autograd(_qk_align_backward, setup_context=_qk_align_setup_context_cpu)
 
 
 def _qk_align_loss_cpu(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section, *, token_weight=None,
