@@ -114,12 +114,18 @@ def _mrope_setup_context(ctx, inputs, output):
     ctx.section, ctx.inverse = section, inverse
 
 
-def _mrope_backward(ctx, grad):
-    positions, inv_freq = ctx.saved_tensors
-    return mrope_triton(grad, positions, inv_freq, ctx.section, not ctx.inverse), None, None, None, None
+def _rotation_backward(rotation_op):
+    """The autograd backward of ``rotation_op(x, positions, inv_freq, section, inverse)`` (any backend's M-RoPE
+    custom op): the opposite rotation of the incoming gradient by the same op."""
+
+    def backward(ctx, grad):
+        positions, inv_freq = ctx.saved_tensors
+        return rotation_op(grad, positions, inv_freq, ctx.section, not ctx.inverse), None, None, None, None
+
+    return backward
 
 
-mrope_triton.register_autograd(_mrope_backward, setup_context=_mrope_setup_context)
+mrope_triton.register_autograd(_rotation_backward(mrope_triton), setup_context=_mrope_setup_context)
 
 
 def _apply_mrope_triton(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
