@@ -90,10 +90,6 @@ class LAidObjective:
         self.mrope_section = tuple(rotary.mrope_section)
         self.image_token_id = unwrap(student).config.image_token_id
         self.check_grad = config.train_language_model
-        self.attn_match_loss = getattr(laid_kernels, "attn_match_loss", None)
-        if config.lambda_laid > 0 and config.beta > 0 and self.attn_match_loss is None:
-            raise ValueError("beta > 0 needs laid_kernels.attn_match_loss, which this laid_kernels does not provide; "
-                             "set beta: 0 to train without L_attn")
 
     @staticmethod
     def _forward(model: nn.Module, batch: dict, positions: torch.Tensor,
@@ -140,7 +136,7 @@ class LAidObjective:
                         self.mixer.w_q[pair], self.mixer.w_k[pair], positions, inv_freq, self.mrope_section)
                 qk.append(laid_kernels.qk_align_loss(*args, valid=valid, backend=config.kernel_backend))
                 if config.beta > 0:
-                    attn.append(self.attn_match_loss(*args, query_mask, progress=progress, alpha=config.alpha,
+                    attn.append(laid_kernels.attn_match_loss(*args, query_mask, progress=progress, alpha=config.alpha,
                                                      valid=valid, backend=config.kernel_backend))
             terms["qk"] = torch.stack(qk).mean()
             if attn:
