@@ -136,8 +136,9 @@ class LAidObjective:
                         self.mixer.w_q[pair], self.mixer.w_k[pair], positions, inv_freq, self.mrope_section)
                 qk.append(laid_kernels.qk_align_loss(*args, valid=valid, backend=config.kernel_backend))
                 if config.beta > 0:
-                    attn.append(laid_kernels.attn_match_loss(*args, query_mask, progress=progress, alpha=config.alpha,
-                                                     valid=valid, backend=config.kernel_backend))
+                    attn.append(laid_kernels.attn_match_loss(*args, query_mask, progress=progress,
+                                                             alpha=config.alpha, valid=valid,
+                                                             backend=config.kernel_backend))
             terms["qk"] = torch.stack(qk).mean()
             if attn:
                 terms["attn"] = torch.stack(attn).mean()
