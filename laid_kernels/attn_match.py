@@ -47,6 +47,8 @@ OP = "attn_match_loss"
 
 # Largest number of fp32 logits per key block of the CPU path (1 MiB per [Hs, rows, block] tensor).
 CPU_BLOCK_ELEMENTS = 1 << 18
+# Query rows prepared at a time by the CPU path (bounds the temporaries of rotating and mixing them).
+CPU_ROW_CHUNK = 32
 # Finite "minus infinity" that starts each running maximum: exp(-inf - MAX_INIT) = 0 and never inf - inf = NaN.
 MAX_INIT = -1.0e30
 
@@ -94,29 +96,35 @@ def attn_match_loss(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t
 # Host preparation shared by the fused backends
 
 
+def _row_angles(positions: torch.Tensor, inv_freq: torch.Tensor, section: Sequence[int], row_index: torch.Tensor,
+                seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [R, 1, D/2] of the rows at flat token indices row_index [R] (b * N + m)."""
+    return reference.mrope_cos_sin(positions[:, row_index // seq, row_index % seq].unsqueeze(2), inv_freq, section)
+
+
 def _query_rows(q_s: torch.Tensor, q_t: torch.Tensor, w_q: torch.Tensor, positions: torch.Tensor,
                 inv_freq: torch.Tensor, section: Sequence[int],
-                row_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The selected rows' rotated student queries and mixed rotated teacher queries, fp32 [R, Hs, D] each.
+                row_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows' rotated student queries and mixed rotated teacher queries, fp32 [R, Hs, D] each.
 
-    row_index: [R] flat token indices b * N + m. Also returns the rows' cos and sin [R, 1, D/2] (for the gradient).
+    row_index: [R] flat token indices b * N + m.
     """
     seq = q_s.shape[1]
     row_b, row_m = row_index // seq, row_index % seq
-    cos, sin = reference.mrope_cos_sin(positions[:, row_b, row_m].unsqueeze(2), inv_freq, section)  # [R, 1, D/2]
+    cos, sin = _row_angles(positions, inv_freq, section, row_index, seq)
     student = reference.rotate(q_s[row_b, row_m].float().unsqueeze(1), cos, sin).squeeze(1)
     teacher = reference.rotate(q_t[row_b, row_m].float().unsqueeze(1), cos, sin).squeeze(1)
-    return student, torch.einsum("ij,rjd->rid", w_q.float(), teacher), cos, sin
+    return student, torch.einsum("ij,rjd->rid", w_q.float(), teacher)
 
 
-def _unrotate_rows(d_rows: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, row_index: torch.Tensor,
-                   q_s: torch.Tensor) -> torch.Tensor:
-    """dq_s [B, N, Hs, D] (q_s's dtype, zero off the rows) from the gradient of the rotated rows d_rows [R, Hs, D]."""
-    dq_s = torch.zeros(q_s.shape, dtype=q_s.dtype, device=q_s.device)
-    seq = q_s.shape[1]
-    d_rows = reference.rotate(d_rows.unsqueeze(1), cos, -sin).squeeze(1)  # R^T: rotation by the opposite angle
-    dq_s[row_index // seq, row_index % seq] = d_rows.to(q_s.dtype)
-    return dq_s
+def _write_row_grads(dq_s: torch.Tensor, d_rows: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+                     section: Sequence[int], row_index: torch.Tensor) -> None:
+    """dq_s[b, m] = R^T d_rows (q_s's dtype) at the rows row_index [R], from the gradient [R, Hs, D] of the rotated
+    rows (R^T is the rotation by the opposite angle)."""
+    seq = dq_s.shape[1]
+    cos, sin = _row_angles(positions, inv_freq, section, row_index, seq)
+    d_rows = reference.rotate(d_rows.unsqueeze(1), cos, -sin).squeeze(1)
+    dq_s[row_index // seq, row_index % seq] = d_rows.to(dq_s.dtype)
 
 
 def _sample_rows(row_index: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
@@ -180,6 +188,21 @@ def _cpu_unlanes(lanes: torch.Tensor, rows: int) -> torch.Tensor:
     return lanes.view(hs_kv, rows, -1, x).transpose(0, 1).reshape(rows, -1, x)
 
 
+def _cpu_query_lanes(q_s: torch.Tensor, q_t: torch.Tensor, w_q: torch.Tensor, positions: torch.Tensor,
+                     inv_freq: torch.Tensor, section: Sequence[int], row_index: torch.Tensor,
+                     hs_kv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_query_rows` of one sample's rows in the lane layout [Hs_kv, R * G, D], built CPU_ROW_CHUNK rows at a
+    time (no [R, Hs, D] copy)."""
+    rows, (hs, dim) = row_index.numel(), q_s.shape[2:]
+    student = q_s.new_empty((hs_kv, rows, hs // hs_kv, dim), dtype=torch.float32)
+    teacher = torch.empty_like(student)
+    for r0 in range(0, rows, CPU_ROW_CHUNK):
+        chunk = row_index[r0:r0 + CPU_ROW_CHUNK]
+        for out, x in zip((student, teacher), _query_rows(q_s, q_t, w_q, positions, inv_freq, section, chunk)):
+            out[:, r0:r0 + chunk.numel()] = x.view(chunk.numel(), hs_kv, -1, dim).transpose(0, 1)
+    return student.view(hs_kv, -1, dim), teacher.view(hs_kv, -1, dim)
+
+
 def _cpu_samples(row_index: torch.Tensor, batch: int, seq: int, hs: int) -> Iterator[tuple[int, int, int, int, int]]:
     """Per sample with rows: (b, first row, end row, n_end = last row's m + 1, key block size)."""
     offsets = _sample_rows(row_index, batch, seq).tolist()
@@ -196,16 +219,15 @@ def _cpu_forward(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section, row
     batch, seq, hs, _ = q_s.shape
     hs_kv = k_s.shape[2]
     group = hs // hs_kv
-    q_rows, t_rows, _, _ = _query_rows(q_s, q_t, w_q, positions, inv_freq, section, row_index)
-    lse_s = q_rows.new_empty(row_index.numel(), hs)
-    lse_t = q_rows.new_empty(row_index.numel(), hs)
-    total = q_rows.new_zeros((), dtype=torch.float64)
+    lse_s = q_s.new_empty((row_index.numel(), hs), dtype=torch.float32)
+    lse_t = torch.empty_like(lse_s)
+    total = lse_s.new_zeros((), dtype=torch.float64)
     for b, lo, hi, n_end, block in _cpu_samples(row_index, batch, seq, hs):
         m = row_index[lo:hi] - b * seq
         m_list = m.tolist()
-        qs, qt = _cpu_lanes(q_rows[lo:hi], hs_kv), _cpu_lanes(t_rows[lo:hi], hs_kv)
+        qs, qt = _cpu_query_lanes(q_s, q_t, w_q, positions, inv_freq, section, row_index[lo:hi], hs_kv)
         # per (kv head, row, head in group): running max / sum of the student and teacher rows, and acc
-        max_s, sum_s = q_rows.new_full((hs_kv, hi - lo, group), MAX_INIT), q_rows.new_zeros((hs_kv, hi - lo, group))
+        max_s, sum_s = qs.new_full((hs_kv, hi - lo, group), MAX_INIT), qs.new_zeros((hs_kv, hi - lo, group))
         max_t, sum_t = torch.full_like(max_s, MAX_INIT), torch.zeros_like(sum_s)
         acc = torch.zeros_like(sum_s)
         for n0, ks, kt, _, _ in _cpu_key_blocks(k_s, k_t, w_k, positions, inv_freq, section, b, n_end, block):
@@ -232,14 +254,13 @@ def _cpu_backward(grad, q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, secti
     batch, seq, hs, dim = q_s.shape
     hs_kv = k_s.shape[2]
     group = hs // hs_kv
-    q_rows, t_rows, cos_rows, sin_rows = _query_rows(q_s, q_t, w_q, positions, inv_freq, section, row_index)
-    d_rows = torch.zeros_like(q_rows)
+    dq_s = torch.zeros(q_s.shape, dtype=q_s.dtype, device=q_s.device)
     dk_s = torch.zeros(k_s.shape, dtype=k_s.dtype, device=k_s.device)
     scale = grad.float() / (row_index.numel() * hs * math.sqrt(dim))
     for b, lo, hi, n_end, block in _cpu_samples(row_index, batch, seq, hs):
         m = row_index[lo:hi] - b * seq
         m_list = m.tolist()
-        qs, qt = _cpu_lanes(q_rows[lo:hi], hs_kv), _cpu_lanes(t_rows[lo:hi], hs_kv)
+        qs, qt = _cpu_query_lanes(q_s, q_t, w_q, positions, inv_freq, section, row_index[lo:hi], hs_kv)
         row_lse_s = _cpu_lanes(lse_s[lo:hi, :, None], hs_kv).view(hs_kv, hi - lo, group, 1)
         row_lse_t = _cpu_lanes(lse_t[lo:hi, :, None], hs_kv).view(hs_kv, hi - lo, group, 1)
         dq = torch.zeros_like(qs)
@@ -253,8 +274,12 @@ def _cpu_backward(grad, q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, secti
             dk = torch.bmm(d_logits.transpose(1, 2), qs[:, r0 * group:])  # [Hs_kv, K, D], rotated frame
             dk = reference.rotate(dk.transpose(0, 1).unsqueeze(0), cos, -sin)
             dk_s[b, n0:n0 + ks.shape[1]] = dk[0].to(k_s.dtype)
-        d_rows[lo:hi] = _cpu_unlanes(dq, hi - lo)
-    return _unrotate_rows(d_rows, cos_rows, sin_rows, row_index, q_s), dk_s
+        dq = dq.view(hs_kv, hi - lo, group, dim)
+        for r0 in range(0, hi - lo, CPU_ROW_CHUNK):
+            chunk = dq[:, r0:r0 + CPU_ROW_CHUNK].transpose(0, 1)
+            _write_row_grads(dq_s, chunk.reshape(chunk.shape[0], hs, dim), positions, inv_freq, section,
+                             row_index[lo + r0:lo + r0 + chunk.shape[0]])
+    return dq_s, dk_s
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -489,17 +514,17 @@ def _key_grid(seq: int, hs_kv: int, batch: int) -> tuple[int, int, int]:
 
 
 def _triton_prepare(q_s, q_t, w_q, positions, inv_freq, section, row_index, key_valid):
-    """Row tensors and valid mask shared by the attention kernels, the row grid and the rows' cos / sin."""
+    """Row tensors and valid mask shared by the attention kernels, and the most rows of one sample (the row grid)."""
     batch, seq, hs, _ = q_s.shape
-    q_rows, t_rows, cos, sin = _query_rows(q_s, q_t, w_q, positions, inv_freq, section, row_index)
+    q_rows, t_rows = _query_rows(q_s, q_t, w_q, positions, inv_freq, section, row_index)
     sample_rows = _sample_rows(row_index, batch, seq)
     rows = (q_rows.contiguous(), t_rows.contiguous(), (row_index % seq).contiguous(), sample_rows)
-    return rows, key_valid.contiguous().view(torch.uint8), int((sample_rows[1:] - sample_rows[:-1]).max()), (cos, sin)
+    return rows, key_valid.contiguous().view(torch.uint8), int((sample_rows[1:] - sample_rows[:-1]).max())
 
 
 def _triton_forward(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section, row_index, key_valid, progress,
                     alpha):
-    rows, valid, max_rows, _ = _triton_prepare(q_s, q_t, w_q, positions, inv_freq, section, row_index, key_valid)
+    rows, valid, max_rows = _triton_prepare(q_s, q_t, w_q, positions, inv_freq, section, row_index, key_valid)
     hs, hs_kv = q_s.shape[2], k_s.shape[2]
     lse_s, lse_t, kl = (torch.empty(row_index.numel(), hs, dtype=torch.float32, device=q_s.device) for _ in range(3))
     attention_launch(_fwd_kernel, "attn_match/forward", _row_grid(max_rows, hs // hs_kv, hs_kv, q_s.shape[0]), rows,
@@ -512,8 +537,7 @@ def _triton_backward(grad, q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, se
                      lse_t, progress, alpha):
     batch, seq, hs, dim = q_s.shape
     hs_kv = k_s.shape[2]
-    rows, valid, max_rows, (cos, sin) = _triton_prepare(q_s, q_t, w_q, positions, inv_freq, section, row_index,
-                                                        key_valid)
+    rows, valid, max_rows = _triton_prepare(q_s, q_t, w_q, positions, inv_freq, section, row_index, key_valid)
     keys = (k_s, k_t, w_k.contiguous(), positions, inv_freq, valid)
     scalars = (1.0 / math.sqrt(dim), alpha * progress, 1.0 / (math.sqrt(dim) * row_index.numel() * hs))
     stats = (lse_s.contiguous(), lse_t.contiguous(), grad.float().reshape(1))
@@ -523,7 +547,9 @@ def _triton_backward(grad, q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, se
     dk_s = torch.empty(k_s.shape, dtype=k_s.dtype, device=k_s.device)
     attention_launch(_dk_kernel, "attn_match/dk", _key_grid(seq, hs_kv, batch), rows, *keys, (*stats, dk_s), scalars,
                      section).run()
-    return _unrotate_rows(d_rows, cos, sin, row_index, q_s), dk_s
+    dq_s = torch.zeros(q_s.shape, dtype=q_s.dtype, device=q_s.device)
+    _write_row_grads(dq_s, d_rows, positions, inv_freq, section, row_index)
+    return dq_s, dk_s
 
 
 def aot_launches(heads: Sequence[int] = (28, 4, 40, 8), tokens: int = 53590, rows: int = 340, head_dim: int = 128,

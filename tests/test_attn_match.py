@@ -26,8 +26,10 @@ pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:Runti
 
 @pytest.fixture(autouse=True)
 def small_cpu_blocks(monkeypatch):
-    """Force the CPU path to stream 16-key blocks (its default sizes a block to 4 MB of logits)."""
+    """Force the CPU path to stream 16-key blocks and prepare 3 query rows at a time (its defaults size a block to
+    1 MB of logits and a row chunk to 32 rows, a single block and chunk at these sizes)."""
     monkeypatch.setattr(attn_match_module, "CPU_BLOCK_ELEMENTS", 256)
+    monkeypatch.setattr(attn_match_module, "CPU_ROW_CHUNK", 3)
 
 
 def make_inputs(heads=(4, 2, 6, 3), batch=3, seq=48, dim=32, dtype=torch.float32, seed=0, text_positions=False):
