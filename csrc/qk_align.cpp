@@ -144,9 +144,10 @@ struct Scratch {
   std::vector<v16> mixing_grad;  // [Hs * Ht + Hs_kv * Ht_kv] lane-wise partial sums of one block
 };
 
-// Processes tokens [first, first + count) (count <= kChunkTokens) of one side; cos / sin point at the chunk's
-// first token. Adds w_n ||R x_s - T||^2 to *numerator, w_n ||T||^2 to *target_norm and T X^T to mixing_grad.
-void chunk_side(const Side& side, const float* weight, int64_t first, int64_t count, bool rope, const float* cos,
+// Processes tokens [first, first + count) (count <= kChunkTokens, of `tokens` in all) of one side; cos / sin point
+// at the chunk's first token. Adds w_n ||R x_s - T||^2 to *numerator, w_n ||T||^2 to *target_norm and T X^T to mixing_grad.
+void chunk_side(const Side& side, const float* weight, int64_t first, int64_t count, int64_t tokens, bool rope,
+                const float* cos,
                 const float* sin, float grad_scale, Scratch& s, v16* mixing_grad, double* numerator,
                 double* target_norm) {
   const int64_t dim = side.student.dim, half = dim / 2, L = kChunkTokens * dim;
@@ -163,6 +164,11 @@ void chunk_side(const Side& side, const float* weight, int64_t first, int64_t co
         std::fill(x, x + dim, 0.0f);
       }
     }
+  }
+  // While the products run, the next chunk's rows of this side stream in (the loads above wait on memory else).
+  for (int64_t t = first + count; t < std::min(first + count + kChunkTokens, tokens); ++t) {
+    for (int64_t j = 0; j < side.ht; ++j) side.teacher.prefetch(t, j);
+    for (int64_t i = 0; i < side.hs; ++i) side.student.prefetch(t, i);
   }
   mix(side.mixing, side.hs, side.ht, X, L, T);
   for (int64_t t = 0; t < kChunkTokens; ++t) {
@@ -244,7 +250,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         const float* cos = s.cos.data() + chunk * half;
         const float* sin = s.sin.data() + chunk * half;
         for (int side = 0; side < 2; ++side) {
-          chunk_side(sides[side], w, first + chunk, n, rope, cos, sin, static_cast<float>(grad_scale), s,
+          chunk_side(sides[side], w, first + chunk, n, tokens, rope, cos, sin, static_cast<float>(grad_scale), s,
                      s.mixing_grad.data() + (side ? q_pairs : 0), &numerator, &target_norm);
         }
       }
