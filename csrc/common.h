@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__linux__)
@@ -82,58 +83,63 @@ inline uint16_t float_to_bf16(float f) {
   return static_cast<uint16_t>(u >> 16);
 }
 
-// dst[0:n] = src[0:n] converted to fp32.
-inline void load_row(const char* src, at::ScalarType type, float* dst, int64_t n) {
-  switch (type) {
-    case at::kFloat:
-      std::memcpy(dst, src, n * sizeof(float));
-      break;
-    case at::kBFloat16: {
-      const auto* s = reinterpret_cast<const uint16_t*>(src);
-      for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(s[i]);
-      break;
-    }
-    case at::kHalf: {
-      const auto* s = reinterpret_cast<const at::Half*>(src);
-      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(s[i]);
-      break;
-    }
-    case at::kDouble: {
-      const auto* s = reinterpret_cast<const double*>(src);
-      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(s[i]);
-      break;
-    }
-    default:
-      TORCH_CHECK(false, "laid_cpu: unsupported dtype ", type);
+// fp32 <-> storage type T (bf16 is handled as its uint16_t bits).
+template <typename T>
+inline float to_float(T v) { return static_cast<float>(v); }
+template <>
+inline float to_float<uint16_t>(uint16_t v) { return bf16_to_float(v); }
+template <typename T>
+inline T from_float(float v) { return static_cast<T>(v); }
+template <>
+inline uint16_t from_float<uint16_t>(float v) { return float_to_bf16(v); }
+
+// dst = rotation of src (R, or R^T when sign = -1) for the rotate-half pairs (f, f + half), or a plain copy when
+// cos is null; src read as T, dst written as U, times `scale`, arithmetic in fp32.
+template <typename T, typename U>
+inline void convert_row(const T* src, U* dst, int64_t half, const float* cos, const float* sin, float sign,
+                        float scale) {
+  if (cos == nullptr) {
+#pragma omp simd
+    for (int64_t i = 0; i < 2 * half; ++i) dst[i] = from_float<U>(to_float(src[i]) * scale);
+    return;
+  }
+#pragma omp simd
+  for (int64_t f = 0; f < half; ++f) {
+    const float lo = to_float(src[f]), hi = to_float(src[f + half]), c = cos[f], s = sign * sin[f];
+    dst[f] = from_float<U>((lo * c - hi * s) * scale);
+    dst[f + half] = from_float<U>((hi * c + lo * s) * scale);
   }
 }
 
-// dst[0:n] = (src[0:n] * scale) rounded once to `type`.
-inline void store_row(const float* src, float scale, char* dst, at::ScalarType type, int64_t n) {
+// Calls fn with a null pointer of the C++ storage type of `type`.
+template <typename Fn>
+inline void with_storage_type(at::ScalarType type, Fn&& fn) {
   switch (type) {
-    case at::kFloat: {
-      auto* d = reinterpret_cast<float*>(dst);
-      for (int64_t i = 0; i < n; ++i) d[i] = src[i] * scale;
-      break;
-    }
-    case at::kBFloat16: {
-      auto* d = reinterpret_cast<uint16_t*>(dst);
-      for (int64_t i = 0; i < n; ++i) d[i] = float_to_bf16(src[i] * scale);
-      break;
-    }
-    case at::kHalf: {
-      auto* d = reinterpret_cast<at::Half*>(dst);
-      for (int64_t i = 0; i < n; ++i) d[i] = at::Half(src[i] * scale);
-      break;
-    }
-    case at::kDouble: {
-      auto* d = reinterpret_cast<double*>(dst);
-      for (int64_t i = 0; i < n; ++i) d[i] = static_cast<double>(src[i] * scale);
-      break;
-    }
-    default:
-      TORCH_CHECK(false, "laid_cpu: unsupported dtype ", type);
+    case at::kFloat: fn(static_cast<float*>(nullptr)); break;
+    case at::kBFloat16: fn(static_cast<uint16_t*>(nullptr)); break;
+    case at::kHalf: fn(static_cast<at::Half*>(nullptr)); break;
+    case at::kDouble: fn(static_cast<double*>(nullptr)); break;
+    default: TORCH_CHECK(false, "laid_cpu: unsupported dtype ", type);
   }
+}
+
+// dst [D] fp32 = R src (sign 1) or R^T src (sign -1), src one row of `type`; cos / sin [D/2] of the row's token,
+// or null for no rotation.
+inline void load_row(const char* src, at::ScalarType type, float* dst, int64_t dim, const float* cos = nullptr,
+                     const float* sin = nullptr, float sign = 1.0f) {
+  with_storage_type(type, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    convert_row(reinterpret_cast<const T*>(src), dst, dim / 2, cos, sin, sign, 1.0f);
+  });
+}
+
+// dst (one row of `type`) = scale * (R src or R^T src, or src when cos is null), rounded once.
+inline void store_row(const float* src, float scale, char* dst, at::ScalarType type, int64_t dim,
+                      const float* cos = nullptr, const float* sin = nullptr, float sign = 1.0f) {
+  with_storage_type(type, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    convert_row(src, reinterpret_cast<T*>(dst), dim / 2, cos, sin, sign, scale);
+  });
 }
 
 // M-RoPE inputs: positions [3, B, N] (any strides, int64 or int32), inv_freq [D/2] fp32 contiguous, and the
@@ -174,18 +180,5 @@ struct Rope {
     at::cos_out(c, c);
   }
 };
-
-// Rotate-half rotation of one row x [D] in place: (lo, hi) -> (lo cos - hi sin, hi cos + lo sin) for the channel
-// pair (f, f + D/2); sign = -1 applies the inverse R^T (the gradient of the rotation).
-inline void rotate_row(float* x, const float* cos, const float* sin, int64_t half, float sign) {
-  float* hi = x + half;
-#pragma omp simd
-  for (int64_t f = 0; f < half; ++f) {
-    const float s = sign * sin[f];
-    const float lo_f = x[f], hi_f = hi[f];
-    x[f] = lo_f * cos[f] - hi_f * s;
-    hi[f] = hi_f * cos[f] + lo_f * s;
-  }
-}
 
 }  // namespace laid_cpu

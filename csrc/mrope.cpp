@@ -24,8 +24,8 @@ at::Tensor apply_mrope(const at::Tensor& x, const at::Tensor& positions, const a
       rope.cos_sin(first, count, cos.data(), sin.data());
       for (int64_t t = 0; t < count; ++t) {
         for (int64_t h = 0; h < heads; ++h) {
-          load_row(in_rows.row(first + t, h), in_rows.type, row.data(), dim);
-          rotate_row(row.data(), cos.data() + t * half, sin.data() + t * half, half, sign);
+          load_row(in_rows.row(first + t, h), in_rows.type, row.data(), dim, cos.data() + t * half,
+                   sin.data() + t * half, sign);
           store_row(row.data(), 1.0f, out_rows.row(first + t, h), out_rows.type, dim);
         }
       }

@@ -144,22 +144,23 @@ struct Scratch {
   std::vector<v16> mixing_grad;  // [Hs * Ht + Hs_kv * Ht_kv] lane-wise partial sums of one block
 };
 
-// Processes tokens [first, first + count) (count <= kChunkTokens, of `tokens` in all) of one side; cos / sin point
-// at the chunk's first token. Adds w_n ||R x_s - T||^2 to *numerator, w_n ||T||^2 to *target_norm and T X^T to mixing_grad.
-void chunk_side(const Side& side, const float* weight, int64_t first, int64_t count, int64_t tokens, bool rope,
-                const float* cos,
-                const float* sin, float grad_scale, Scratch& s, v16* mixing_grad, double* numerator,
-                double* target_norm) {
+// Processes tokens [first, first + count) (count <= kChunkTokens, of `tokens` in all) of one side; cos / sin
+// [count, D/2] are the angles of the chunk's tokens, or null for rope=False. Adds w_n ||R x_s - T||^2 to *numerator,
+// w_n ||T||^2 to *target_norm and T X^T to mixing_grad.
+void chunk_side(const Side& side, const float* weight, int64_t first, int64_t count, int64_t tokens,
+                const float* cos, const float* sin, float grad_scale, Scratch& s, v16* mixing_grad,
+                double* numerator, double* target_norm) {
   const int64_t dim = side.student.dim, half = dim / 2, L = kChunkTokens * dim;
   float* X = s.teacher.data();
   float* T = s.target.data();
   float* row = s.row.data();
   for (int64_t t = 0; t < kChunkTokens; ++t) {  // token-major: reads each token's heads in memory order
+    const float* cos_t = cos ? cos + t * half : nullptr;
+    const float* sin_t = sin ? sin + t * half : nullptr;
     for (int64_t j = 0; j < side.ht; ++j) {
       float* x = X + j * L + t * dim;
       if (t < count && weight[first + t] != 0.0f) {
-        load_row(side.teacher.row(first + t, j), side.teacher.type, x, dim);
-        if (rope) rotate_row(x, cos + t * half, sin + t * half, half, 1.0f);
+        load_row(side.teacher.row(first + t, j), side.teacher.type, x, dim, cos_t, sin_t);
       } else {
         std::fill(x, x + dim, 0.0f);
       }
@@ -173,6 +174,8 @@ void chunk_side(const Side& side, const float* weight, int64_t first, int64_t co
   mix(side.mixing, side.hs, side.ht, X, L, T);
   for (int64_t t = 0; t < kChunkTokens; ++t) {
     const float w = t < count ? weight[first + t] : 0.0f;
+    const float* cos_t = cos ? cos + t * half : nullptr;
+    const float* sin_t = sin ? sin + t * half : nullptr;
     for (int64_t i = 0; i < side.hs; ++i) {
       float* d = T + i * L + t * dim;
       if (w == 0.0f) {  // padding (or past the end): no contribution, zero gradient
@@ -180,8 +183,7 @@ void chunk_side(const Side& side, const float* weight, int64_t first, int64_t co
         if (t < count) std::memset(side.grad.row(first + t, i), 0, dim * side.grad.itemsize);
         continue;
       }
-      load_row(side.student.row(first + t, i), side.student.type, row, dim);
-      if (rope) rotate_row(row, cos + t * half, sin + t * half, half, 1.0f);
+      load_row(side.student.row(first + t, i), side.student.type, row, dim, cos_t, sin_t);
       float diff_norm = 0.0f, tgt_norm = 0.0f;
 #pragma omp simd reduction(+ : diff_norm, tgt_norm)
       for (int64_t e = 0; e < dim; ++e) {
@@ -193,8 +195,7 @@ void chunk_side(const Side& side, const float* weight, int64_t first, int64_t co
       }
       *numerator += static_cast<double>(w * diff_norm);
       *target_norm += static_cast<double>(w * tgt_norm);
-      if (rope) rotate_row(row, cos + t * half, sin + t * half, half, -1.0f);
-      store_row(row, grad_scale, side.grad.row(first + t, i), side.grad.type, dim);
+      store_row(row, grad_scale, side.grad.row(first + t, i), side.grad.type, dim, cos_t, sin_t, -1.0f);
     }
   }
   outer(T, side.hs, X, side.ht, L, mixing_grad);
@@ -247,10 +248,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       double numerator = 0.0, target_norm = 0.0;
       for (int64_t chunk = 0; chunk < count; chunk += kChunkTokens) {
         const int64_t n = std::min(kChunkTokens, count - chunk);
-        const float* cos = s.cos.data() + chunk * half;
-        const float* sin = s.sin.data() + chunk * half;
+        const float* cos = rope ? s.cos.data() + chunk * half : nullptr;
+        const float* sin = rope ? s.sin.data() + chunk * half : nullptr;
         for (int side = 0; side < 2; ++side) {
-          chunk_side(sides[side], w, first + chunk, n, tokens, rope, cos, sin, static_cast<float>(grad_scale), s,
+          chunk_side(sides[side], w, first + chunk, n, tokens, cos, sin, static_cast<float>(grad_scale), s,
                      s.mixing_grad.data() + (side ? q_pairs : 0), &numerator, &target_norm);
         }
       }
