@@ -185,19 +185,26 @@ def run_all(sizes: list[int], backends: list[str], device: str, limit_gb: float)
             if stop_reason is not None:
                 results.append({**row, "skipped": stop_reason})
                 continue
+            predicted = None
             if backend == "reference" and len(measured) >= 3:
                 predicted = fit_prediction(measured)(images)
+                row["predicted_bytes"] = predicted
                 if predicted > budget:
                     stop_reason = f"out of memory (predicted {predicted / GIB:.1f} GB > budget {budget / GIB:.1f} GB)"
-                    results.append({**row, "skipped": stop_reason, "predicted_bytes": predicted})
+                    results.append({**row, "skipped": stop_reason})
                     print(f"{backend} {images} images: {stop_reason}", flush=True)
                     continue
             result = run_worker(images, backend, device, budget)
             if "error" in result:
-                stop_reason = "out of memory (watchdog)" if "watchdog" in result["error"] else "failed"
+                stop_reason = "failed"
+                if "watchdog" in result["error"]:
+                    stop_reason = f"out of memory (RSS passed the {budget / GIB:.1f} GB budget" + (
+                        f"; predicted {predicted / GIB:.1f} GB)" if predicted is not None else ")")
                 results.append({**row, "skipped": stop_reason, "detail": result["error"][-500:]})
                 print(f"{backend} {images} images: {stop_reason}", flush=True)
                 continue
+            if predicted is not None:
+                result["predicted_bytes"] = predicted
             measured.append(result)
             results.append(result)
             print(f"{backend} {images} images ({seq} tokens, {rows} rows): {result['seconds']:.2f} s, peak "
@@ -207,15 +214,16 @@ def run_all(sizes: list[int], backends: list[str], device: str, limit_gb: float)
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| backend | images | tokens | rows | fwd+bwd (s) | peak extra memory (MiB) | beyond returned grads "
-             "(MiB) | beyond grads / input bytes |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| backend | images | tokens | rows | fwd+bwd (s) | peak memory beyond inputs (MiB) | beyond inputs and "
+             "returned grads (MiB) | that / input bytes | predicted peak (MiB) |", "|---" * 9 + "|"]
     for r in results:
         head = f"| {r['backend']} | {r['images']} | {r['tokens']} | {r['rows']} |"
+        predicted = f" {r['predicted_bytes'] / 2**20:.0f} |" if "predicted_bytes" in r else " |"
         if "skipped" in r:
-            lines.append(f"{head} {r['skipped']} | | | |")
+            lines.append(f"{head} {r['skipped']} | | | |{predicted}")
         else:
             lines.append(f"{head} {r['seconds']:.2f} | {r['peak_bytes'] / 2**20:.0f} | {r['extra_bytes'] / 2**20:.0f}"
-                         f" | {100 * r['extra_bytes'] / r['input_bytes']:.1f}% |")
+                         f" | {100 * r['extra_bytes'] / r['input_bytes']:.1f}% |{predicted}")
     return "\n".join(lines)
 
 
@@ -227,11 +235,11 @@ def plot(results: list[dict], path: Path) -> None:
     fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(11, 4))
     for backend in dict.fromkeys(r["backend"] for r in results):
         ran = [r for r in results if r["backend"] == backend and "skipped" not in r]
-        predicted = [r for r in results if r["backend"] == backend and "predicted_bytes" in r]
+        predicted = [r for r in results if r["backend"] == backend and "predicted_bytes" in r and "skipped" in r]
         ax_mem.plot([r["images"] for r in ran], [r["peak_bytes"] / GIB for r in ran], "o-", label=backend)
         if predicted:
             ax_mem.plot([r["images"] for r in predicted], [r["predicted_bytes"] / GIB for r in predicted], "x--",
-                        label=f"{backend} (predicted, not run)")
+                        label=f"{backend} (predicted; out of memory)")
         ax_time.plot([r["images"] for r in ran], [r["seconds"] for r in ran], "o-", label=backend)
     inputs = [r for r in results if "input_bytes" in r]
     ax_mem.plot([r["images"] for r in inputs], [r["input_bytes"] / GIB for r in inputs], ":", color="gray",
@@ -242,6 +250,13 @@ def plot(results: list[dict], path: Path) -> None:
     ax_time.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
 
 
 def main() -> None:
@@ -260,7 +275,7 @@ def main() -> None:
     results = run_all(sorted(args.images), backends, device, args.limit_gb)
     OUT.mkdir(parents=True, exist_ok=True)
     machine = (torch.cuda.get_device_name() if device == "cuda" else
-               f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
+               f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}")
     meta = dict(date=time.strftime("%Y-%m-%d", time.gmtime()), machine=machine, device=device,
                 student_heads=STUDENT, teacher_heads=TEACHER, head_dim=HEAD_DIM, dtype="bfloat16")
     (OUT / "attn_match_150img.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))

@@ -21,9 +21,13 @@ Backends (registered with ``laid_kernels.backends``):
   and rotated (teacher) in registers, so nothing of size N is allocated. ``_fwd_kernel`` and ``_dq_kernel`` run one
   program per (block of row-head lanes, student kv head, sample) and stream the sample's causal keys;
   ``_dk_kernel`` runs one program per (key block, kv head, sample) and streams the sample's rows.
-- ``"cpu"``: the same algorithm in PyTorch over key blocks sized so one block's logits stay about 4 MB, with
-  student and teacher keys mixed and rotated per block (nothing of size N x heads x D is allocated beyond the
-  returned gradients).
+- ``"cpu"``: the same algorithm in PyTorch over key blocks sized so one block's logits stay about 1 MB, with
+  student and teacher keys mixed and rotated per block and query rows prepared 32 at a time (nothing of size
+  N x heads x D is allocated beyond the returned gradients; rows that end before a key block skip it).
+
+Precision: everything is computed in fp32 from inputs of any float dtype. On the GPU the kernels' ``tl.dot`` runs
+with TF32 operands (``TRITON_PRECISION``; 10-bit mantissas, finer than bf16 inputs, relative logit error about 1e-3
+for fp32 inputs): "tf32x3" (fp32-level) spills registers at every tile size tried. The interpreter is exact.
 
 Both are ``torch.library`` custom ops (forward and backward each) with fake implementations and autograd.
 """
@@ -481,7 +485,7 @@ def _dk_kernel(qs_ptr, qt_ptr, row_m_ptr, sample_rows_ptr, ks_ptr, kt_ptr, wk_pt
 TRITON_BLOCK_M = 32
 TRITON_BLOCK_N = 16
 TRITON_NUM_WARPS = 4
-TRITON_PRECISION = "tf32"  # operands rounded to 10-bit mantissas on the GPU (the interpreter is exact); "tf32x3" spills
+TRITON_PRECISION = "tf32"  # see the module docstring: "tf32x3" spills at every tile size tried
 
 
 def attention_launch(kernel, name: str, grid: tuple[int, int, int], rows: Sequence[torch.Tensor],
