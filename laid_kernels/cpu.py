@@ -63,27 +63,28 @@ def build_name() -> str:
     return f"laid_kernels_cpu_{digest.hexdigest()[:16]}"
 
 
-@functools.cache
-def _toolchain_problem() -> str | None:
-    """Why the extension cannot be built here (None if it can): a cheap check, no compilation."""
+def toolchain_problem() -> str | None:
+    """Why the extension cannot be built here (None if it can): files and programs looked up, nothing compiled."""
     missing = [name for name in SOURCES + HEADERS if not (SOURCE_DIR / name).is_file()]
     if missing:
         return f"the C++ sources {missing} are not in {SOURCE_DIR}"
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         return f"no C++ compiler found ({compiler!r} is not on PATH; set CXX)"
-    from torch.utils.cpp_extension import is_ninja_available
-
-    if not is_ninja_available():
+    if shutil.which("ninja") is None:
         return "ninja is not installed (pip install ninja)"
     return None
+
+
+# Checked once at import (a few stat calls), so that dispatch reads a constant: torch.compile traces through it.
+TOOLCHAIN_PROBLEM = toolchain_problem()
 
 
 def why_unavailable(device: torch.device) -> str | None:
     """None when the native CPU backend can run on ``device``, else the reason it cannot."""
     if device.type != "cpu":
         return f"the native CPU backend runs on CPU tensors, not {device.type}"
-    return _toolchain_problem()
+    return TOOLCHAIN_PROBLEM
 
 
 @functools.cache

@@ -116,13 +116,11 @@ def test_without_a_compiler_auto_falls_back_to_the_reference_with_one_warning(mo
 
 def test_toolchain_check_names_the_missing_compiler(monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler-for-laid")
-    cpu._toolchain_problem.cache_clear()
-    try:
-        problem = cpu.why_unavailable(torch.device("cpu"))
-    finally:
-        monkeypatch.undo()
-        cpu._toolchain_problem.cache_clear()
+    problem = cpu.toolchain_problem()
     assert problem is not None and "no-such-compiler-for-laid" in problem
+    monkeypatch.setenv("PATH", "")
+    monkeypatch.delenv("CXX")
+    assert "compiler" in cpu.toolchain_problem()
     assert "CPU tensors" in cpu.why_unavailable(torch.device("meta"))
 
 
