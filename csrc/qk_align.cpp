@@ -2,8 +2,9 @@
 //
 // Tokens are cut into fixed blocks of kBlockTokens (the unit of parallel work) and each block into chunks of
 // kChunkTokens. For one side (queries, then keys) of one chunk:
-//   X [Ht, chunk * D]  fp32 rotated teacher rows (head-major, so the mixing is one matrix product per chunk)
-//   T [Hs, chunk * D]  = W X, the mixed targets; then overwritten in place by w_n (R x_s - T), from which the
+//   X [Ht, chunk * D'] fp32 rotated teacher rows (head-major, so the mixing is one matrix product per chunk;
+//                      D' = D rounded up to 8, zero padded)
+//   T [Hs, chunk * D'] = W X, the mixed targets; then overwritten in place by w_n (R x_s - T), from which the
 //                      student gradient row is written (R^T, scaled, in the student's dtype)
 //   dW               += T X^T, kept as 16-lane partial sums per (i, j) for the block
 // Both products are register-blocked loops on 16-float vectors (GCC vector extension: AVX-512 where the CPU has
@@ -19,6 +20,10 @@ namespace laid_cpu {
 namespace {
 
 constexpr int64_t kChunkTokens = 4;
+
+// Floats per token row in the chunk buffers: D rounded up to 8 (zero padded), so that a chunk row of
+// kChunkTokens * padded_dim(D) floats is a whole number of the 32-float column blocks the products work on.
+constexpr int64_t padded_dim(int64_t dim) { return (dim + 7) / 8 * 8; }
 
 typedef float v16 __attribute__((vector_size(64)));
 
@@ -150,7 +155,7 @@ struct Scratch {
 void chunk_side(const Side& side, const float* weight, int64_t first, int64_t count, int64_t tokens,
                 const float* cos, const float* sin, float grad_scale, Scratch& s, v16* mixing_grad,
                 double* numerator, double* target_norm) {
-  const int64_t dim = side.student.dim, half = dim / 2, L = kChunkTokens * dim;
+  const int64_t dim = side.student.dim, half = dim / 2, stride = padded_dim(dim), L = kChunkTokens * stride;
   float* X = s.teacher.data();
   float* T = s.target.data();
   float* row = s.row.data();
@@ -158,11 +163,10 @@ void chunk_side(const Side& side, const float* weight, int64_t first, int64_t co
     const float* cos_t = cos ? cos + t * half : nullptr;
     const float* sin_t = sin ? sin + t * half : nullptr;
     for (int64_t j = 0; j < side.ht; ++j) {
-      float* x = X + j * L + t * dim;
+      float* x = X + j * L + t * stride;
+      std::fill(x, x + stride, 0.0f);
       if (t < count && weight[first + t] != 0.0f) {
         load_row(side.teacher.row(first + t, j), side.teacher.type, x, dim, cos_t, sin_t);
-      } else {
-        std::fill(x, x + dim, 0.0f);
       }
     }
   }
@@ -177,7 +181,8 @@ void chunk_side(const Side& side, const float* weight, int64_t first, int64_t co
     const float* cos_t = cos ? cos + t * half : nullptr;
     const float* sin_t = sin ? sin + t * half : nullptr;
     for (int64_t i = 0; i < side.hs; ++i) {
-      float* d = T + i * L + t * dim;
+      float* d = T + i * L + t * stride;
+      std::fill(d + dim, d + stride, 0.0f);
       if (w == 0.0f) {  // padding (or past the end): no contribution, zero gradient
         std::fill(d, d + dim, 0.0f);
         if (t < count) std::memset(side.grad.row(first + t, i), 0, dim * side.grad.itemsize);
@@ -235,8 +240,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
   at::parallel_for(0, blocks, 1, [&](int64_t first_block, int64_t last_block) {
     Scratch s;
-    s.teacher.resize(max_heads * kChunkTokens * dim);
-    s.target.resize(max_heads * kChunkTokens * dim);
+    s.teacher.resize(max_heads * kChunkTokens * padded_dim(dim));
+    s.target.resize(max_heads * kChunkTokens * padded_dim(dim));
     s.row.resize(dim);
     s.cos.resize(kBlockTokens * half);
     s.sin.resize(kBlockTokens * half);

@@ -58,10 +58,12 @@ def test_apply_mrope_bit_identical_for_any_thread_count():
 
 
 @needs_cpu_backend
-@pytest.mark.parametrize("case", ["fp16", "fp32 student / bf16 teacher", "non-contiguous last dim", "rope=False"])
+@pytest.mark.parametrize("case", ["fp16", "fp32 student / bf16 teacher", "non-contiguous last dim", "rope=False",
+                                  "head_dim 12"])
 def test_qk_align_other_dtypes_and_layouts(case):
     dtype = torch.float16 if case == "fp16" else torch.float32
-    inputs = make_inputs((16, 2, 40, 8), batch=2, seq=37, dim=64, section=SMALL_SECTION, dtype=dtype)
+    dim, section = (12, (2, 2, 2)) if case == "head_dim 12" else (64, SMALL_SECTION)  # 12: chunk rows are padded
+    inputs = make_inputs((16, 2, 40, 8), batch=2, seq=37, dim=dim, section=section, dtype=dtype)
     kwargs = {"rope": False} if case == "rope=False" else {}
     if case == "fp32 student / bf16 teacher":
         inputs["q_t"], inputs["k_t"] = inputs["q_t"].bfloat16(), inputs["k_t"].bfloat16()
