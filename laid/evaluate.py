@@ -1,0 +1,220 @@
+"""The Visual Haystacks evaluation, faithful to the official benchmark (visual-haystacks/vhs_benchmark).
+
+For every haystack size N the questions of the official single-needle file are answered one at a time: the N images
+(needle + negatives) in a seeded shuffle (``laid.data.haystack_order``), then one text item
+``VHS_PROMPT + question`` (``laid.data.build_messages``), images read by ``qwen_vl_utils.process_vision_info`` as the
+official Qwen adapter does, greedy ``generate`` with the KV cache (``max_new_tokens`` 128). Responses are scored by
+``laid.scoring`` (nltk word tokens, the official quirks) and summarised as the mean and standard deviation over 100
+bootstrap resamples, per size.
+
+Data layout (the official dataset folder, e.g. ``single_needle/VHs_large``)::
+
+    DATA/visual_haystack_oracle.json    size 1
+    DATA/visual_haystack_{N}.json       size N (2, 3, 5, 10, 20, 50, 100, 500, ...)
+
+Size 150 has no file: it is cut from ``visual_haystack_500.json`` as the needle + the first 149 negatives of each
+entry, in file order (``CUT_FROM``). Image paths are relative to ``image_root`` (the COCO root; default ``DATA``).
+
+Output (``output_dir``), readable by the official scorer::
+
+    {N}_images/{idx:03d}.json   the entry + result {image_paths, response, log}
+    run.json                    what was evaluated (a resumed run must match it)
+    summary.json, summary.csv   accuracy and compliance (fractions) per size
+
+A run that stopped half-way resumes: answered questions (their ``{idx:03d}.json`` exists) are not asked again.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from .data import build_messages, haystack_order, load_vhs, vhs_json_name
+from .scoring import vhs_metrics
+
+SIZES = (1, 2, 5, 10, 20, 50, 100, 150)
+CUT_FROM = {150: 500}  # size -> the official file it is cut from (needle + first size - 1 negatives)
+METHODS = ("baseline", "yarn", "selfextend")
+
+
+def haystack_file(data: str | Path, size: int) -> Path:
+    """The official JSON file that holds (or, for ``CUT_FROM`` sizes, is cut to) haystacks of ``size`` images."""
+    if size < 1:
+        raise ValueError(f"sizes must be >= 1, got {size}")
+    return Path(data) / vhs_json_name(CUT_FROM.get(size, size))
+
+
+def haystack_entries(data: str | Path, size: int) -> list[dict]:
+    """The entries of ``size`` images: the file of ``haystack_file``, checked to hold ``size`` images per entry
+    (at least ``size`` for a file the size is cut from). FileNotFoundError names the size and the expected file."""
+    path = haystack_file(data, size)
+    if not path.is_file():
+        raise FileNotFoundError(f"size {size}: data file {str(path)!r} does not exist (the data folder needs "
+                                f"visual_haystack_oracle.json for size 1, visual_haystack_N.json for size N and "
+                                f"visual_haystack_500.json for 150)")
+    entries = load_vhs(path)
+    for index, entry in enumerate(entries):
+        count = len(entry["pos_image"]) + len(entry["neg_image"])
+        if count < size or (count != size and size not in CUT_FROM):
+            raise ValueError(f"{path}: entry {index} has {count} images, size {size} expects {size}")
+    return entries
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_for_eval(model_or_path, *, method: str, device: torch.device, attn_implementation: str = "auto",
+                  yarn_factor: float = 4.0, selfextend_group: int = 8, selfextend_window: int = 1024):
+    """The model to evaluate in eval mode on ``device`` (bf16 on CUDA, fp32 on CPU), with ``method`` applied.
+
+    ``model_or_path``: a loaded ``Qwen2_5_VLForConditionalGeneration`` or a folder / hub id. ``method``: "baseline"
+    (untouched), "yarn" (``laid.baselines.apply_yarn``) or "selfextend" (``laid.baselines.apply_selfextend``).
+    """
+    from .baselines import apply_selfextend, apply_yarn
+    from .models import choose_attention, load_model
+
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if isinstance(model_or_path, (str, Path)):
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        model = load_model(str(model_or_path), dtype=dtype, role="model",
+                           attn_implementation=choose_attention(attn_implementation, device))
+    else:
+        model = model_or_path
+    model.to(device).eval()
+    if method == "yarn":
+        apply_yarn(model, factor=yarn_factor)
+    elif method == "selfextend":
+        apply_selfextend(model, group_size=selfextend_group, window=selfextend_window)
+    return model
+
+
+@torch.inference_mode()
+def answer(model, processor, image_paths: list[Path], question: str, *, max_new_tokens: int = 128) -> dict:
+    """Greedy answer of ``model`` to one question over ``image_paths`` (already in the order shown).
+
+    Returns ``{"response": str, "input_tokens": N, "output_tokens": T}``. Only this question's tensors live: the
+    prompt (``input_ids`` [1, N], ``pixel_values`` [P, 1176]) and the KV cache of ``generate``.
+    """
+    from qwen_vl_utils import process_vision_info
+
+    messages = build_messages(image_paths, question)
+    images, _ = process_vision_info(messages)
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    inputs = processor(text=[text], images=images, padding=True, return_tensors="pt").to(model.device)
+    n_input = inputs["input_ids"].shape[1]
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                            temperature=None, top_p=None, top_k=None)
+    new_tokens = output[0, n_input:]
+    response = processor.batch_decode(new_tokens[None], skip_special_tokens=True)[0]
+    return {"response": response, "input_tokens": n_input, "output_tokens": int(new_tokens.shape[0])}
+
+
+def _write_json(path: Path, value) -> None:
+    """Write atomically (temporary file + rename): an interrupted run never leaves half a JSON file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, path)
+
+
+def _check_run(output_dir: Path, run: dict) -> None:
+    """Record ``run`` in ``output_dir/run.json``, or check that a resumed run asks the same thing."""
+    path = output_dir / "run.json"
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        changed = {k: (previous.get(k), v) for k, v in run.items() if k != "sizes" and previous.get(k) != v}
+        if changed:
+            details = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            raise ValueError(f"output_dir {str(output_dir)!r} holds a run with other settings ({details}); "
+                             f"use another output_dir")
+    _write_json(path, run)
+
+
+def write_summary(output_dir: Path, run: dict, metrics: dict[int, dict]) -> dict:
+    """``summary.json`` (``run`` + per-size metrics) and ``summary.csv`` (one row per size). Returns the summary."""
+    summary = {**run, "results": {str(size): m for size, m in metrics.items()}}
+    _write_json(output_dir / "summary.json", summary)
+    with open(output_dir / "summary.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["size", "n", "accuracy_mean", "accuracy_std", "compliance_mean", "compliance_std"])
+        for size, m in metrics.items():
+            writer.writerow([size, m["n"], *m["accuracy"], *m["compliance"]])
+    return summary
+
+
+def evaluate(model_or_path, data: str | Path, sizes=SIZES, method: str = "baseline", *,
+             output_dir: str | Path, image_root: str | Path | None = None, processor=None, name: str | None = None,
+             seed: int = 0, max_new_tokens: int = 128, n_resamples: int = 100, limit: int | None = None,
+             device: str | None = "auto", attn_implementation: str = "auto", yarn_factor: float = 4.0,
+             selfextend_group: int = 8, selfextend_window: int = 1024, progress: bool = False) -> dict:
+    """Evaluate a model on Visual Haystacks (single needle) at every size in ``sizes``; returns the summary.
+
+    ``model_or_path``: a model or a folder / hub id (``processor`` defaults to the same folder). ``data``: the
+    folder of the official JSON files (see the module docstring). ``limit``: only the first ``limit`` questions of
+    each size. The summary is ``{"name", "method", "model", ..., "results": {"N": {"accuracy": (mean, std),
+    "compliance": (mean, std), "n": questions}}}`` with fractions in [0, 1], also written to ``output_dir``.
+    """
+    from .models import load_processor
+
+    data, output_dir = Path(data), Path(output_dir)
+    image_root = Path(image_root) if image_root is not None else data
+    if not data.is_dir():
+        raise FileNotFoundError(f"data {str(data)!r} is not a folder of visual_haystack_*.json files")
+    if not image_root.is_dir():
+        raise FileNotFoundError(f"image_root {str(image_root)!r} is not a folder")
+    sizes = [int(s) for s in sizes]
+    if not sizes or len(set(sizes)) != len(sizes):
+        raise ValueError(f"sizes must be a non-empty list of distinct sizes, got {sizes}")
+    if max_new_tokens < 1 or (limit is not None and limit < 1):
+        raise ValueError(f"max_new_tokens and limit must be >= 1, got {max_new_tokens}, {limit}")
+    per_size = {size: haystack_entries(data, size) for size in sizes}  # every file checked before any model loads
+    source = str(model_or_path) if isinstance(model_or_path, (str, Path)) else model_or_path.name_or_path
+    if processor is None:
+        if not source:
+            raise ValueError("processor is required when the model was not loaded from a folder")
+        processor = load_processor(source)
+    options = {"yarn": {"yarn_factor": yarn_factor},
+               "selfextend": {"selfextend_group": selfextend_group, "selfextend_window": selfextend_window}}
+    run = {"name": name or method, "method": method, "model": source, "data": str(data), "seed": seed,
+           "max_new_tokens": max_new_tokens, "options": options.get(method, {}), "sizes": sizes}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _check_run(output_dir, run)
+    model = load_for_eval(model_or_path, method=method, device=_device(device),
+                          attn_implementation=attn_implementation, yarn_factor=yarn_factor,
+                          selfextend_group=selfextend_group, selfextend_window=selfextend_window)
+    metrics = {}
+    for size, entries in per_size.items():
+        folder = output_dir / f"{size}_images"
+        folder.mkdir(exist_ok=True)
+        responses, answers = [], []
+        for index, entry in enumerate(entries[:limit]):
+            path = folder / f"{index:03d}.json"
+            if not path.is_file():
+                order = haystack_order(entry, seed=seed, index=index, max_images=size)
+                image_paths = [image_root / p for p in order]
+                for image in image_paths:
+                    if not image.is_file():
+                        raise FileNotFoundError(f"size {size}: entry {index}: image {str(image)!r} not found "
+                                                f"(paths are relative to image_root {str(image_root)!r})")
+                start = time.perf_counter()
+                out = answer(model, processor, image_paths, entry["conversations"][0]["value"],
+                             max_new_tokens=max_new_tokens)
+                log = {"method": method, "seed": seed, "input_tokens": out["input_tokens"],
+                       "output_tokens": out["output_tokens"], "seconds": round(time.perf_counter() - start, 3)}
+                result = {"image_paths": [str(p) for p in image_paths], "response": out["response"], "log": log}
+                _write_json(path, {**entry, "result": result})
+                if progress:
+                    print(f"{size} images, question {index}: {out['response']!r}", flush=True)
+            record = json.loads(path.read_text())
+            responses.append(record["result"]["response"])
+            answers.append(record["conversations"][1]["value"])
+        metrics[size] = vhs_metrics(responses, answers, n_resamples=n_resamples, seed=seed)
+    return write_summary(output_dir, run, metrics)
