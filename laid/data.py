@@ -328,6 +328,31 @@ def synth_haystacks(
     return json_path
 
 
+def vhs_json_name(n_images: int) -> str:
+    """The official file name of the single-needle haystacks of ``n_images`` images (1: the oracle file)."""
+    if n_images < 1:
+        raise ValueError(f"n_images must be >= 1, got {n_images}")
+    return f"visual_haystack_{'oracle' if n_images == 1 else n_images}.json"
+
+
+def synth_benchmark(out_dir: str | Path, *, sizes, n_entries: int, image_size: int = 56, seed: int = 0) -> Path:
+    """Write a synthetic benchmark in the official layout: ``out_dir/vhs_json_name(N)`` for every N in ``sizes``,
+    each entry with exactly N images (``synth_haystacks`` with seed ``seed + N`` into ``out_dir/synth_N``; paths in
+    the JSON files are relative to ``out_dir``, the image root). Returns ``out_dir``."""
+    out = Path(out_dir)
+    for size in sizes:
+        folder = f"synth_{size}"
+        path = synth_haystacks(out / folder, n_entries=n_entries, min_images=size, max_images=size,
+                               image_size=image_size, seed=seed + size)
+        entries = json.loads(path.read_text())
+        for entry in entries:
+            for key in ("pos_image", "neg_image"):
+                entry[key] = [f"{folder}/{p}" for p in entry[key]]
+        (out / vhs_json_name(size)).write_text(json.dumps(entries, indent=1))
+        path.unlink()
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Leak-free training haystacks from COCO annotations.
 
