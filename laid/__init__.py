@@ -3,11 +3,13 @@
 Modules: ``laid.tiny`` (offline tiny Qwen2.5-VL checkpoints), ``laid.data`` (Visual Haystacks data), ``laid.cli``;
 the trainer: ``laid.config`` (LAidConfig), ``laid.models`` (loading), ``laid.capture`` (Q/K hooks, gain, positions),
 ``laid.mixer`` (HeadMixer), ``laid.losses`` (the four terms), ``laid.trainer`` (the loop, ``laid.train``),
-``laid.checkpoint`` (save, resume, export).
+``laid.checkpoint`` (save, resume, export); evaluation: ``laid.evaluate`` (Visual Haystacks, ``laid.evaluate``),
+``laid.baselines`` (YaRN, SelfExtend), ``laid.report`` (the paper-style table and plot).
 """
 
 from .config import LAidConfig
+from .evaluate import evaluate
 from .mixer import HeadMixer
 from .trainer import train
 
-__all__ = ["LAidConfig", "HeadMixer", "train"]
+__all__ = ["LAidConfig", "HeadMixer", "train", "evaluate"]

@@ -8,6 +8,8 @@ Each top-level command is one ``add_<name>(commands)`` function that adds its su
     laid data build-train --instances instances_train2017.json --exclude-vhs VHS.json ... --out train.json
     laid models tiny runs/tiny
     laid train configs/tiny_cpu.yaml --epochs 1
+    laid eval runs/laid/final --data VHs_large --image-root coco --output runs/eval/laid --name LAid
+    laid report runs/eval/baseline runs/eval/laid --baseline baseline --out report
 """
 
 from __future__ import annotations
@@ -18,8 +20,12 @@ from pathlib import Path
 
 
 def _run_synth(args: argparse.Namespace) -> None:
-    from .data import synth_haystacks
+    from .data import synth_benchmark, synth_haystacks
 
+    if args.sizes:
+        print(synth_benchmark(args.out, sizes=args.sizes, n_entries=args.n_entries, image_size=args.image_size,
+                              seed=args.seed))
+        return
     path = synth_haystacks(
         args.out,
         n_entries=args.n_entries,
@@ -58,6 +64,9 @@ def add_data(commands) -> None:
     synth.add_argument("--max-images", type=int, default=10)
     synth.add_argument("--image-size", type=int, default=56)
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--sizes", type=int, nargs="+",
+                       help="write a benchmark in the official layout instead: visual_haystack_{oracle,N}.json with "
+                            "exactly N images per entry for each N (--min/--max-images are then unused)")
     synth.set_defaults(run=_run_synth)
 
     build = steps.add_parser("build-train", help="leak-free training haystacks from COCO instances_*2017.json")
@@ -115,7 +124,47 @@ def add_train(commands) -> None:
     train.set_defaults(run=_run_train)
 
 
-COMMANDS = (add_data, add_models, add_train)
+def _run_eval(args: argparse.Namespace) -> None:
+    from .evaluate import evaluate
+
+    summary = evaluate(args.model, args.data, sizes=args.sizes, method=args.method, output_dir=args.output,
+                       image_root=args.image_root, processor=args.processor, name=args.name, seed=args.seed,
+                       max_new_tokens=args.max_new_tokens, n_resamples=args.n_resamples, limit=args.limit,
+                       device=args.device, attn_implementation=args.attn_implementation,
+                       yarn_factor=args.yarn_factor, selfextend_group=args.selfextend_group,
+                       selfextend_window=args.selfextend_window, progress=True)
+    for size, m in summary["results"].items():
+        print(f"{size} images: accuracy {100 * m['accuracy'][0]:.2f} +- {100 * m['accuracy'][1]:.2f}, "
+              f"compliance {100 * m['compliance'][0]:.2f} +- {100 * m['compliance'][1]:.2f} (n={m['n']})")
+    print(Path(args.output) / "summary.json")
+
+
+def add_eval(commands) -> None:
+    """``laid eval MODEL --data DIR --output OUT``: Visual Haystacks accuracy per haystack size (official protocol)."""
+    from .evaluate import METHODS, SIZES
+
+    ev = commands.add_parser("eval", help="Visual Haystacks evaluation (official protocol and output layout)")
+    ev.add_argument("model", help="model folder or hub id (a merged LoRA export is a model folder)")
+    ev.add_argument("--data", required=True, help="folder with visual_haystack_{oracle,N,500}.json")
+    ev.add_argument("--output", required=True, help="run folder ({N}_images/{idx:03d}.json, summary.json/csv)")
+    ev.add_argument("--image-root", help="folder the image paths are relative to (COCO root; default --data)")
+    ev.add_argument("--processor", help="processor folder or hub id (default: the model's)")
+    ev.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    ev.add_argument("--method", choices=METHODS, default="baseline")
+    ev.add_argument("--name", help="run name in the report (default: the method)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the haystack shuffles and the bootstrap")
+    ev.add_argument("--max-new-tokens", type=int, default=128)
+    ev.add_argument("--n-resamples", type=int, default=100)
+    ev.add_argument("--limit", type=int, help="only the first LIMIT questions of each size")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--attn-implementation", default="auto")
+    ev.add_argument("--yarn-factor", type=float, default=4.0)
+    ev.add_argument("--selfextend-group", type=int, default=8)
+    ev.add_argument("--selfextend-window", type=int, default=1024)
+    ev.set_defaults(run=_run_eval)
+
+
+COMMANDS = (add_data, add_models, add_train, add_eval)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -157,7 +157,8 @@ def evaluate(model_or_path, data: str | Path, sizes=SIZES, method: str = "baseli
              selfextend_group: int = 8, selfextend_window: int = 1024, progress: bool = False) -> dict:
     """Evaluate a model on Visual Haystacks (single needle) at every size in ``sizes``; returns the summary.
 
-    ``model_or_path``: a model or a folder / hub id (``processor`` defaults to the same folder). ``data``: the
+    ``model_or_path``: a model or a folder / hub id; ``processor``: a processor or its folder / hub id (default:
+    the model's folder). ``data``: the
     folder of the official JSON files (see the module docstring). ``limit``: only the first ``limit`` questions of
     each size. The summary is ``{"name", "method", "model", ..., "results": {"N": {"accuracy": (mean, std),
     "compliance": (mean, std), "n": questions}}}`` with fractions in [0, 1], also written to ``output_dir``.
@@ -176,11 +177,11 @@ def evaluate(model_or_path, data: str | Path, sizes=SIZES, method: str = "baseli
     if max_new_tokens < 1 or (limit is not None and limit < 1):
         raise ValueError(f"max_new_tokens and limit must be >= 1, got {max_new_tokens}, {limit}")
     per_size = {size: haystack_entries(data, size) for size in sizes}  # every file checked before any model loads
-    source = str(model_or_path) if isinstance(model_or_path, (str, Path)) else model_or_path.name_or_path
-    if processor is None:
-        if not source:
+    source = str(model_or_path) if isinstance(model_or_path, (str, Path)) else getattr(model_or_path, "name_or_path", "")
+    if processor is None or isinstance(processor, (str, Path)):
+        if not (processor or source):
             raise ValueError("processor is required when the model was not loaded from a folder")
-        processor = load_processor(source)
+        processor = load_processor(str(processor or source))
     options = {"yarn": {"yarn_factor": yarn_factor},
                "selfextend": {"selfextend_group": selfextend_group, "selfextend_window": selfextend_window}}
     run = {"name": name or method, "method": method, "model": source, "data": str(data), "seed": seed,

@@ -1,0 +1,142 @@
+"""Tests for laid.evaluate and `laid eval`: the official data layout and the 150-image cut, the seeded haystack
+order, the scorer wired to the per-question files, an end-to-end run on a tiny model with resume, clear errors.
+(The scorer itself is tested in tests/test_scoring.py.)"""
+
+import csv
+import importlib
+import json
+
+import numpy as np
+import pytest
+
+from laid import evaluate
+from laid.cli import main
+from laid.data import haystack_order, synth_benchmark
+from laid.evaluate import haystack_entries, haystack_file
+from laid.scoring import vhs_metrics
+from laid.tiny import TINY_STUDENT, save_tiny_model, save_tiny_processor, tiny_qwen25vl_config
+
+evaluation = importlib.import_module("laid.evaluate")  # the module: laid.evaluate the attribute is the function
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny Qwen2.5-VL student with its processor in the same folder (what `laid eval MODEL` expects)."""
+    path = tmp_path_factory.mktemp("model")
+    save_tiny_model(path, tiny_qwen25vl_config(**TINY_STUDENT), seed=3)
+    save_tiny_processor(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """Synthetic single-needle sets of 1 (oracle file) and 5 images, 4 questions each, in the official layout."""
+    return synth_benchmark(tmp_path_factory.mktemp("vhs"), sizes=(1, 5), n_entries=4, image_size=56, seed=0)
+
+
+def _entry(n_negatives, tag=""):
+    return {"conversations": [{"from": "human", "value": "For the image with a cat, is there a dog?"},
+                              {"from": "gpt", "value": "yes"}],
+            "pos_image": [f"needle{tag}.jpg"], "neg_image": [f"neg{tag}_{k:03d}.jpg" for k in range(n_negatives)]}
+
+
+def test_150_is_cut_from_the_500_file_needle_and_first_149_negatives(tmp_path):
+    (tmp_path / "visual_haystack_500.json").write_text(json.dumps([_entry(499, "a"), _entry(499, "b")]))
+    assert haystack_file(tmp_path, 150).name == "visual_haystack_500.json"
+    assert haystack_file(tmp_path, 1).name == "visual_haystack_oracle.json"
+    entry = haystack_entries(tmp_path, 150)[1]
+    order = haystack_order(entry, seed=0, index=1, max_images=150)
+    assert sorted(order) == ["needleb.jpg"] + [f"negb_{k:03d}.jpg" for k in range(149)]
+    assert order == haystack_order(entry, seed=0, index=1, max_images=150)  # deterministic
+    assert order != haystack_order(entry, seed=1, index=1, max_images=150)
+    # The needle's position over seeds is uniform over the 150 slots: chi-square over 10 bins of 15 slots.
+    positions = np.array([haystack_order(entry, seed=s, index=1, max_images=150).index("needleb.jpg")
+                          for s in range(3000)])
+    counts = np.bincount(positions // 15, minlength=10)
+    chi2 = ((counts - 300) ** 2 / 300).sum()
+    assert chi2 < 27.9, counts  # p = 0.001 for 9 degrees of freedom
+
+
+def test_data_errors_name_the_size_and_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"size 5: .*visual_haystack_5\.json"):
+        haystack_entries(tmp_path, 5)
+    with pytest.raises(FileNotFoundError, match=r"size 150: .*visual_haystack_500\.json"):
+        haystack_entries(tmp_path, 150)
+    (tmp_path / "visual_haystack_5.json").write_text(json.dumps([_entry(4), _entry(3)]))
+    with pytest.raises(ValueError, match=r"visual_haystack_5\.json: entry 1 has 4 images, size 5"):
+        haystack_entries(tmp_path, 5)
+    (tmp_path / "visual_haystack_500.json").write_text(json.dumps([_entry(120)]))
+    with pytest.raises(ValueError, match="entry 0 has 121 images, size 150"):
+        haystack_entries(tmp_path, 150)
+    with pytest.raises(ValueError, match="sizes must be >= 1"):
+        haystack_file(tmp_path, 0)
+
+
+def test_scores_come_from_the_answer_files(bench, tmp_path, monkeypatch):
+    """Answer files already present (a resumed run) are read and scored by the official scorer, never re-asked."""
+    monkeypatch.setattr(evaluation, "load_for_eval", lambda model, **kwargs: model)
+    monkeypatch.setattr(evaluation, "answer", lambda *a, **k: pytest.fail("an answered question was asked again"))
+    entries = haystack_entries(bench, 5)
+    responses = ["Yes, there is.", "no", "yes/no", "I cannot tell."]  # right?, right?, non-compliant, non-compliant
+    (tmp_path / "5_images").mkdir()
+    for index, (entry, response) in enumerate(zip(entries, responses)):
+        record = {**entry, "result": {"image_paths": [], "response": response, "log": {}}}
+        (tmp_path / "5_images" / f"{index:03d}.json").write_text(json.dumps(record))
+    summary = evaluate(object(), bench, sizes=[5], output_dir=tmp_path, processor=object(), name="fake")
+    expected = vhs_metrics(responses, [e["conversations"][1]["value"] for e in entries], seed=0)
+    assert summary["results"]["5"] == expected
+    assert expected["compliance"][0] == pytest.approx(0.5, abs=0.2)  # the fixture is not degenerate
+    rows = list(csv.DictReader(open(tmp_path / "summary.csv")))
+    assert [r["size"] for r in rows] == ["5"] and float(rows[0]["accuracy_mean"]) == expected["accuracy"][0]
+    assert json.loads((tmp_path / "summary.json").read_text())["results"]["5"]["n"] == 4
+
+
+def test_end_to_end_eval_with_resume(bench, model_dir, tmp_path, monkeypatch):
+    args = ["eval", str(model_dir), "--data", str(bench), "--sizes", "1", "5", "--max-new-tokens", "6"]
+    assert main(args + ["--output", str(tmp_path / "full")]) == 0
+    full = tmp_path / "full"
+    for size in (1, 5):
+        entries = haystack_entries(bench, size)
+        for index, entry in enumerate(entries):
+            record = json.loads((full / f"{size}_images" / f"{index:03d}.json").read_text())
+            assert {k: record[k] for k in entry} == entry  # the official layout: the entry + result
+            paths = record["result"]["image_paths"]
+            order = haystack_order(entry, seed=0, index=index, max_images=size)
+            assert paths == [str(bench / p) for p in order]
+            assert isinstance(record["result"]["response"], str) and record["result"]["log"]["output_tokens"] <= 6
+    summary = json.loads((full / "summary.json").read_text())
+    assert summary["method"] == "baseline" and set(summary["results"]) == {"1", "5"}
+
+    # Interrupt a second run after 5 questions, then resume it: only the 3 missing questions are asked.
+    real_answer, calls = evaluation.answer, []
+
+    def interrupted(*args, **kwargs):
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real_answer(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "answer", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(args + ["--output", str(tmp_path / "resumed")])
+    assert not (tmp_path / "resumed" / "summary.json").exists()
+    calls.clear()
+    monkeypatch.setattr(evaluation, "answer", lambda *a, **k: calls.append(1) or real_answer(*a, **k))
+    assert main(args + ["--output", str(tmp_path / "resumed")]) == 0
+    assert len(calls) == 3
+    for size in (1, 5):
+        for index in range(4):
+            name = f"{size}_images/{index:03d}.json"
+            resumed = json.loads((tmp_path / "resumed" / name).read_text())["result"]
+            assert resumed["response"] == json.loads((full / name).read_text())["result"]["response"]
+    assert json.loads((tmp_path / "resumed" / "summary.json").read_text())["results"] == summary["results"]
+
+    # A resumed run with other settings is refused instead of mixing answers.
+    assert main(args + ["--output", str(tmp_path / "resumed"), "--seed", "1"]) == 2
+
+
+def test_eval_cli_errors(bench, model_dir, tmp_path, capsys):
+    assert main(["eval", str(model_dir), "--data", str(bench), "--sizes", "10", "--output", str(tmp_path)]) == 2
+    assert "size 10" in capsys.readouterr().err
+    assert main(["eval", str(model_dir), "--data", str(tmp_path / "none"), "--output", str(tmp_path)]) == 2
+    assert "is not a folder" in capsys.readouterr().err
