@@ -164,7 +164,23 @@ def add_eval(commands) -> None:
     ev.set_defaults(run=_run_eval)
 
 
-COMMANDS = (add_data, add_models, add_train, add_eval)
+def _run_report(args: argparse.Namespace) -> None:
+    from .report import report
+
+    print(report(args.runs, baseline=args.baseline, out_dir=args.out), end="")
+    print(Path(args.out) / "accuracy.png")
+
+
+def add_report(commands) -> None:
+    """``laid report RUN_DIR... --out DIR``: the paper-style table (markdown) and accuracy plot (PNG) of eval runs."""
+    rep = commands.add_parser("report", help="paper-style table and plot of 'laid eval' runs")
+    rep.add_argument("runs", nargs="+", help="'laid eval' output folders")
+    rep.add_argument("--baseline", help="name of the run gains are relative to (default: the method 'baseline' run)")
+    rep.add_argument("--out", required=True, help="folder for report.md and accuracy.png")
+    rep.set_defaults(run=_run_report)
+
+
+COMMANDS = (add_data, add_models, add_train, add_eval, add_report)
 
 
 def build_parser() -> argparse.ArgumentParser:
