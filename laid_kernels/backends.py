@@ -29,7 +29,8 @@ TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 _IMPLEMENTATIONS: dict[str, dict[str, Callable]] = {}
 # backend -> function(device) returning None when the backend can run there, else the reason it cannot.
-_AVAILABILITY: dict[str, Callable[[torch.device], str | None]] = {}
+# Keys: a backend (every op of it), or (op, backend) for a check that only some ops of a backend need.
+_AVAILABILITY: dict[str | tuple[str, str], Callable[[torch.device], str | None]] = {}
 
 
 def register(op: str, backend: str, implementation: Callable) -> None:
@@ -38,15 +39,21 @@ def register(op: str, backend: str, implementation: Callable) -> None:
     _IMPLEMENTATIONS.setdefault(op, {})[backend] = implementation
 
 
-def register_availability(backend: str, why_unavailable: Callable[[torch.device], str | None]) -> None:
-    """Declare when ``backend`` can run: ``why_unavailable(device)`` returns None if it can, else a reason."""
-    _AVAILABILITY[backend] = why_unavailable
+def register_availability(backend: str, why_unavailable: Callable[[torch.device], str | None],
+                          ops: tuple[str, ...] = ()) -> None:
+    """Declare when ``backend`` can run: ``why_unavailable(device)`` returns None if it can, else a reason.
+
+    With ``ops``, the check applies to those ops only (and replaces the backend-wide one for them), e.g. the C++
+    ops of the "cpu" backend need a compiler where its pure-PyTorch ops do not.
+    """
+    for key in [(op, backend) for op in ops] or [backend]:
+        _AVAILABILITY[key] = why_unavailable
 
 
 def _why_unavailable(op: str, backend: str, device: torch.device) -> str | None:
     if backend not in _IMPLEMENTATIONS.get(op, {}):
         return f"{op} has no {backend!r} implementation"
-    check = _AVAILABILITY.get(backend)
+    check = _AVAILABILITY.get((op, backend), _AVAILABILITY.get(backend))
     return None if check is None else check(device)
 
 

@@ -80,11 +80,14 @@ def toolchain_problem() -> str | None:
 TOOLCHAIN_PROBLEM = toolchain_problem()
 
 
+def device_problem(device: torch.device) -> str | None:
+    """None on CPU, else why the "cpu" backend cannot run on ``device``."""
+    return None if device.type == "cpu" else f"the cpu backend runs on CPU tensors, not {device.type}"
+
+
 def why_unavailable(device: torch.device) -> str | None:
-    """None when the native CPU backend can run on ``device``, else the reason it cannot."""
-    if device.type != "cpu":
-        return f"the native CPU backend runs on CPU tensors, not {device.type}"
-    return TOOLCHAIN_PROBLEM
+    """None when the native (C++) CPU ops can run on ``device``, else the reason they cannot."""
+    return device_problem(device) or TOOLCHAIN_PROBLEM
 
 
 @functools.cache
@@ -176,6 +179,7 @@ def _qk_align_loss_cpu(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, sectio
                         token_weight, valid, normalize, rope)[0]
 
 
-backends.register_availability("cpu", why_unavailable)
+backends.register_availability("cpu", device_problem)  # every "cpu" op (pure-PyTorch ones included) needs CPU tensors
+backends.register_availability("cpu", why_unavailable, ops=("apply_mrope", "qk_align_loss"))  # these need a compiler
 backends.register("apply_mrope", "cpu", _apply_mrope_cpu)
 backends.register("qk_align_loss", "cpu", _qk_align_loss_cpu)

@@ -101,7 +101,8 @@ def test_auto_picks_cpu_on_cpu_tensors():
 
 
 def test_without_a_compiler_auto_falls_back_to_the_reference_with_one_warning(monkeypatch):
-    monkeypatch.setitem(backends._AVAILABILITY, "cpu", lambda device: "no C++ compiler found (test)")
+    for op in ("qk_align_loss", "apply_mrope"):
+        monkeypatch.setitem(backends._AVAILABILITY, (op, "cpu"), lambda device: "no C++ compiler found (test)")
     monkeypatch.setattr(backends, "_cpu_fallback_warned", False)
     inputs = make_inputs((16, 2, 40, 8), batch=1, seq=5, dim=64, section=SMALL_SECTION)
     args = [inputs[k] for k in ("q_s", "k_s", "q_t", "k_t", "w_q", "w_k", "positions", "inv_freq", "mrope_section")]
@@ -124,6 +125,15 @@ def test_toolchain_check_names_the_missing_compiler(monkeypatch):
     monkeypatch.delenv("CXX")
     assert "compiler" in cpu.toolchain_problem()
     assert "CPU tensors" in cpu.why_unavailable(torch.device("meta"))
+
+
+def test_the_compiler_check_covers_only_the_cpp_ops(monkeypatch):
+    """Another op's pure-PyTorch "cpu" implementation stays available without a compiler (only CPU tensors)."""
+    monkeypatch.setattr(cpu, "TOOLCHAIN_PROBLEM", "no C++ compiler found (test)")
+    monkeypatch.setitem(backends._IMPLEMENTATIONS, "some_torch_op", {"cpu": lambda: None})
+    assert backends.available_backends("some_torch_op", "cpu") == ["cpu"]
+    assert backends.available_backends("some_torch_op", "meta") == []
+    assert "cpu" not in backends.available_backends("qk_align_loss", "cpu")
 
 
 def test_import_builds_nothing():
