@@ -18,7 +18,7 @@ positions m = (m_t, m_h, m_w) and a key at n:
 
 The queries and keys reaching attention are already rotated at their true positions (the KV cache holds them so),
 so the grouped ones are obtained by a further exact rotation by the position difference (grouped - true) per
-M-RoPE row, in fp32: rotations compose, R(a) R(b) = R(a + b), and with ``group_size=1`` the difference is 0, the extra
+M-RoPE row, in (at least) fp32: rotations compose, R(a) R(b) = R(a + b), and with ``group_size=1`` the difference is 0, the extra
 rotation the identity (cos 0 = 1, sin 0 = 0) and the logits bit-equal to eager attention's. Logits of both kinds are
 merged per (query, key) before one softmax, computed in query chunks so that no [heads, N, N] tensor exists. The
 M-RoPE positions of the cached keys are recorded from the rotary module's input at every forward (``generate``
@@ -81,15 +81,15 @@ class _Positions:
 
 
 def mrope_rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor, mrope_section) -> torch.Tensor:
-    """Rotate ``x`` [B, H, L, D] further by M-RoPE position offsets ``delta`` [3, B, L] (fp32, cast back).
-
-    Frequency f (channels f and f + D/2, rotate-half convention) turns by ``delta[r(f)] * inv_freq[f]``.
+    """Rotate ``x`` [B, H, L, D] further by M-RoPE position offsets ``delta`` [3, B, L] (in at least fp32, cast
+    back). Frequency f (channels f and f + D/2, rotate-half convention) turns by ``delta[r(f)] * inv_freq[f]``.
     """
-    angles = delta[..., None].float() * inv_freq.float()  # [3, B, L, D/2]
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    angles = delta[..., None].to(dtype) * inv_freq.to(dtype)  # [3, B, L, D/2]
     rows = torch.cat([part[i % 3] for i, part in enumerate(angles.split(list(mrope_section), dim=-1))], dim=-1)
     rows = torch.cat([rows, rows], dim=-1)[:, None]  # [B, 1, L, D]
-    x32 = x.float()
-    return (x32 * rows.cos() + rotate_half(x32) * rows.sin()).to(x.dtype)
+    wide = x.to(dtype)
+    return (wide * rows.cos() + rotate_half(wide) * rows.sin()).to(x.dtype)
 
 
 def selfextend_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
