@@ -71,6 +71,11 @@ def _device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
 def load_for_eval(model_or_path, *, method: str, device: torch.device, attn_implementation: str = "auto",
                   yarn_factor: float = 4.0, selfextend_group: int = 8, selfextend_window: int = 1024):
     """The model to evaluate in eval mode on ``device`` (bf16 on CUDA, fp32 on CPU), with ``method`` applied.
@@ -81,8 +86,7 @@ def load_for_eval(model_or_path, *, method: str, device: torch.device, attn_impl
     from .baselines import apply_selfextend, apply_yarn
     from .models import choose_attention, load_model
 
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    _check_method(method)
     if isinstance(model_or_path, (str, Path)):
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         model = load_model(str(model_or_path), dtype=dtype, role="model",
@@ -165,6 +169,7 @@ def evaluate(model_or_path, data: str | Path, sizes=SIZES, method: str = "baseli
     """
     from .models import load_processor
 
+    _check_method(method)
     data, output_dir = Path(data), Path(output_dir)
     image_root = Path(image_root) if image_root is not None else data
     if not data.is_dir():

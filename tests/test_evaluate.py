@@ -140,3 +140,22 @@ def test_eval_cli_errors(bench, model_dir, tmp_path, capsys):
     assert "size 10" in capsys.readouterr().err
     assert main(["eval", str(model_dir), "--data", str(tmp_path / "none"), "--output", str(tmp_path)]) == 2
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_baseline_methods_through_evaluate(bench, model_dir, tmp_path):
+    """SelfExtend with group size 1 answers exactly as the (eager) baseline; YaRN runs and records its factor."""
+    common = dict(sizes=[5], limit=2, max_new_tokens=6, attn_implementation="eager")
+    base = evaluate(str(model_dir), bench, output_dir=tmp_path / "base", **common)
+    extended = evaluate(str(model_dir), bench, method="selfextend", selfextend_group=1, selfextend_window=4,
+                        output_dir=tmp_path / "se", **common)
+    for index in range(2):
+        name = f"5_images/{index:03d}.json"
+        responses = [json.loads((tmp_path / run / name).read_text())["result"]["response"] for run in ("base", "se")]
+        assert responses[0] == responses[1]
+    assert extended["results"] == base["results"]
+    assert extended["options"] == {"selfextend_group": 1, "selfextend_window": 4}
+    yarn = evaluate(str(model_dir), bench, method="yarn", yarn_factor=2.0, output_dir=tmp_path / "yarn", **common)
+    assert yarn["method"] == "yarn" and yarn["options"] == {"yarn_factor": 2.0} and yarn["results"]["5"]["n"] == 2
+    with pytest.raises(ValueError, match="method must be one of"):
+        evaluate(str(model_dir), bench, method="rope", output_dir=tmp_path / "bad", **common)
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
