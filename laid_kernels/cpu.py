@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 
 from . import backends, reference
-from .mrope import _mrope_setup_context, _mrope_triton_fake
-from .qk_align import _qk_align_setup_context, _qk_align_triton_fake
+from .mrope import mrope_fake, mrope_setup_context, rotation_backward
+from .qk_align import finish_loss, qk_align_backward, qk_align_fake, qk_align_setup_context
 
 # The sources: top-level csrc/ in a checkout (laid_kernels/csrc is a symlink to it), copied into installed wheels.
 SOURCE_DIR = Path(__file__).parent / "csrc"
@@ -113,15 +113,8 @@ def mrope_cpu(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, 
                                  inverse)
 
 
-mrope_cpu.register_fake(_mrope_triton_fake)
-
-
-def _mrope_backward(ctx, grad):
-    positions, inv_freq = ctx.saved_tensors
-    return mrope_cpu(grad, positions, inv_freq, ctx.section, not ctx.inverse), None, None, None, None
-
-
-mrope_cpu.register_autograd(_mrope_backward, setup_context=_mrope_setup_context)
+mrope_cpu.register_fake(mrope_fake)
+mrope_cpu.register_autograd(rotation_backward(mrope_cpu), setup_context=mrope_setup_context)
 
 
 def _apply_mrope_cpu(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
@@ -137,40 +130,17 @@ def qk_align_cpu(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: t
                                       torch.Tensor]:
     """(loss, 1 / denominator, grad_q_s, grad_k_s, grad_w_q, grad_w_k) by the C++ kernel; the four gradients are
     those of the numerator (d loss = grad * grad_output / denominator). Shapes as in ``qk_align_loss``."""
-    batch, seq, hs, dim = q_s.shape
+    batch, seq = q_s.shape[:2]
     weight = reference.token_weights(valid, token_weight, batch, seq, q_s.device).contiguous()  # [B, N] fp32
     numerator, target_norm, grad_q, grad_k, dw_q, dw_k = library().qk_align(
         _rows(q_s), _rows(k_s), _rows(q_t), _rows(k_t), w_q.float().contiguous(), w_k.float().contiguous(),
         positions, inv_freq.float().contiguous(), section[0], section[1], weight, rope, 2.0)
-    if normalize == "target":
-        denominator = target_norm
-    else:
-        denominator = weight.double().sum() * (hs + k_s.shape[2]) * dim
-    inv_denominator = (1.0 / denominator.clamp_min(torch.finfo(torch.float32).tiny)).float()
-    return (numerator.float() * inv_denominator, inv_denominator, grad_q, grad_k, dw_q.to(w_q.dtype),
-            dw_k.to(w_k.dtype))
+    loss, inv_denominator = finish_loss(numerator, target_norm, weight.double().sum(), q_s, k_s, normalize)
+    return loss, inv_denominator, grad_q, grad_k, dw_q.to(w_q.dtype), dw_k.to(w_k.dtype)
 
 
-qk_align_cpu.register_fake(_qk_align_triton_fake)
-
-
-def _qk_align_backward(ctx, grad_loss, *unused_grads):
-    inv_denominator, grad_q, grad_k, dw_q, dw_k = ctx.saved_tensors
-    scale = grad_loss.float() * inv_denominator
-    # In place: these saved tensors are used by this one backward, and a copy would double the gradients' memory.
-    # A 0-dim fp32 factor multiplies in fp32 and rounds once to the gradient's dtype.
-    return (grad_q.mul_(scale), grad_k.mul_(scale), None, None, dw_q * scale, dw_k * scale,
-            None, None, None, None, None, None, None)
-
-
-def _qk_align_setup_context_cpu(ctx, inputs, output):
-    _qk_align_setup_context(ctx, inputs, output)
-    # Only the loss receives a gradient: without this, autograd would pass zero tensors the size of dq_s and dk_s
-    # for the other outputs (doubling the gradients' memory).
-    ctx.set_materialize_grads(False)
-
-
-qk_align_cpu.register_autograd(_qk_align_backward, setup_context=_qk_align_setup_context_cpu)
+qk_align_cpu.register_fake(qk_align_fake)
+qk_align_cpu.register_autograd(qk_align_backward, setup_context=qk_align_setup_context)
 
 
 def _qk_align_loss_cpu(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section, *, token_weight=None,

@@ -104,17 +104,17 @@ def mrope_triton(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tenso
 
 
 @mrope_triton.register_fake
-def _mrope_triton_fake(x, positions, inv_freq, section, inverse):
+def mrope_fake(x, positions, inv_freq, section, inverse):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-def _mrope_setup_context(ctx, inputs, output):
+def mrope_setup_context(ctx, inputs, output):
     _, positions, inv_freq, section, inverse = inputs
     ctx.save_for_backward(positions, inv_freq)
     ctx.section, ctx.inverse = section, inverse
 
 
-def _rotation_backward(rotation_op):
+def rotation_backward(rotation_op):
     """The autograd backward of ``rotation_op(x, positions, inv_freq, section, inverse)`` (any backend's M-RoPE
     custom op): the opposite rotation of the incoming gradient by the same op."""
 
@@ -125,7 +125,7 @@ def _rotation_backward(rotation_op):
     return backward
 
 
-mrope_triton.register_autograd(_rotation_backward(mrope_triton), setup_context=_mrope_setup_context)
+mrope_triton.register_autograd(rotation_backward(mrope_triton), setup_context=mrope_setup_context)
 
 
 def _apply_mrope_triton(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,

@@ -245,17 +245,26 @@ def qk_align_triton(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t
             dw.zero_(), sums.zero_()
         parts.append((grad, dw.sum(0).to(w.dtype), sums.double().sum(0)))
     (grad_q, dw_q, sums_q), (grad_k, dw_k, sums_k) = parts
-    numerator = sums_q[0] + sums_k[0]
+    loss, inv_denominator = finish_loss(sums_q[0] + sums_k[0], sums_q[1] + sums_k[1], sums_q[2], q_s, k_s,
+                                        normalize)
+    return (loss, inv_denominator, grad_q, grad_k, dw_q, dw_k)
+
+
+def finish_loss(numerator: torch.Tensor, target_norm: torch.Tensor, weight_sum: torch.Tensor, q_s: torch.Tensor,
+                k_s: torch.Tensor, normalize: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, 1 / denominator), both 0-dim fp32, from the fused pass's sums (0-dim, any float dtype): the
+    denominator is S = target_norm for normalize="target", else weight_sum * (Hs + Hs_kv) * D, clamped at fp32 tiny
+    exactly as the reference does."""
     if normalize == "target":
-        denominator = sums_q[1] + sums_k[1]
+        denominator = target_norm
     else:
-        denominator = sums_q[2] * (q_s.shape[2] + k_s.shape[2]) * q_s.shape[3]
+        denominator = weight_sum * (q_s.shape[2] + k_s.shape[2]) * q_s.shape[3]
     inv_denominator = (1.0 / denominator.clamp_min(torch.finfo(torch.float32).tiny)).float()
-    return (numerator.float() * inv_denominator, inv_denominator, grad_q, grad_k, dw_q, dw_k)
+    return numerator.float() * inv_denominator, inv_denominator
 
 
 @qk_align_triton.register_fake
-def _qk_align_triton_fake(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section, token_weight, valid,
+def qk_align_fake(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section, token_weight, valid,
                           normalize, rope):
     scalar = q_s.new_empty((), dtype=torch.float32)
     return (scalar, scalar.clone(), torch.empty(q_s.shape, dtype=q_s.dtype, device=q_s.device),
@@ -263,11 +272,15 @@ def _qk_align_triton_fake(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, sec
             torch.empty_like(w_k))
 
 
-def _qk_align_setup_context(ctx, inputs, output):
+def qk_align_setup_context(ctx, inputs, output):
+    """Autograd context of every backend's qk_align custom op: saves 1 / denominator and the four gradients."""
     ctx.save_for_backward(*output[1:])
+    # Only the loss receives a gradient: without this, autograd would pass zero tensors the size of dq_s and dk_s
+    # for the other outputs (doubling the gradients' memory).
+    ctx.set_materialize_grads(False)
 
 
-def _qk_align_backward(ctx, grad_loss, *unused_grads):
+def qk_align_backward(ctx, grad_loss, *unused_grads):
     inv_denominator, grad_q, grad_k, dw_q, dw_k = ctx.saved_tensors
     scale = grad_loss.float() * inv_denominator
     # In place, so that no second gradient-sized tensor exists (the spec's memory contract). A second backward
@@ -277,7 +290,7 @@ def _qk_align_backward(ctx, grad_loss, *unused_grads):
             dw_q * scale, dw_k * scale, None, None, None, None, None, None, None)
 
 
-qk_align_triton.register_autograd(_qk_align_backward, setup_context=_qk_align_setup_context)
+qk_align_triton.register_autograd(qk_align_backward, setup_context=qk_align_setup_context)
 
 
 def _qk_align_loss_triton(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section, *, token_weight=None,

@@ -34,9 +34,11 @@ def mrope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor,
     return angles.cos(), angles.sin()
 
 
-def upcast(x: torch.Tensor) -> torch.Tensor:
-    """x in fp32 (the compute precision of every op), or unchanged if fp64 (so gradcheck can run in double)."""
-    return x if x.dtype == torch.float64 else x.float()
+def upcast(x: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
+    """x in fp32 (the compute precision of every op), or in fp64 if x or any of ``others`` (the op's other float
+    inputs) is fp64, so that gradcheck can run in double and mixed fp64 / fp32 inputs meet in one dtype."""
+    double = any(t.dtype == torch.float64 for t in (x, *others))
+    return x.to(torch.float64 if double else torch.float32)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -85,10 +87,10 @@ def qk_align_loss(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: 
     numerator = torch.zeros((), device=device)
     target_norm = torch.zeros((), device=device)
     for student, teacher, mixing in ((q_s, q_t, w_q), (k_s, k_t, w_k)):
-        student, teacher = upcast(student), upcast(teacher.detach())
+        student, teacher, mixing = (upcast(x, student, teacher, mixing) for x in (student, teacher.detach(), mixing))
         if rope:
             student, teacher = rotate(student, cos, sin), rotate(teacher, cos, sin)
-        target = torch.einsum("ij,bnjd->bnid", upcast(mixing), teacher)  # [B, N, H_student, D]
+        target = torch.einsum("ij,bnjd->bnid", mixing, teacher)  # [B, N, H_student, D]
         numerator = numerator + (weight * (student - target).square().sum(dim=(2, 3))).sum()
         target_norm = target_norm + (weight * target.detach().square().sum(dim=(2, 3))).sum()
     if normalize == "target":
@@ -129,10 +131,13 @@ def attn_match_loss(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t
     group = hs // k_s.shape[2]
     key_valid = torch.ones(batch, seq, dtype=torch.bool, device=q_s.device) if valid is None else valid.bool()
     cos, sin = mrope_cos_sin(positions, inv_freq, section)
-    student_q = rotate(upcast(q_s), cos, sin)  # [B, N, Hs, D]
-    student_k = rotate(upcast(k_s), cos, sin).repeat_interleave(group, dim=2)  # [B, N, Hs, D]
-    teacher_q = torch.einsum("ij,bnjd->bnid", upcast(w_q.detach()), rotate(upcast(q_t.detach()), cos, sin))
-    teacher_k = torch.einsum("ij,bnjd->bnid", upcast(w_k.detach()), rotate(upcast(k_t.detach()), cos, sin))
+    inputs = (q_s, k_s, q_t, k_t, w_q, w_k)
+    student_q = rotate(upcast(q_s, *inputs), cos, sin)  # [B, N, Hs, D]
+    student_k = rotate(upcast(k_s, *inputs), cos, sin).repeat_interleave(group, dim=2)  # [B, N, Hs, D]
+    teacher_q = torch.einsum("ij,bnjd->bnid", upcast(w_q.detach(), *inputs),
+                             rotate(upcast(q_t.detach(), *inputs), cos, sin))
+    teacher_k = torch.einsum("ij,bnjd->bnid", upcast(w_k.detach(), *inputs),
+                             rotate(upcast(k_t.detach(), *inputs), cos, sin))
     teacher_k = teacher_k.repeat_interleave(group, dim=2)  # [B, N, Hs, D]
 
     total = torch.zeros((), device=q_s.device)

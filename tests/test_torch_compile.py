@@ -2,7 +2,7 @@
 
 Compiled with fullgraph=True (any graph break fails the test) and the "aot_eager" backend, which runs the real
 AOTAutograd tracing of forward and backward with fake tensors but needs no C++ compiler; the custom ops themselves
-run the Triton kernels (under the interpreter here).
+run their backend's kernels (Triton under the interpreter here, and the native CPU backend).
 """
 
 from __future__ import annotations
@@ -16,8 +16,12 @@ from laid_kernels import apply_mrope, available_backends, qk_align_loss
 SECTION = (8, 12, 12)  # head_dim 64
 
 
-@pytest.mark.skipif("triton" not in available_backends("qk_align_loss", "cpu"), reason="Triton interpreter unavailable")
-def test_compiled_training_step_matches_eager():
+FUSED_BACKENDS = [b for b in available_backends("qk_align_loss", "cpu") if b != "reference"]
+
+
+@pytest.mark.skipif(not FUSED_BACKENDS, reason="no fused backend here (neither the Triton interpreter nor a C++ compiler)")
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_compiled_training_step_matches_eager(backend):
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(0)
     batch, seq, dim = 2, 6, 64
@@ -37,8 +41,8 @@ def test_compiled_training_step_matches_eager():
         q_s = q_proj(hidden).view(batch, seq, 4, dim)
         k_s = k_proj(hidden).view(batch, seq, 2, dim)
         loss = qk_align_loss(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, SECTION, valid=valid,
-                             backend="triton")
-        rotated = apply_mrope(q_s, positions, inv_freq, SECTION, backend="triton")
+                             backend=backend)
+        rotated = apply_mrope(q_s, positions, inv_freq, SECTION, backend=backend)
         return loss + 1e-3 * rotated.square().mean()
 
     def loss_and_grads(fn):
@@ -53,7 +57,7 @@ def test_compiled_training_step_matches_eager():
 
     eager_loss, eager_grads = loss_and_grads(step)
     compiled_loss, compiled_grads = loss_and_grads(torch.compile(step, backend=capturing_aot_eager, fullgraph=True))
-    assert len(graphs) == 1 and "qk_align_triton" in graphs[0] and "mrope_triton" in graphs[0], graphs
+    assert len(graphs) == 1 and f"qk_align_{backend}" in graphs[0] and f"mrope_{backend}" in graphs[0], graphs
     torch.testing.assert_close(compiled_loss, eager_loss)
     for compiled_grad, eager_grad in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(compiled_grad, eager_grad)
