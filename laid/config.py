@@ -71,6 +71,9 @@ class LAidConfig:
     train_language_model: bool = True
     train_vision: bool = False
     gradient_checkpointing: bool = True  # non-reentrant, on the student
+    lora_rank: int = 0  # > 0: LoRA adapters of this rank (peft) on the language model's linear layers train instead
+    #                     of its weights (the SFT (LoRA) baseline: lambda_laid = lambda_kl = 0); merged at export
+    lora_alpha: float = 16.0  # LoRA scaling numerator (scale = lora_alpha / lora_rank)
 
     # --- precision: "auto" = bf16 autocast on CUDA (fp32 master weights, bf16 teacher), fp32 on CPU ---
     precision: str = "auto"
@@ -141,7 +144,7 @@ class LAidConfig:
         for name in ("epochs", "batch_size", "grad_accum", "save_every", "log_every", "max_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("keep_checkpoints", "num_workers"):
+        for name in ("keep_checkpoints", "num_workers", "lora_rank"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("min_pixels", "max_pixels"):

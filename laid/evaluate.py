@@ -182,7 +182,8 @@ def evaluate(model_or_path, data: str | Path, sizes=SIZES, method: str = "baseli
     if max_new_tokens < 1 or (limit is not None and limit < 1):
         raise ValueError(f"max_new_tokens and limit must be >= 1, got {max_new_tokens}, {limit}")
     per_size = {size: haystack_entries(data, size) for size in sizes}  # every file checked before any model loads
-    source = str(model_or_path) if isinstance(model_or_path, (str, Path)) else getattr(model_or_path, "name_or_path", "")
+    is_path = isinstance(model_or_path, (str, Path))
+    source = str(model_or_path) if is_path else getattr(model_or_path, "name_or_path", "")
     if processor is None or isinstance(processor, (str, Path)):
         if not (processor or source):
             raise ValueError("processor is required when the model was not loaded from a folder")

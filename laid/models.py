@@ -67,15 +67,30 @@ def shard_teacher(teacher, device: torch.device):
     return teacher
 
 
+# The language model's linear layers that get LoRA adapters (a full match on the module name, as peft reads it).
+LORA_TARGETS = r"model\.language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
+
+
 def load_student(source: str, *, device: torch.device, attn_implementation: str = "auto",
                  train_language_model: bool = True, train_vision: bool = False,
-                 gradient_checkpointing: bool = True):
-    """The student in train mode with fp32 weights, the chosen parts trainable, non-reentrant checkpointing."""
+                 gradient_checkpointing: bool = True, lora_rank: int = 0, lora_alpha: float = 16.0):
+    """The student in train mode with fp32 weights, the chosen parts trainable, non-reentrant checkpointing.
+
+    ``lora_rank`` > 0: peft LoRA adapters (rank ``lora_rank``, ``lora_alpha``) are injected in place into the
+    language model's linear layers (``LORA_TARGETS``) and only they train (``train_language_model`` then means the
+    adapters); the model stays a Qwen2_5_VLForConditionalGeneration and :func:`merge_lora` folds them back.
+    """
     student = load_model(source, dtype=torch.float32,
                          attn_implementation=choose_attention(attn_implementation, device), role="student")
     student.requires_grad_(False)
     inner = student.model
-    if train_language_model:
+    if lora_rank:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        inject_adapter_in_model(LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=LORA_TARGETS), student)
+        for name, parameter in student.named_parameters():
+            parameter.requires_grad_(train_language_model and "lora_" in name)
+    elif train_language_model:
         inner.language_model.requires_grad_(True)
         student.lm_head.requires_grad_(True)
     if train_vision:
@@ -86,6 +101,18 @@ def load_student(source: str, *, device: torch.device, attn_implementation: str 
         student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         student.config.use_cache = False
     return student.train()
+
+
+def merge_lora(model) -> None:
+    """Fold the LoRA adapters injected by :func:`load_student` into their base linear layers and put the plain
+    layers back (in place): the model is then a plain Qwen2.5-VL model again."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.get_base_layer())
 
 
 def load_processor(source: str):

@@ -38,7 +38,7 @@ from .config import LAidConfig
 from .data import VHsDataset, collate
 from .losses import LAidObjective
 from .mixer import HeadMixer
-from .models import head_dim, load_processor, load_student, load_teacher, shard_teacher, text_config
+from .models import head_dim, load_processor, load_student, load_teacher, merge_lora, shard_teacher, text_config
 
 
 def resolve_config(config: LAidConfig | str | Path | None, overrides: dict) -> LAidConfig:
@@ -123,7 +123,8 @@ def train(config: LAidConfig | str | Path | None = None, /, **overrides) -> dict
     teacher = load_teacher(config.teacher, device=device, attn_implementation=config.attn_implementation)
     student = load_student(config.student, device=device, attn_implementation=config.attn_implementation,
                            train_language_model=config.train_language_model, train_vision=config.train_vision,
-                           gradient_checkpointing=config.gradient_checkpointing)
+                           gradient_checkpointing=config.gradient_checkpointing, lora_rank=config.lora_rank,
+                           lora_alpha=config.lora_alpha)
     s_cfg, t_cfg = text_config(student), text_config(teacher)
 
     # --- mixer and optimizers: model lr for the student, mixer_lr for W_q, W_k and the gain --------------------
@@ -232,6 +233,8 @@ def train(config: LAidConfig | str | Path | None = None, /, **overrides) -> dict
     # --- the end: last checkpoint, export ------------------------------------------------------------------------
     save_checkpoint(accelerator, output_dir, state, config.keep_checkpoints)
     objective.remove_hooks()
+    if config.lora_rank:
+        merge_lora(accelerator.unwrap_model(student))  # the export is a plain model with the adapters folded in
     summary = {"steps": state.step, "total_steps": total_steps, "epochs_done": state.epoch,
                "student_layers": student_layers, "gain_folded": True, "final_metrics": last_metrics,
                "config": config.to_dict()}

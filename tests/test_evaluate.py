@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from laid import evaluate
 from laid.cli import main
@@ -159,3 +160,33 @@ def test_baseline_methods_through_evaluate(bench, model_dir, tmp_path):
     with pytest.raises(ValueError, match="method must be one of"):
         evaluate(str(model_dir), bench, method="rope", output_dir=tmp_path / "bad", **common)
     assert not (tmp_path / "bad").exists()  # refused before anything is written
+
+
+def test_lora_sft_baseline_trains_and_evaluates(bench, tmp_path):
+    """SFT (LoRA): rank-8 adapters trained by laid.train with lambda_laid = lambda_kl = 0, merged at export into a
+    plain Qwen2.5-VL checkpoint that laid.evaluate reads like any model."""
+    from safetensors.torch import load_file
+
+    from laid import train
+    from train_helpers import build_tiny_setup, tiny_config
+
+    paths = build_tiny_setup(tmp_path / "setup", n_entries=4)
+    config = tiny_config(paths, tmp_path / "sft", lambda_laid=0.0, lambda_kl=0.0, lambda_sft=1.0, lora_rank=8,
+                         lr=1e-2, max_steps=2)
+    summary = train(config)
+    assert summary["steps"] == 2 and summary["final_metrics"]["sft"] > 0
+    final = tmp_path / "sft" / "final"
+    before = load_file(f"{paths['student']}/model.safetensors")
+    after = load_file(f"{final}/model.safetensors")
+    assert set(after) == set(before)  # no adapter keys: the adapters are merged
+    key = {suffix: next(k for k in before if k.endswith(suffix))  # checkpoint key names as saved
+           for suffix in ("layers.0.mlp.up_proj.weight", "embed_tokens.weight", "lm_head.weight")}
+    linear = key["layers.0.mlp.up_proj.weight"]
+    assert not torch.equal(after[linear], before[linear])  # the merged adapters changed the weights
+    for frozen in (key["embed_tokens.weight"], key["lm_head.weight"]):
+        assert torch.equal(after[frozen], before[frozen])  # only the adapters trained
+    vision = [k for k in before if "visual." in k]
+    assert vision and all(torch.equal(after[k], before[k]) for k in vision)
+    result = evaluate(str(final), bench, sizes=[1], limit=2, max_new_tokens=4, output_dir=tmp_path / "eval",
+                      name="SFT (LoRA)")
+    assert result["name"] == "SFT (LoRA)" and result["results"]["1"]["n"] == 2
