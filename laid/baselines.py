@@ -19,10 +19,12 @@ positions m = (m_t, m_h, m_w) and a key at n:
 The queries and keys reaching attention are already rotated at their true positions (the KV cache holds them so),
 so the grouped ones are obtained by a further exact rotation by the position difference (grouped - true) per
 M-RoPE row, in (at least) fp32: rotations compose, R(a) R(b) = R(a + b), and with ``group_size=1`` the difference
-is 0, the extra rotation the identity (cos 0 = 1, sin 0 = 0) and the logits bit-equal to eager attention's. Logits of both kinds are
-merged per (query, key) before one softmax, computed in query chunks so that no [heads, N, N] tensor exists. The
-M-RoPE positions of the cached keys are recorded from the rotary module's input at every forward (``generate``
-included). The vision tower keeps its own attention.
+is 0, the extra rotation the identity (cos 0 = 1, sin 0 = 0) and the logits bit-equal to eager attention's. Logits
+of both kinds are merged per (query, key) before one softmax, computed in query chunks so that no [heads, N, N]
+tensor exists (eager-style, ``QUERY_CHUNK_BYTES`` of logits at a time: slower than flash attention). In bf16 the
+grouped queries / keys carry one extra rounding (rotated in fp32, cast back). The M-RoPE positions of the cached keys
+are recorded from the rotary module's input at every forward (``generate`` included); the first decoder layer
+appends them. The vision tower keeps its own attention.
 """
 
 from __future__ import annotations
