@@ -80,8 +80,9 @@ def load_for_eval(model_or_path, *, method: str, device: torch.device, attn_impl
                   yarn_factor: float = 4.0, selfextend_group: int = 8, selfextend_window: int = 1024):
     """The model to evaluate in eval mode on ``device`` (bf16 on CUDA, fp32 on CPU), with ``method`` applied.
 
-    ``model_or_path``: a loaded ``Qwen2_5_VLForConditionalGeneration`` or a folder / hub id. ``method``: "baseline"
-    (untouched), "yarn" (``laid.baselines.apply_yarn``) or "selfextend" (``laid.baselines.apply_selfextend``).
+    ``model_or_path``: a loaded ``Qwen2_5_VLForConditionalGeneration`` (changed in place by "yarn" / "selfextend")
+    or a folder / hub id. ``method``: "baseline" (untouched), "yarn" (``laid.baselines.apply_yarn``) or
+    "selfextend" (``laid.baselines.apply_selfextend``).
     """
     from .baselines import apply_selfextend, apply_yarn
     from .models import choose_attention, load_model
