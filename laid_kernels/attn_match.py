@@ -21,7 +21,7 @@ Backends (registered with ``laid_kernels.backends``):
   and rotated (teacher) in registers, so nothing of size N is allocated. ``_fwd_kernel`` and ``_dq_kernel`` run one
   program per (block of row-head lanes, student kv head, sample) and stream the sample's causal keys;
   ``_dk_kernel`` runs one program per (key block, kv head, sample) and streams the sample's rows.
-- ``"cpu"``: the same algorithm in PyTorch over key blocks sized so one block's logits stay about 1 MB, with
+- ``"cpu"``: the same algorithm in PyTorch over key blocks sized so one block's logits stay about 4 MB, with
   student and teacher keys mixed and rotated per block and query rows prepared 32 at a time (nothing of size
   N x heads x D is allocated beyond the returned gradients; rows that end before a key block skip it).
 
@@ -49,8 +49,10 @@ from .validation import check_attn_match_args
 
 OP = "attn_match_loss"
 
-# Largest number of fp32 logits per key block of the CPU path (1 MiB per [Hs, rows, block] tensor).
-CPU_BLOCK_ELEMENTS = 1 << 18
+# Key blocks of the CPU path: about CPU_BLOCK_ELEMENTS fp32 logits (4 MiB per [Hs, rows, block] tensor), but at least
+# CPU_MIN_BLOCK keys (elementwise ops pay per row of a block: 64-key blocks ran 3x slower than 110-key ones).
+CPU_BLOCK_ELEMENTS = 1 << 20
+CPU_MIN_BLOCK = 128
 # Query rows prepared at a time by the CPU path (bounds the temporaries of rotating and mixing them).
 CPU_ROW_CHUNK = 32
 # Finite "minus infinity" that starts each running maximum: exp(-inf - MAX_INIT) = 0 and never inf - inf = NaN.
@@ -173,11 +175,11 @@ def _cpu_block_logits(qs: torch.Tensor, qt: torch.Tensor, ks: torch.Tensor, kt: 
     distance = m[:, None] - n[None, :]  # [R, K]
     allowed = (distance >= 0) & key_valid[n0:n0 + keys][None, :]
     scale = 1.0 / math.sqrt(dim)
-    s_s = torch.bmm(qs, ks.transpose(1, 2)).view(hs_kv, lanes // group, group, keys) * scale
-    s_t = torch.bmm(qt, kt.transpose(1, 2)).view(hs_kv, lanes // group, group, keys) * scale
-    s_t = s_t + reference.distance_log_weight(distance.clamp_min(0), coef, 1.0)[:, None, :]
     blocked = ~allowed[:, None, :]
-    return s_s.masked_fill(blocked, float("-inf")), s_t.masked_fill(blocked, float("-inf")), allowed
+    s_s = torch.bmm(qs, ks.transpose(1, 2)).view(hs_kv, lanes // group, group, keys).mul_(scale)
+    s_t = torch.bmm(qt, kt.transpose(1, 2)).view(hs_kv, lanes // group, group, keys).mul_(scale)
+    s_t.add_(reference.distance_log_weight(distance.clamp_min(0), coef, 1.0)[:, None, :])
+    return s_s.masked_fill_(blocked, float("-inf")), s_t.masked_fill_(blocked, float("-inf")), allowed
 
 
 def _cpu_lanes(rows: torch.Tensor, hs_kv: int) -> torch.Tensor:
@@ -214,7 +216,7 @@ def _cpu_samples(row_index: torch.Tensor, batch: int, seq: int, hs: int) -> Iter
         lo, hi = offsets[b], offsets[b + 1]
         if hi > lo:
             n_end = int(row_index[hi - 1]) - b * seq + 1
-            block = max(16, min(n_end, CPU_BLOCK_ELEMENTS // (hs * (hi - lo))))
+            block = min(n_end, max(CPU_MIN_BLOCK, CPU_BLOCK_ELEMENTS // (hs * (hi - lo))))
             yield b, lo, hi, n_end, block
 
 
@@ -240,11 +242,12 @@ def _cpu_forward(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section, row
                                                   key_valid[b], alpha * progress, group)
             old_s, old_t = max_s[:, r0:], max_t[:, r0:]
             new_s, new_t = torch.maximum(old_s, s_s.amax(-1)), torch.maximum(old_t, s_t.amax(-1))
-            sum_s[:, r0:] = sum_s[:, r0:] * (old_s - new_s).exp() + (s_s - new_s[..., None]).exp().sum(-1)
-            e_t = (s_t - new_t[..., None]).exp()
+            sum_s[:, r0:] = sum_s[:, r0:] * (old_s - new_s).exp() + (s_s - new_s[..., None]).exp_().sum(-1)
+            diff = torch.sub(s_t, s_s).masked_fill_(~allowed[:, None, :], 0.0)  # shat_t - s_s, 0 where blocked
+            e_t = s_t.sub_(new_t[..., None]).exp_()  # s_t is not needed after this
             rescale = (old_t - new_t).exp()
             sum_t[:, r0:] = sum_t[:, r0:] * rescale + e_t.sum(-1)
-            acc[:, r0:] = acc[:, r0:] * rescale + (e_t * torch.where(allowed[:, None, :], s_t - s_s, 0.0)).sum(-1)
+            acc[:, r0:] = acc[:, r0:] * rescale + diff.mul_(e_t).sum(-1)
             max_s[:, r0:], max_t[:, r0:] = new_s, new_t
         lse_s[lo:hi] = _cpu_unlanes((max_s + sum_s.log()).reshape(hs_kv, -1, 1), hi - lo)[..., 0]
         lse_t[lo:hi] = _cpu_unlanes((max_t + sum_t.log()).reshape(hs_kv, -1, 1), hi - lo)[..., 0]
@@ -272,7 +275,7 @@ def _cpu_backward(grad, q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, secti
             r0 = bisect.bisect_left(m_list, n0)
             s_s, s_t, _ = _cpu_block_logits(qs[:, r0 * group:], qt[:, r0 * group:], ks, kt, m[r0:], n0, key_valid[b],
                                             alpha * progress, group)
-            d_logits = (s_s - row_lse_s[:, r0:]).exp_().sub_((s_t - row_lse_t[:, r0:]).exp_()).mul_(scale)
+            d_logits = s_s.sub_(row_lse_s[:, r0:]).exp_().sub_(s_t.sub_(row_lse_t[:, r0:]).exp_()).mul_(scale)
             d_logits = d_logits.view(hs_kv, -1, ks.shape[1])  # [Hs_kv, lanes, K]
             dq[:, r0 * group:] += torch.bmm(d_logits, ks)
             dk = torch.bmm(d_logits.transpose(1, 2), qs[:, r0 * group:])  # [Hs_kv, K, D], rotated frame
@@ -371,7 +374,7 @@ def _fwd_kernel(qs_ptr, qt_ptr, row_m_ptr, sample_rows_ptr, ks_ptr, kt_ptr, wk_p
     row, head, m, lane_ok, qs_lo, qs_hi, qt_lo, qt_hi = _row_block(
         qs_ptr, qt_ptr, sample_rows_ptr, row_m_ptr, b, pid_m * BLOCK_M, h, offs_f, BLOCK_M, GROUP, HS, HALF)
     inv_freq = tl.load(inv_freq_ptr + offs_f).to(tl.float32)
-    max_s = tl.full((BLOCK_M,), -1.0e30, tl.float32)
+    max_s = tl.full((BLOCK_M,), -1.0e30, tl.float32)  # MAX_INIT
     max_t = tl.full((BLOCK_M,), -1.0e30, tl.float32)
     sum_s = tl.zeros((BLOCK_M,), tl.float32)
     sum_t = tl.zeros((BLOCK_M,), tl.float32)

@@ -26,9 +26,10 @@ pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:Runti
 
 @pytest.fixture(autouse=True)
 def small_cpu_blocks(monkeypatch):
-    """Force the CPU path to stream 16-key blocks and prepare 3 query rows at a time (its defaults size a block to
-    1 MB of logits and a row chunk to 32 rows, a single block and chunk at these sizes)."""
+    """Force the CPU path to stream 16-key blocks and prepare 3 query rows at a time (its defaults, 4 MB of logits
+    and at least 128 keys per block and 32-row chunks, would be a single block and chunk at these sizes)."""
     monkeypatch.setattr(attn_match_module, "CPU_BLOCK_ELEMENTS", 256)
+    monkeypatch.setattr(attn_match_module, "CPU_MIN_BLOCK", 16)
     monkeypatch.setattr(attn_match_module, "CPU_ROW_CHUNK", 3)
 
 
