@@ -74,6 +74,9 @@ def plot(runs: list[dict], path: Path) -> Path:
         stds = [100 * run["results"][s]["accuracy"][1] for s in sizes]
         axis.errorbar(sizes, means, yerr=stds, marker="o", capsize=3, label=run["name"])
     axis.set_xscale("log")
+    sizes = sorted({s for run in runs for s in run["results"]})
+    axis.set_xticks(sizes, [str(s) for s in sizes])
+    axis.minorticks_off()
     axis.set_xlabel("number of images")
     axis.set_ylabel("accuracy (%)")
     axis.set_title("Visual Haystacks (single needle)")
