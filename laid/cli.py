@@ -156,11 +156,13 @@ def add_eval(commands) -> None:
     ev.add_argument("--max-new-tokens", type=int, default=128)
     ev.add_argument("--n-resamples", type=int, default=100)
     ev.add_argument("--limit", type=int, help="only the first LIMIT questions of each size")
-    ev.add_argument("--device", default="auto")
-    ev.add_argument("--attn-implementation", default="auto")
-    ev.add_argument("--yarn-factor", type=float, default=4.0)
-    ev.add_argument("--selfextend-group", type=int, default=8)
-    ev.add_argument("--selfextend-window", type=int, default=1024)
+    ev.add_argument("--device", default="auto", help="auto: cuda when available (bf16), else cpu (fp32)")
+    ev.add_argument("--attn-implementation", default="auto",
+                    help="auto: flash_attention_2 on CUDA when flash-attn imports (the official setting), else sdpa")
+    ev.add_argument("--yarn-factor", type=float, default=4.0,
+                    help="yarn: rope scaling factor over original_max_position_embeddings 32768")
+    ev.add_argument("--selfextend-group", type=int, default=8, help="selfextend: position group size")
+    ev.add_argument("--selfextend-window", type=int, default=1024, help="selfextend: neighbour window (positions)")
     ev.set_defaults(run=_run_eval)
 
 

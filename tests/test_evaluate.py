@@ -190,3 +190,12 @@ def test_lora_sft_baseline_trains_and_evaluates(bench, tmp_path):
     result = evaluate(str(final), bench, sizes=[1], limit=2, max_new_tokens=4, output_dir=tmp_path / "eval",
                       name="SFT (LoRA)")
     assert result["name"] == "SFT (LoRA)" and result["results"]["1"]["n"] == 2
+
+
+def test_synth_cli_writes_the_official_layout(tmp_path):
+    assert main(["data", "synth", "--out", str(tmp_path), "--n-entries", "3", "--sizes", "1", "3"]) == 0
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == ["visual_haystack_3.json", "visual_haystack_oracle.json"]
+    for size in (1, 3):
+        entries = haystack_entries(tmp_path, size)
+        assert len(entries) == 3
+        assert all((tmp_path / p).is_file() for e in entries for p in e["pos_image"] + e["neg_image"])
