@@ -80,7 +80,9 @@ class LAidObjective:
         student_layers = [s for s, _ in pairs]
         teacher_layers = sorted({t for _, t in pairs})
         self.teacher_slot = [teacher_layers.index(t) for _, t in pairs]
-        self.student_capture = QKCapture(student, student_layers, gain=mixer.gain_channels)
+        # The RoPE gain is LAid's: without L_qk / L_attn (the SFT baselines) the student trains as the plain model.
+        gain = mixer.gain_channels if config.lambda_laid > 0 else None
+        self.student_capture = QKCapture(student, student_layers, gain=gain)
         self.teacher_capture = QKCapture(teacher, teacher_layers)
         # A model whose logits are not needed stops after its last aligned layer.
         self.teacher_last = None if config.lambda_kl > 0 else max(teacher_layers)

@@ -187,6 +187,8 @@ def test_lora_sft_baseline_trains_and_evaluates(bench, tmp_path):
         assert torch.equal(after[frozen], before[frozen])  # only the adapters trained
     vision = [k for k in before if "visual." in k]
     assert vision and all(torch.equal(after[k], before[k]) for k in vision)
+    gain = load_file(f"{final}/mixer.safetensors")["gain"]
+    assert torch.allclose(gain, torch.ones_like(gain), rtol=0, atol=1e-6)  # LAid's RoPE gain is not trained
     result = evaluate(str(final), bench, sizes=[1], limit=2, max_new_tokens=4, output_dir=tmp_path / "eval",
                       name="SFT (LoRA)")
     assert result["name"] == "SFT (LoRA)" and result["results"]["1"]["n"] == 2
