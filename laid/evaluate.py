@@ -17,7 +17,7 @@ entry, in file order (``CUT_FROM``). Image paths are relative to ``image_root`` 
 
 Output (``output_dir``), readable by the official scorer::
 
-    {N}_images/{idx:03d}.json   the entry + result {image_paths, response, log}
+    {N}_images/{idx:03d}.json   the entry + result {image_paths (relative, in the order shown), response, log}
     run.json                    what was evaluated (a resumed run must match it)
     summary.json, summary.csv   accuracy and compliance (fractions) per size
 
@@ -106,7 +106,8 @@ def load_for_eval(model_or_path, *, method: str, device: torch.device, attn_impl
 def answer(model, processor, image_paths: list[Path], question: str, *, max_new_tokens: int = 128) -> dict:
     """Greedy answer of ``model`` to one question over ``image_paths`` (already in the order shown).
 
-    Returns ``{"response": str, "input_tokens": N, "output_tokens": T}``. Only this question's tensors live: the
+    Sampling is off; the model's other generation settings (e.g. Qwen2.5-VL-Instruct's repetition_penalty 1.05)
+    apply as in a plain ``generate`` call. Returns ``{"response": str, "input_tokens": N, "output_tokens": T}``. Only this question's tensors live: the
     prompt (``input_ids`` [1, N], ``pixel_values`` [P, 1176]) and the KV cache of ``generate``.
     """
     from qwen_vl_utils import process_vision_info
@@ -217,7 +218,7 @@ def evaluate(model_or_path, data: str | Path, sizes=SIZES, method: str = "baseli
                              max_new_tokens=max_new_tokens)
                 log = {"method": method, "seed": seed, "input_tokens": out["input_tokens"],
                        "output_tokens": out["output_tokens"], "seconds": round(time.perf_counter() - start, 3)}
-                result = {"image_paths": [str(p) for p in image_paths], "response": out["response"], "log": log}
+                result = {"image_paths": order, "response": out["response"], "log": log}  # relative, as official
                 _write_json(path, {**entry, "result": result})
                 if progress:
                     print(f"{size} images, question {index}: {out['response']!r}", flush=True)
