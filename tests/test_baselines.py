@@ -47,6 +47,7 @@ def test_selfextend_group_1_is_exactly_the_baseline(model, inputs):
     base = _logits(model, inputs)
     extended = apply_selfextend(copy.deepcopy(model), group_size=1, window=4)
     assert extended.model.language_model.config._attn_implementation == "laid_selfextend"
+    assert extended.config.vision_config._attn_implementation == model.config.vision_config._attn_implementation
     assert torch.equal(_logits(extended, inputs), base)
     # A window wider than every distance keeps every key a neighbour: exact too, whatever the group size.
     wide = apply_selfextend(copy.deepcopy(model), group_size=4, window=10**6)
