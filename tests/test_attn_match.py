@@ -274,3 +274,17 @@ def test_error_when_only_padding_rows_are_selected():
     valid = inputs.pop("valid")
     with pytest.raises(ValueError, match="selects no valid row"):
         attn_match_loss(**inputs, query_mask=~valid, progress=0.5, valid=valid)
+
+
+def test_auto_backend_on_cpu():
+    """backend="auto" on CPU tensors runs the CPU path (the reference only where that backend cannot run here)."""
+    from laid_kernels import backends
+
+    chosen = backends.auto_backend(OP, torch.device("cpu"))
+    assert chosen == ("cpu" if "cpu" in FUSED else "reference")
+    inputs = make_inputs(batch=2, seq=24, seed=12)
+    valid = inputs.pop("valid")
+    mask = query_mask("random", valid, seed=13)
+    auto = attn_match_loss(**inputs, query_mask=mask, progress=0.3, valid=valid)
+    explicit = attn_match_loss(**inputs, query_mask=mask, progress=0.3, valid=valid, backend=chosen)
+    torch.testing.assert_close(auto, explicit, rtol=0, atol=0)
