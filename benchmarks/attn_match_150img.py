@@ -1,9 +1,9 @@
 """Benchmark of attn_match_loss (L_attn) from 1 to 150 images: peak memory and forward+backward time.
 
-One sample laid out like a Visual Haystacks prompt: a 20-token system prefix, per image a vision-start delimiter,
-357 visual tokens (a 17 x 21 grid, M-RoPE positions as get_rope_index gives them) and a vision-end delimiter, then a
-40-token question. Query rows: both delimiters of every image and the question tokens (2 per image + 40). 7B student
-heads (28 / 4) against 32B teacher heads (40 / 8), head_dim 128, bf16 inputs.
+One sample laid out like a Visual Haystacks prompt (``workload.vhs_prompt``: Qwen2.5-VL's chat template with 357
+visual tokens per image, M-RoPE positions from transformers' ``get_rope_index``). Query rows: both delimiters of
+every image and the question after the last image (2 per image + the question). 7B student heads (28 / 4) against
+32B teacher heads (40 / 8), head_dim 128, bf16 inputs.
 
 Every (backend, size) runs in a fresh process. Memory on CPU: peak RSS (VmHWM, reset after the inputs exist) minus
 RSS after the inputs were created; "extra" subtracts the gradient tensors the loss must return (dq_s, dk_s). On CUDA:
@@ -33,46 +33,24 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+from workload import (HEAD_DIM, SECTION, STUDENTS, TEACHER, inv_freq, proc_status_bytes, reset_peak_rss,  # noqa: E402
+                      vhs_prompt)
 
 OUT = Path(__file__).resolve().parent / "out"
-STUDENT, TEACHER, HEAD_DIM, SECTION = (28, 4), (40, 8), 128, (16, 24, 24)
-PREFIX, GRID, QUESTION = 20, (17, 21), 40
+STUDENT = STUDENTS["7b"]
 MARGIN_BYTES = 3 << 30
 GIB = 1 << 30
 
 
-def layout(images: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions [3, 1, N] (M-RoPE, as get_rope_index) and query_mask [1, N] for ``images`` images."""
-    rows, cols = GRID
-    pos, mask, nxt = [], [], 0
-
-    def text(count: int, query: bool) -> None:
-        nonlocal nxt
-        for _ in range(count):
-            pos.append((nxt, nxt, nxt))
-            mask.append(query)
-            nxt += 1
-
-    text(PREFIX, False)
-    for _ in range(images):
-        text(1, True)  # <|vision_start|>
-        for r in range(rows):
-            for c in range(cols):
-                pos.append((nxt, nxt + r, nxt + c))
-                mask.append(False)
-        nxt += max(rows, cols)
-        text(1, True)  # <|vision_end|>
-    text(QUESTION, True)
-    return torch.tensor(pos).T.unsqueeze(1).contiguous(), torch.tensor(mask).unsqueeze(0)
-
-
 def tokens_and_rows(images: int) -> tuple[int, int]:
-    return PREFIX + images * (GRID[0] * GRID[1] + 2) + QUESTION, 2 * images + QUESTION
+    """(N, query rows) of the ``images``-image prompt."""
+    query_mask = vhs_prompt(images).query_mask
+    return query_mask.shape[-1], int(query_mask.sum())
 
 
 def make_inputs(images: int, device: str) -> dict:
-    positions, query_mask = layout(images)
-    seq = positions.shape[-1]
+    prompt = vhs_prompt(images)
+    seq = prompt.positions.shape[-1]
     g = torch.Generator(device=device).manual_seed(0)
 
     def rand(heads: int) -> torch.Tensor:
@@ -83,24 +61,16 @@ def make_inputs(images: int, device: str) -> dict:
                   q_t=rand(TEACHER[0]), k_t=rand(TEACHER[1]),
                   w_q=torch.randn(STUDENT[0], TEACHER[0], generator=g, device=device) / TEACHER[0] ** 0.5,
                   w_k=torch.randn(STUDENT[1], TEACHER[1], generator=g, device=device) / TEACHER[1] ** 0.5,
-                  positions=positions.to(device),
-                  inv_freq=1.0 / 1e6 ** (torch.arange(HEAD_DIM // 2, device=device).float() * 2 / HEAD_DIM),
-                  mrope_section=SECTION, query_mask=query_mask.to(device))
+                  positions=prompt.positions.to(device), inv_freq=inv_freq(device), mrope_section=SECTION,
+                  query_mask=prompt.query_mask.to(device))
     return inputs
-
-
-def _status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _watchdog(limit: int) -> None:
     """End this process (exit code 3) as soon as its RSS exceeds ``limit`` bytes."""
     def watch():
         while True:
-            if _status("VmRSS") > limit:
+            if proc_status_bytes("VmRSS") > limit:
                 print(json.dumps({"error": "watchdog"}), flush=True)
                 os._exit(3)
             time.sleep(0.005)
@@ -121,8 +91,8 @@ def worker(images: int, backend: str, device: str, limit: int) -> dict:
     input_bytes = sum(v.numel() * v.element_size() for v in inputs.values() if isinstance(v, torch.Tensor))
     grad_bytes = sum(inputs[k].numel() * inputs[k].element_size() for k in ("q_s", "k_s"))
     if device == "cpu":
-        base = _status("VmRSS")
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        base = proc_status_bytes("VmRSS")
+        reset_peak_rss()
     else:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -138,8 +108,8 @@ def worker(images: int, backend: str, device: str, limit: int) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         if peak is None:
-            peak = (_status("VmHWM") if device == "cpu" else torch.cuda.max_memory_allocated()) - base
-    seq, rows = tokens_and_rows(images)
+            peak = (proc_status_bytes("VmHWM") if device == "cpu" else torch.cuda.max_memory_allocated()) - base
+    seq, rows = inputs["positions"].shape[-1], int(inputs["query_mask"].sum())
     return dict(images=images, tokens=seq, rows=rows, backend=backend, device=device, seconds=min(times),
                 runs=len(times), loss=loss.item(), peak_bytes=peak, extra_bytes=peak - grad_bytes,
                 input_bytes=input_bytes, grad_bytes=grad_bytes)

@@ -32,14 +32,13 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 from bytecount import ByteCounter  # noqa: E402
+from workload import HEAD_DIM, SECTION, STUDENTS, TEACHER, inv_freq  # noqa: E402
 
 from laid_kernels import qk_align  # noqa: E402
 from laid_kernels.aot import compile_in_subprocess  # noqa: E402
 from laid_kernels.mrope import mrope_launch  # noqa: E402
 
-HEADS = (28, 4, 40, 8)  # student q, student kv, teacher q, teacher kv
-HEAD_DIM = 128
-SECTION = (16, 24, 24)
+HEADS = (*STUDENTS["7b"], *TEACHER)  # student q, student kv, teacher q, teacher kv
 DTYPE = torch.bfloat16
 BANDWIDTH = 3.0e12  # B/s, H100 HBM3: for predictions only
 PREDICT_TOKENS = 54_000  # about 150 Visual Haystacks images
@@ -56,8 +55,7 @@ def projection_view(seq: int, heads: int, generator: torch.Generator) -> torch.T
 
 def rope_inputs(seq: int) -> tuple[torch.Tensor, torch.Tensor]:
     positions = torch.arange(seq).repeat(3, 1, 1) + 50_000
-    inv_freq = 1.0 / 1e6 ** (torch.arange(HEAD_DIM // 2, dtype=torch.float32) * 2 / HEAD_DIM)
-    return positions, inv_freq
+    return positions, inv_freq()
 
 
 def qk_align_traffic(seq: int) -> dict:

@@ -45,61 +45,10 @@ import time
 from pathlib import Path
 
 import torch
+from workload import (HEAD_DIM, SECTION, STUDENTS, TEACHER, inv_freq, proc_status_bytes, reset_peak_rss,
+                      vhs_prompt)
 
-TOKENS_PER_IMAGE = 357
-IMAGE_GRID = (1, 34, 42)  # patches (t, h, w) before the 2x2 merge: 17 * 21 = 357 tokens
-HEAD_DIM = 128
-SECTION = (16, 24, 24)
-ROPE_THETA = 1e6
-STUDENTS = {"7b": (28, 4), "3b": (16, 2)}  # (q heads, kv heads) of the student
-TEACHER = (40, 8)  # 32B
 VARIANTS = ("reference", "fused")
-
-
-def prompt_positions(images: int) -> torch.Tensor:
-    """M-RoPE positions [3, 1, N] of a chat prompt with ``images`` images, from transformers' ``get_rope_index``.
-
-    Layout (Qwen2.5-VL's chat template): system turn, user turn with "Picture k: <|vision_start|>" + 357 image pad
-    tokens + "<|vision_end|>" per image, then the question, then the open assistant turn; text is tokenised by the
-    tiny tokenizer of ``laid.tiny``.
-    """
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
-
-    from laid.tiny import build_tiny_tokenizer, tiny_qwen25vl_config
-
-    tokenizer = build_tiny_tokenizer()
-    config = tiny_qwen25vl_config(tokenizer=tokenizer)
-    model = Qwen2_5_VLModel(config)
-
-    def text(s: str) -> list[int]:
-        return tokenizer.encode(s, add_special_tokens=False)
-
-    ids: list[int] = text("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
-    kinds = [0] * len(ids)
-    for k in range(images):
-        piece = text(f"Picture {k + 1}: ") + [config.vision_start_token_id]
-        piece += [config.image_token_id] * TOKENS_PER_IMAGE + [config.vision_end_token_id]
-        ids += piece
-        kinds += [1 if t == config.image_token_id else 0 for t in piece]
-    tail = text("\nFor the image with the anchor object, is there a dog in the image? Answer yes or no.<|im_end|>\n"
-                "<|im_start|>assistant\n")
-    ids += tail
-    kinds += [0] * len(tail)
-    positions, _ = model.get_rope_index(torch.tensor([ids]), torch.tensor([kinds], dtype=torch.int32),
-                                        image_grid_thw=torch.tensor([IMAGE_GRID] * images))
-    return positions
-
-
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak_rss() -> None:
-    """Reset the kernel's peak resident set size (VmHWM) of this process to its current size."""
-    Path("/proc/self/clear_refs").write_text("5")
 
 
 def worker(variant: str, student: str, positions_path: str, repeats: int) -> dict:
@@ -111,7 +60,7 @@ def worker(variant: str, student: str, positions_path: str, repeats: int) -> dic
     hs, hs_kv = STUDENTS[student]
     ht, ht_kv = TEACHER
     bf16 = dict(dtype=torch.bfloat16, device=device)
-    inv_freq = 1.0 / ROPE_THETA ** (torch.arange(HEAD_DIM // 2, dtype=torch.float32, device=device) * 2 / HEAD_DIM)
+    frequencies = inv_freq(device)
 
     def inputs(positions: torch.Tensor) -> dict:
         """bf16 q / k of both models as views of q_proj / k_proj outputs [1, N, H * D], fp32 mixing weights."""
@@ -125,7 +74,7 @@ def worker(variant: str, student: str, positions_path: str, repeats: int) -> dic
                     k_t=projection(ht_kv),
                     w_q=(torch.randn(hs, ht, generator=generator) / ht ** 0.5).to(device).requires_grad_(),
                     w_k=(torch.randn(hs_kv, ht_kv, generator=generator) / ht_kv ** 0.5).to(device).requires_grad_(),
-                    positions=positions, inv_freq=inv_freq)
+                    positions=positions, inv_freq=frequencies)
 
     def step(x: dict) -> float:
         for name in ("q_s", "k_s", "w_q", "w_k"):
@@ -151,13 +100,13 @@ def worker(variant: str, student: str, positions_path: str, repeats: int) -> dic
         baseline = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
-        _reset_peak_rss()
-        baseline = _rss_kib("VmRSS") * 1024
+        reset_peak_rss()
+        baseline = proc_status_bytes("VmRSS")
     times = [step(x)]
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = _rss_kib("VmHWM") * 1024
+        peak = proc_status_bytes("VmHWM")
     grad_bytes = sum(x[name].grad.nbytes for name in ("q_s", "k_s", "w_q", "w_k"))
     times += [step(x) for _ in range(repeats - 1)]
     return dict(variant=variant, backend=backend, device=device.type, student=student, tokens=seq,
@@ -233,7 +182,7 @@ def run(images: list[int], student: str, repeats: int, quick: bool, out: Path) -
     with tempfile.TemporaryDirectory() as tmp:
         for count in images:
             positions_path = str(Path(tmp) / f"positions_{count}.pt")
-            torch.save(prompt_positions(count), positions_path)
+            torch.save(vhs_prompt(count).positions, positions_path)
             for variant in VARIANTS:
                 command = [sys.executable, __file__, "--worker", variant, "--positions", positions_path,
                            "--student", student, "--repeats", str(1 if variant == "reference" else repeats)]
