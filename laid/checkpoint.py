@@ -88,9 +88,10 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> RunState:
     return RunState(**json.loads((path / "run_state.json").read_text()))
 
 
-def export(accelerator: Accelerator, student, processor, mixer: HeadMixer, student_layers: list[int],
+def export(accelerator: Accelerator, student, processor, mixer: HeadMixer | None, student_layers: list[int],
            out_dir: str | Path, summary: dict) -> Path:
-    """Write the distilled student as a plain Qwen2.5-VL checkpoint (gain folded), the mixer and a summary.
+    """Write the distilled student as a plain Qwen2.5-VL checkpoint (gain folded), the mixer and a summary; a run
+    without a mixer (pure SFT) writes the student as it is.
 
     ``student_layers[p]`` is the student layer of pair p (its q_proj receives gain(p)). The state dict is gathered
     with ``accelerator.get_state_dict`` (full weights under FSDP); only the main process writes.
@@ -98,7 +99,7 @@ def export(accelerator: Accelerator, student, processor, mixer: HeadMixer, stude
     out = Path(out_dir)
     state_dict = accelerator.get_state_dict(student)
     if accelerator.is_main_process:
-        for pair, layer in enumerate(student_layers):
+        for pair, layer in enumerate(student_layers if mixer is not None else []):
             prefix = f"model.language_model.layers.{layer}.self_attn.q_proj."
             weight, bias = fold_gain(state_dict[prefix + "weight"], state_dict.get(prefix + "bias"),
                                      mixer.gain_channels(pair))
@@ -108,7 +109,8 @@ def export(accelerator: Accelerator, student, processor, mixer: HeadMixer, stude
         out.mkdir(parents=True, exist_ok=True)
         accelerator.unwrap_model(student).save_pretrained(str(out), state_dict=state_dict, safe_serialization=True)
         processor.save_pretrained(str(out))
-        mixer.save(out / "mixer.safetensors")
+        if mixer is not None:
+            mixer.save(out / "mixer.safetensors")
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
     accelerator.wait_for_everyone()
     return out

@@ -29,7 +29,7 @@ class LAidConfig:
     """One LAid run. Layer indices may be negative (counted from the end, -1 = last layer)."""
 
     # --- models (a local folder or a hub id; nothing is downloaded unless the id is not a folder) ---
-    teacher: str = "Qwen/Qwen2.5-VL-32B-Instruct"
+    teacher: str = "Qwen/Qwen2.5-VL-32B-Instruct"  # unused (not loaded) when lambda_laid = lambda_kl = 0
     student: str = "Qwen/Qwen2.5-VL-7B-Instruct"
     processor: str | None = None  # default: the student's folder / id
     attn_implementation: str = "auto"  # "auto": flash_attention_2 on CUDA when flash-attn imports, else sdpa
@@ -116,6 +116,12 @@ class LAidConfig:
             values[name] = _coerce(name, value, hints[name])
         return dataclasses.replace(self, **values).validate()
 
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether the run loads the teacher: only L_qk / L_attn (lambda_laid) and L_KL (lambda_kl) use it; a pure
+        SFT run (both 0) trains the student alone."""
+        return self.lambda_laid > 0 or self.lambda_kl > 0
+
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of every field (YAML / JSON serialisable)."""
         return dataclasses.asdict(self)
@@ -126,7 +132,7 @@ class LAidConfig:
         _choice("attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
         _choice("mixer_init", self.mixer_init, MIXER_INITS)
         _choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
-        for name in ("teacher", "student"):
+        for name in ("teacher", "student") if self.needs_teacher else ("student",):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name} must be a model folder or hub id, got {getattr(self, name)!r}")
         if (not isinstance(self.layer_pairs, list) or not self.layer_pairs

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import random
 import re
 from pathlib import Path
@@ -274,6 +275,33 @@ def _draw_objects(objects: list[str], image_size: int, rng: random.Random) -> Im
     return image
 
 
+class _ImagePool:
+    """Rendered images of "colour shape" contents under ``out/images``, reused across entries as COCO images are.
+
+    Each content (an ordered tuple of objects) gets up to ``variants`` renderings (random sizes and heights); a
+    request draws one of them that the current entry does not use yet, and renders a new one only when fewer than
+    ``variants`` exist or all are taken. Deterministic given the rng's state.
+    """
+
+    def __init__(self, out: Path, image_size: int, variants: int, rng: random.Random):
+        self.out, self.image_size, self.variants, self.rng = out, image_size, variants, rng
+        self.paths: dict[tuple[str, ...], list[str]] = {}
+
+    def get(self, content: list[str], used: set[str]) -> str:
+        """A relative image path showing ``content`` that is not in ``used`` (which it is added to)."""
+        paths = self.paths.setdefault(tuple(content), [])
+        free = [p for p in paths if p not in used]
+        if free and (len(paths) >= self.variants or self.rng.random() < len(paths) / self.variants):
+            path = self.rng.choice(free)
+        else:
+            stem = "-".join(o.replace(" ", "_") for o in content)
+            path = f"images/{stem}_{len(paths)}.png"
+            _draw_objects(list(content), self.image_size, self.rng).save(self.out / path)
+            paths.append(path)
+        used.add(path)
+        return path
+
+
 def synth_haystacks(
     out_dir: str | Path,
     *,
@@ -282,18 +310,23 @@ def synth_haystacks(
     max_images: int,
     image_size: int = 56,
     seed: int = 0,
+    variants: int = 4,
+    log_uniform: bool = False,
     json_name: str = "visual_haystack_synth.json",
 ) -> Path:
     """Write a synthetic single-needle VHs set: ``out_dir/json_name`` plus PNGs under ``out_dir/images``.
 
-    Objects are "colour shape" pairs (``SYNTH_COLORS`` x ``SYNTH_SHAPES``). Each entry picks an anchor and a target
-    object, asks "For the image with a {anchor}, is there a {target}?", and has one needle image holding the anchor
-    and (answer "yes") the target or (answer "no") another object, plus N - 1 distractors of one or two objects that
-    never include the anchor. N is uniform in ``[min_images, max_images]``; exactly ``n_entries // 2`` entries say
-    "yes" (the odd one out says "no"), in random order; the needle's position is uniform once ``VHsDataset`` shuffles.
-    Image paths in the JSON are relative to ``out_dir`` (the image root). Besides the official keys each entry has
-    ``objects``: the objects drawn in each image of ``pos_image + neg_image``, in that order (``load_vhs`` ignores
-    it). Same arguments, same files. Returns the JSON path.
+    Objects are "colour shape" pairs (``SYNTH_COLORS`` x ``SYNTH_SHAPES``, 20 objects). Each entry picks an anchor
+    and a target object, asks "For the image with a {anchor}, is there a {target}?", and has one needle image holding
+    the anchor and (answer "yes") the target or (answer "no") another object, plus N - 1 distractors of one or two
+    objects that never include the anchor. N is uniform in ``[min_images, max_images]`` (``log_uniform``: log N is
+    uniform, so short haystacks are as common as long ones per octave, the cheap curriculum for training); exactly ``n_entries // 2``
+    entries say "yes" (the odd one out says "no"), in random order; the needle's position is uniform once
+    ``VHsDataset`` shuffles. Images are shared between entries like COCO photos: each content (the objects of an
+    image, left to right) has up to ``variants`` renderings, and no entry shows one file twice. Image paths in the
+    JSON are relative to ``out_dir`` (the image root). Besides the official keys each entry has ``objects``: the
+    objects drawn in each image of ``pos_image + neg_image``, in that order (``load_vhs`` ignores it). Same
+    arguments, same files. Returns the JSON path.
     """
     if n_entries < 1:
         raise ValueError(f"n_entries must be >= 1, got {n_entries}")
@@ -301,27 +334,29 @@ def synth_haystacks(
         raise ValueError(f"need 1 <= min_images <= max_images, got min_images={min_images}, max_images={max_images}")
     if image_size < 28:
         raise ValueError(f"image_size must be >= 28 (one merged Qwen2.5-VL patch), got {image_size}")
+    if variants < 1:
+        raise ValueError(f"variants must be >= 1, got {variants}")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
+    pool = _ImagePool(out, image_size, variants, rng)
     objects = [f"{c} {s}" for c in SYNTH_COLORS for s in SYNTH_SHAPES]
     answers = ["yes"] * (n_entries // 2) + ["no"] * (n_entries - n_entries // 2)
     rng.shuffle(answers)
     entries = []
-    for i, answer in enumerate(answers):
+    for answer in answers:
         anchor, target = rng.sample(objects, 2)
         others = [o for o in objects if o not in (anchor, target)]
         needle = [anchor, target if answer == "yes" else rng.choice(others)]
         rng.shuffle(needle)
         contents = [needle]
         without_anchor = [o for o in objects if o != anchor]
-        for _ in range(rng.randint(min_images, max_images) - 1):
+        n_images = (min(max_images, int(math.exp(rng.uniform(math.log(min_images), math.log(max_images + 1)))))
+                    if log_uniform else rng.randint(min_images, max_images))
+        for _ in range(n_images - 1):
             contents.append(rng.sample(without_anchor, rng.randint(1, 2)))
-        paths = []
-        for k, content in enumerate(contents):
-            rel = f"images/{i:05d}_{k:03d}.png"
-            _draw_objects(content, image_size, rng).save(out / rel)
-            paths.append(rel)
+        used: set[str] = set()
+        paths = [pool.get(content, used) for content in contents]
         entries.append({**_entry(_question(anchor, target), answer, paths[:1], paths[1:]), "objects": contents})
     json_path = out / json_name
     json_path.write_text(json.dumps(entries, indent=1))

@@ -68,24 +68,30 @@ class LAidObjective:
     "qk", "attn", "kl", "sft".
     """
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, mixer: HeadMixer, config: LAidConfig, vocab: int):
-        check_compatible(teacher, student, vocab)
+    def __init__(self, teacher: nn.Module | None, student: nn.Module, mixer: HeadMixer | None, config: LAidConfig,
+                 vocab: int):
+        if config.needs_teacher and teacher is None:
+            raise ValueError("teacher is required: lambda_laid > 0 or lambda_kl > 0")
+        if config.lambda_laid > 0 and mixer is None:
+            raise ValueError("mixer is required: lambda_laid > 0")
+        if teacher is not None:
+            check_compatible(teacher, student, vocab)
         self.teacher, self.student, self.mixer, self.config, self.vocab = teacher, student, mixer, config, vocab
         s_layers = len(decoder_layers(student))
-        t_layers = len(decoder_layers(teacher))
-        pairs = [(resolve_layer(s, s_layers, "layer_pairs (student)"),
-                  resolve_layer(t, t_layers, "layer_pairs (teacher)")) for s, t in config.layer_pairs]
-        if mixer.w_q.shape[0] != len(pairs):
-            raise ValueError(f"mixer has {mixer.w_q.shape[0]} pairs, layer_pairs has {len(pairs)}")
-        student_layers = [s for s, _ in pairs]
-        teacher_layers = sorted({t for _, t in pairs})
-        self.teacher_slot = [teacher_layers.index(t) for _, t in pairs]
-        # The RoPE gain is LAid's: without L_qk / L_attn (the SFT baselines) the student trains as the plain model.
-        gain = mixer.gain_channels if config.lambda_laid > 0 else None
-        self.student_capture = QKCapture(student, student_layers, gain=gain)
-        self.teacher_capture = QKCapture(teacher, teacher_layers)
+        self.pairs = [(resolve_layer(s, s_layers, "layer_pairs (student)"),
+                       resolve_layer(t, len(decoder_layers(teacher)), "layer_pairs (teacher)"))
+                      for s, t in config.layer_pairs] if config.lambda_laid > 0 else []
+        if mixer is not None and mixer.w_q.shape[0] != len(self.pairs):
+            raise ValueError(f"mixer has {mixer.w_q.shape[0]} pairs, layer_pairs has {len(self.pairs)}")
+        # Q/K are captured only for L_qk / L_attn; without them (the SFT baselines) the student trains as the plain
+        # model, without the RoPE gain.
+        student_layers = [s for s, _ in self.pairs]
+        teacher_layers = sorted({t for _, t in self.pairs})
+        self.teacher_slot = [teacher_layers.index(t) for _, t in self.pairs]
+        self.student_capture = QKCapture(student, student_layers, gain=mixer.gain_channels if mixer else None)
+        self.teacher_capture = QKCapture(teacher, teacher_layers) if teacher is not None else None
         # A model whose logits are not needed stops after its last aligned layer.
-        self.teacher_last = None if config.lambda_kl > 0 else max(teacher_layers)
+        self.teacher_last = None if config.lambda_kl > 0 else max(teacher_layers, default=None)
         self.student_last = None if config.lambda_kl + config.lambda_sft > 0 else max(student_layers)
         rotary = unwrap(student).model.language_model.rotary_emb
         self.inv_freq = rotary.inv_freq.float()
@@ -113,9 +119,11 @@ class LAidObjective:
         positions = mrope_positions(self.student, input_ids, attention_mask, batch.get("image_grid_thw"))
         keep, select, targets = answer_positions(batch["labels"])
 
-        with torch.no_grad(), stop_after(self.teacher, self.teacher_last), self.teacher_capture.record():
-            teacher_logits = self._forward(self.teacher, batch, positions,
-                                           None if self.teacher_last is not None else keep)
+        teacher_logits = None
+        if self.teacher is not None:
+            with torch.no_grad(), stop_after(self.teacher, self.teacher_last), self.teacher_capture.record():
+                teacher_logits = self._forward(self.teacher, batch, positions,
+                                               None if self.teacher_last is not None else keep)
         # The student always runs through its (DDP) wrapper, so that gradients are synchronised; with no logits
         # needed it keeps zero positions.
         with stop_after(self.student, self.student_last), self.student_capture.record():
@@ -156,6 +164,8 @@ class LAidObjective:
 
     def init_mixer(self, batch: dict) -> None:
         """Initialise the mixer's W_q / W_k by ``config.mixer_init`` ("lstsq" uses this batch's Q/K)."""
+        if self.mixer is None:
+            return
         if self.config.mixer_init == "uniform":
             self.mixer.init_uniform()
             return
@@ -178,4 +188,5 @@ class LAidObjective:
     def remove_hooks(self) -> None:
         """Detach the capture hooks (and the gain) from both models."""
         self.student_capture.remove()
-        self.teacher_capture.remove()
+        if self.teacher_capture is not None:
+            self.teacher_capture.remove()

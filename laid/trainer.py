@@ -7,7 +7,8 @@
 One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` per process. Each micro-batch: the teacher runs
 without gradient (up to its last aligned layer only when lambda_kl = 0), the student runs with Q/K capture and the
 RoPE gain, ``LAidObjective`` gives the four terms, and the gradients accumulate (DDP synchronises on the last
-micro-batch only). Then: the mixer's gradients are averaged over processes (the mixer lives outside DDP), the model's
+micro-batch only). A pure SFT run (lambda_laid = lambda_kl = 0) loads no teacher and has no mixer: it fine-tunes
+the student alone (the SFT baseline, or training a model from scratch). Then: the mixer's gradients are averaged over processes (the mixer lives outside DDP), the model's
 and the mixer's gradients are clipped (each to ``max_grad_norm``), both AdamW optimizers step, both warmup + cosine
 schedules advance. Progress p = step / total steps feeds L_attn. Runs under ``accelerate launch`` unchanged.
 
@@ -120,35 +121,39 @@ def train(config: LAidConfig | str | Path | None = None, /, **overrides) -> dict
     collate_fn = partial(collate, pad_token_id=processor.tokenizer.pad_token_id)
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, collate_fn=collate_fn,
                         num_workers=config.num_workers)
-    teacher = load_teacher(config.teacher, device=device, attn_implementation=config.attn_implementation)
+    teacher = (load_teacher(config.teacher, device=device, attn_implementation=config.attn_implementation)
+               if config.needs_teacher else None)
     student = load_student(config.student, device=device, attn_implementation=config.attn_implementation,
                            train_language_model=config.train_language_model, train_vision=config.train_vision,
                            gradient_checkpointing=config.gradient_checkpointing, lora_rank=config.lora_rank,
                            lora_alpha=config.lora_alpha)
-    s_cfg, t_cfg = text_config(student), text_config(teacher)
 
-    # --- mixer and optimizers: model lr for the student, mixer_lr for W_q, W_k and the gain --------------------
-    mixer = HeadMixer(len(config.layer_pairs), s_cfg.num_attention_heads, s_cfg.num_key_value_heads,
-                      t_cfg.num_attention_heads, t_cfg.num_key_value_heads, head_dim(s_cfg)).to(device)
+    # --- the mixer (LAid runs only) and optimizers: model lr for the student, mixer_lr for W_q, W_k and the gain ---
+    mixer = None
+    if config.lambda_laid > 0:
+        s_cfg, t_cfg = text_config(student), text_config(teacher)
+        mixer = HeadMixer(len(config.layer_pairs), s_cfg.num_attention_heads, s_cfg.num_key_value_heads,
+                          t_cfg.num_attention_heads, t_cfg.num_key_value_heads, head_dim(s_cfg)).to(device)
     adam = dict(betas=tuple(config.adam_betas), weight_decay=config.weight_decay)
-    model_optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=config.lr, **adam)
-    mixer_optimizer = torch.optim.AdamW(mixer.parameters(), lr=config.mixer_lr, **adam)
-    if accelerator.distributed_type == DistributedType.FSDP:
+    optimizers = [torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=config.lr, **adam)]
+    if mixer is not None:
+        optimizers.append(torch.optim.AdamW(mixer.parameters(), lr=config.mixer_lr, **adam))
+    if teacher is not None and accelerator.distributed_type == DistributedType.FSDP:
         shard_teacher(teacher, device)  # the student is sharded by accelerate below, the teacher here
-    else:
+    elif teacher is not None:
         teacher.to(device)
-    student, model_optimizer, loader = accelerator.prepare(student, model_optimizer, loader)
-    mixer_optimizer = accelerator.prepare_optimizer(mixer_optimizer)
+    student, optimizers[0], loader = accelerator.prepare(student, optimizers[0], loader)
+    optimizers[1:] = [accelerator.prepare_optimizer(opt) for opt in optimizers[1:]]
 
     steps_per_epoch = math.ceil(len(loader) / config.grad_accum)
     total_steps = steps_per_epoch * config.epochs
     last_step = min(total_steps, config.max_steps or total_steps)
     factor = partial(lr_factor, total=total_steps, warmup_ratio=config.warmup_ratio, min_ratio=config.min_lr_ratio)
-    schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, factor) for opt in (model_optimizer, mixer_optimizer)]
-    accelerator.register_for_checkpointing(mixer, *schedulers)
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, factor) for opt in optimizers]
+    accelerator.register_for_checkpointing(*([mixer] if mixer is not None else []), *schedulers)
 
     objective = LAidObjective(teacher, student, mixer, config, vocab=len(processor.tokenizer))
-    student_layers = objective.student_capture.layers  # pair p's student layer (non-negative)
+    student_layers = objective.student_capture.layers  # pair p's student layer (non-negative); none without LAid
 
     # --- start or resume ---------------------------------------------------------------------------------------
     resume = resolve_resume(config.resume_from, output_dir)
@@ -169,6 +174,8 @@ def train(config: LAidConfig | str | Path | None = None, /, **overrides) -> dict
     accelerator.print(f"laid: {accelerator.distributed_type.value} x {accelerator.num_processes} processes, "
                       f"precision {precision}, attention {unwrap(student).config._attn_implementation}, "
                       f"{total_steps} optimizer steps of {config.grad_accum} x {config.batch_size} per process")
+    if not config.needs_teacher:
+        accelerator.print("note: lambda_laid = lambda_kl = 0, supervised fine-tuning without the teacher")
     if config.lambda_laid > 0 and config.beta == 0:
         accelerator.print("note: beta = 0, training without L_attn")
 
@@ -191,15 +198,15 @@ def train(config: LAidConfig | str | Path | None = None, /, **overrides) -> dict
                 for name, value in terms.items():
                     sums[name] = sums.get(name, 0.0) + value.detach() / window
                 tokens += int(batch["attention_mask"].sum())
-            if accelerator.num_processes > 1:
+            if accelerator.num_processes > 1 and mixer is not None:
                 for p in mixer.parameters():  # the mixer is not inside DDP: average its gradients here
                     if p.grad is not None:
                         p.grad = accelerator.reduce(p.grad, reduction="mean")
             grad_norm = (accelerator.clip_grad_norm_(student.parameters(), config.max_grad_norm)
                          if config.max_grad_norm > 0 else None)
-            if config.max_grad_norm > 0:
+            if config.max_grad_norm > 0 and mixer is not None:
                 torch.nn.utils.clip_grad_norm_(mixer.parameters(), config.max_grad_norm)
-            for optimizer, scheduler in zip((model_optimizer, mixer_optimizer), schedulers):
+            for optimizer, scheduler in zip(optimizers, schedulers):
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -211,7 +218,7 @@ def train(config: LAidConfig | str | Path | None = None, /, **overrides) -> dict
             tokens = int(accelerator.reduce(torch.tensor(tokens, device=device), reduction="sum"))
             last_metrics = {"step": state.step, "epoch": state.epoch, **reduced,
                             "grad_norm": None if grad_norm is None else float(grad_norm),
-                            "lr": schedulers[0].get_last_lr()[0], "mixer_lr": schedulers[1].get_last_lr()[0],
+                            "lr": schedulers[0].get_last_lr()[0], "mixer_lr": schedulers[-1].get_last_lr()[0] if mixer else None,
                             "progress": state.step / total_steps,
                             "tokens_per_s": tokens / (time.perf_counter() - start),
                             "peak_mem_gb": peak_memory_gb(device)}

@@ -226,8 +226,22 @@ def test_synth_balance_template_and_determinism(tmp_path):
         needle, *distractors = e["objects"]
         assert anchor in needle and (target in needle) == (answer == "yes")
         assert all(anchor not in objs for objs in distractors)
+    shown = [e["pos_image"] + e["neg_image"] for e in entries]
+    assert all(len(set(paths)) == len(paths) for paths in shown)  # no entry shows one file twice
+    assert len({p for paths in shown for p in paths}) < sum(map(len, shown))  # files are shared between entries
+    assert len(list((tmp_path / "a" / "images").iterdir())) == len({p for paths in shown for p in paths})
     with pytest.raises(ValueError, match="min_images"):
         synth_haystacks(tmp_path / "d", n_entries=2, min_images=3, max_images=2)
+
+
+def test_synth_log_uniform_sizes_favour_short_haystacks(tmp_path):
+    entries = load_vhs(synth_haystacks(tmp_path, n_entries=400, min_images=1, max_images=150, log_uniform=True,
+                                       seed=0, variants=1))
+    sizes = [len(e["pos_image"]) + len(e["neg_image"]) for e in entries]
+    assert min(sizes) >= 1 and max(sizes) <= 150
+    # log-uniform: P(N <= 12) = log(13) / log(151) = 0.51; uniform would give 0.08
+    assert 0.4 < sum(n <= 12 for n in sizes) / len(sizes) < 0.62
+    assert any(n > 100 for n in sizes)
 
 
 def _fake_coco(tmp_path, seed=0):

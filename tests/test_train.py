@@ -224,3 +224,25 @@ def test_cli_builds_tiny_models_and_trains_with_overrides(paths, tmp_path, capsy
     assert (saved["max_steps"], saved["lambda_kl"], saved["layer_pairs"]) == (1, 0.5, [[0, 1]])
     assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1]
     assert main(["train", str(config_path), "--no_such_field", "1"]) == 2
+
+
+def test_pure_sft_trains_the_student_alone(paths, tmp_path):
+    """lambda_laid = lambda_kl = 0: no teacher is loaded (a missing folder is fine), no mixer, the export is the
+    student as trained, and the SFT loss falls on a repeated batch."""
+    config = tiny_config(paths, tmp_path, teacher=str(tmp_path / "no_teacher_here"), lambda_laid=0.0,
+                         lambda_kl=0.0, epochs=6, grad_accum=2, lr=3e-3, warmup_ratio=0.0,
+                         gradient_checkpointing=False)
+    summary = laid.train(config)
+    metrics = read_metrics(tmp_path)
+    assert all(set(m) & set(TERMS) == {"sft", "loss"} for m in metrics)
+    assert metrics[-1]["sft"] < metrics[0]["sft"]
+    assert summary["student_layers"] == [] and metrics[0]["mixer_lr"] is None
+    final = tmp_path / "final"
+    assert not (final / "mixer.safetensors").exists()
+    exported = Qwen2_5_VLForConditionalGeneration.from_pretrained(final).state_dict()
+    initial = Qwen2_5_VLForConditionalGeneration.from_pretrained(paths["student"]).state_dict()
+    trained = sorted(load_file(latest_checkpoint(tmp_path) / "model.safetensors").values(), key=lambda t: t.sum())
+    changed = [k for k in exported if not torch.equal(exported[k], initial[k])]
+    assert changed and all(any(torch.equal(exported[k], t) for t in trained) for k in changed)  # no gain folded
+    with pytest.raises(ValueError, match="teacher must be a model folder"):
+        tiny_config(paths, tmp_path / "x", teacher="", lambda_laid=0.0, lambda_kl=0.5)
