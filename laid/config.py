@@ -42,8 +42,10 @@ class LAidConfig:
     max_images: int = 20  # images per prompt; longer haystacks are cut (needles kept)
 
     # --- the objective (shared/laid-spec.md): L = lambda_laid (L_qk + beta L_attn) + lambda_kl L_KL + lambda_sft L_SFT
+    #     (L_qk is multiplied by qk_weight, 1 unless L_qk is ablated)
     layer_pairs: list[list[int]] = field(default_factory=lambda: [[-1, -1]])  # [[student layer, teacher layer], ...]
     lambda_laid: float = 1.0
+    qk_weight: float = 1.0  # weight of L_qk inside the LAid term (1 in the paper; 0 is the "without L_qk" ablation)
     beta: float = 1.0  # weight of L_attn (progressive attention matching)
     alpha: float = 1.0  # distance-weight exponent of L_attn, omega_p(d) = (1 + log2(1 + d)) ** (alpha * p)
     lambda_kl: float = 1.0
@@ -140,7 +142,7 @@ class LAidConfig:
                            for p in self.layer_pairs)):
             raise ValueError(f"layer_pairs must be a non-empty list of [student_layer, teacher_layer] integer pairs, "
                              f"got {self.layer_pairs!r}")
-        for name in ("lambda_laid", "beta", "alpha", "lambda_kl", "lambda_sft", "weight_decay", "warmup_ratio",
+        for name in ("lambda_laid", "qk_weight", "beta", "alpha", "lambda_kl", "lambda_sft", "weight_decay", "warmup_ratio",
                      "min_lr_ratio", "max_grad_norm", "mixer_ridge"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -168,6 +170,8 @@ class LAidConfig:
         if not (self.train_language_model or self.train_vision) and self.lambda_laid == 0:
             raise ValueError("nothing would train: train_language_model and train_vision are both false and "
                              "lambda_laid is 0 (the mixer is unused)")
+        if self.lambda_laid > 0 and self.qk_weight == 0 and self.beta == 0:
+            raise ValueError("lambda_laid > 0 but qk_weight and beta are both 0: the LAid term is empty")
         if self.lambda_laid + self.lambda_kl + self.lambda_sft == 0:
             raise ValueError("lambda_laid, lambda_kl and lambda_sft are all 0: the loss is empty")
         return self

@@ -5,7 +5,8 @@
 :class:`LAidObjective` runs the frozen teacher (no gradient; stopped right after its last aligned layer when
 lambda_kl = 0) and the student with :class:`laid.capture.QKCapture` hooks on the aligned layers, then computes
 
-- L_qk: ``laid_kernels.qk_align_loss`` per aligned pair (mean over pairs);
+- L_qk: ``laid_kernels.qk_align_loss`` per aligned pair (mean over pairs), weighted by ``qk_weight`` (1; 0 ablates
+  it and skips it);
 - L_attn: ``laid_kernels.attn_match_loss`` per pair with progress p = step / total steps (mean over pairs);
 - L_KL: tau^2 KL(teacher || student) at the answer positions, both logit vectors cut to the shared tokenizer
   vocabulary first, so models with different (padded) vocabulary sizes work together;
@@ -144,12 +145,14 @@ class LAidObjective:
                 args = (self.student_capture.queries[pair], self.student_capture.keys[pair],
                         self.teacher_capture.queries[slot], self.teacher_capture.keys[slot],
                         self.mixer.w_q[pair], self.mixer.w_k[pair], positions, inv_freq, self.mrope_section)
-                qk.append(laid_kernels.qk_align_loss(*args, valid=valid, backend=config.kernel_backend))
+                if config.qk_weight > 0:
+                    qk.append(laid_kernels.qk_align_loss(*args, valid=valid, backend=config.kernel_backend))
                 if config.beta > 0:
                     attn.append(laid_kernels.attn_match_loss(*args, query_mask, progress=progress,
                                                              alpha=config.alpha, valid=valid,
                                                              backend=config.kernel_backend))
-            terms["qk"] = torch.stack(qk).mean()
+            if qk:
+                terms["qk"] = torch.stack(qk).mean()
             if attn:
                 terms["attn"] = torch.stack(attn).mean()
         if config.lambda_kl > 0:
@@ -157,7 +160,7 @@ class LAidObjective:
         if config.lambda_sft > 0:
             terms["sft"] = F.cross_entropy(student_logits[select].float(), targets[select])
 
-        laid = terms.get("qk", 0.0) + config.beta * terms.get("attn", 0.0)
+        laid = config.qk_weight * terms.get("qk", 0.0) + config.beta * terms.get("attn", 0.0)
         terms["loss"] = (config.lambda_laid * laid + config.lambda_kl * terms.get("kl", 0.0)
                          + config.lambda_sft * terms.get("sft", 0.0))
         return terms

@@ -246,3 +246,22 @@ def test_pure_sft_trains_the_student_alone(paths, tmp_path):
     assert changed and all(any(torch.equal(exported[k], t) for t in trained) for k in changed)  # no gain folded
     with pytest.raises(ValueError, match="teacher must be a model folder"):
         tiny_config(paths, tmp_path / "x", teacher="", lambda_laid=0.0, lambda_kl=0.5)
+
+
+@pytest.mark.parametrize("overrides, terms", [
+    ({}, {"qk", "attn", "kl", "sft"}),
+    ({"qk_weight": 0.0}, {"attn", "kl", "sft"}),
+    ({"beta": 0.0}, {"qk", "kl", "sft"}),
+    ({"lambda_kl": 0.0}, {"qk", "attn", "sft"}),
+])
+def test_ablations_drop_exactly_their_term(paths, overrides, terms):
+    """The demo's ablations: qk_weight = 0 (without L_qk), beta = 0 (without L_attn), lambda_kl = 0 (without L_KL)."""
+    objective, batch = objective_for(paths, **overrides)
+    out = objective(batch, progress=0.5)
+    assert set(out) - {"loss"} == terms
+    config = objective.config
+    expected = (config.lambda_laid * (config.qk_weight * out.get("qk", 0.0) + config.beta * out.get("attn", 0.0))
+                + config.lambda_kl * out.get("kl", 0.0) + config.lambda_sft * out["sft"])
+    torch.testing.assert_close(out["loss"], torch.as_tensor(expected))
+    with pytest.raises(ValueError, match="the LAid term is empty"):
+        tiny_config(paths, "unused", qk_weight=0.0, beta=0.0)
