@@ -10,6 +10,7 @@ Each top-level command is one ``add_<name>(commands)`` function that adds its su
     laid train configs/tiny_cpu.yaml --epochs 1
     laid eval runs/laid/final --data VHs_large --image-root coco --output runs/eval/laid --name LAid
     laid report runs/eval/baseline runs/eval/laid --baseline baseline --out report
+    laid demo                      (--full for the complete grid; laid demo family --out DIR retrains the family)
 """
 
 from __future__ import annotations
@@ -182,7 +183,49 @@ def add_report(commands) -> None:
     rep.set_defaults(run=_run_report)
 
 
-COMMANDS = (add_data, add_models, add_train, add_eval, add_report)
+def _run_demo(args: argparse.Namespace) -> None:
+    from .demo import FULL, QUICK, grid_with, run_demo
+
+    grid = grid_with(FULL if args.full else QUICK, seeds=tuple(args.seeds) if args.seeds else None, steps=args.steps,
+                     questions=args.questions, sizes=tuple(args.sizes) if args.sizes else None)
+    print(run_demo(args.out, grid=grid, family=args.family), end="")
+    print(Path(args.out) / "report" / "accuracy.png")
+
+
+def _run_demo_family(args: argparse.Namespace) -> None:
+    from .demo import FamilyRecipe, build_family
+
+    recipe = FamilyRecipe(**{k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None})
+    print(build_family(args.out, recipe=recipe, work_dir=args.work_dir))
+
+
+def add_demo(commands) -> None:
+    """``laid demo [--full]``: distil, evaluate and report on the committed tiny family (the README's main job);
+    ``laid demo family --out DIR``: train that family from scratch."""
+    from .demo import FAMILY_DIR
+
+    demo = commands.add_parser("demo", help="the paper's experiment at CPU scale on a tiny Qwen2.5-VL family",
+                               description="Distil SFT, LAid and ablation students from the committed tiny family, "
+                                           "evaluate them with laid eval at every haystack size and print the "
+                                           "report. 'laid demo family --out DIR' retrains the family from scratch.")
+    demo.add_argument("--out", default="runs/demo", help="output folder (a rerun resumes from what is there)")
+    demo.add_argument("--full", action="store_true", help="the complete grid: 3 seeds, 100 questions per size")
+    demo.add_argument("--family", default=str(FAMILY_DIR), help="folder with processor/, teacher/, student/")
+    demo.add_argument("--seeds", type=int, nargs="+", help="training seeds of the students")
+    demo.add_argument("--steps", type=int, help="optimizer steps per student")
+    demo.add_argument("--questions", type=int, help="test questions per haystack size")
+    demo.add_argument("--sizes", type=int, nargs="+", help="haystack sizes to evaluate")
+    demo.set_defaults(run=_run_demo)
+    steps = demo.add_subparsers(dest="demo_command")
+    family = steps.add_parser("family", help="train the demo's teacher and base student from scratch")
+    family.add_argument("--out", required=True, help="family folder to write (processor/, teacher/, student/, logs/)")
+    family.add_argument("--work-dir", help="intermediate files (default: OUT/../family_work)")
+    family.add_argument("--steps", type=int, help="optimizer steps per model")
+    family.add_argument("--seed", type=int, help="teacher seed (the student uses seed + 1) and data seed")
+    family.set_defaults(run=_run_demo_family)
+
+
+COMMANDS = (add_data, add_models, add_train, add_eval, add_report, add_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,224 @@
+"""``laid demo``: the paper's experiment at CPU scale, end to end, on a tiny Qwen2.5-VL family trained by laid.
+
+The family (``laid/demo_family``, committed): a teacher (4 layers, 8 heads, 4 kv heads, hidden 128) and a smaller base
+student (2 layers, 4 heads, 2 kv heads, hidden 64), same head_dim (16), tokenizer and image processor, both trained
+from random weights by ``laid.train`` (pure SFT, vision tower included) with the same recipe and data: synthetic
+haystacks of 1 to 150 images (``build_family`` reproduces them; their training logs are in ``demo_family/logs``).
+
+The demo (``run_demo``), every number from the project's own code:
+
+1. data: a training split of 2 to 20 images and test splits at ``SIZES`` (1 to 150 images) from ``laid data synth``,
+   drawn from different seeds into different folders (no image file is shared);
+2. distill: from the base student, with the same steps and data, one student per ``VARIANTS`` entry (SFT, LAid, and
+   LAid without L_attn, L_qk or L_KL) and per training seed;
+3. eval: ``laid eval`` of the teacher, the base student and every trained student at every size;
+4. report: ``laid report`` (runs of one variant over seeds are grouped: mean and std over seeds) and the plot.
+
+Everything lands in ``out_dir``; a stage whose output exists is not redone, so an interrupted demo resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .config import LAidConfig
+from .data import synth_benchmark, synth_haystacks
+from .evaluate import SIZES, evaluate
+from .report import report
+from .tiny import save_tiny_model, save_tiny_processor, tiny_qwen25vl_config
+from .trainer import train
+
+FAMILY_DIR = Path(__file__).with_name("demo_family")
+
+# The family's shapes: the student is the smaller sibling (fewer layers, heads, kv heads and a narrower residual
+# stream, a smaller padded vocabulary) with the same head_dim, tokenizer and vision tower shape.
+TEACHER_SHAPE = dict(layers=4, hidden=128, heads=8, kv_heads=4, head_dim=16, vocab_size=512, vision_hidden=64,
+                     vision_heads=2)
+STUDENT_SHAPE = dict(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, vocab_size=448, vision_hidden=64,
+                     vision_heads=2)
+
+# The trained students: LAidConfig overrides on top of ``distill_config``'s full LAid recipe.
+VARIANTS = {
+    "SFT": dict(lambda_laid=0.0, lambda_kl=0.0),
+    "LAid": {},
+    "LAid w/o L_attn": dict(beta=0.0),
+    "LAid w/o L_qk": dict(qk_weight=0.0),
+    "LAid w/o L_KL": dict(lambda_kl=0.0),
+}
+BASELINE = "Base student"
+
+
+@dataclass(frozen=True)
+class DemoGrid:
+    """How much the demo does: training seeds, steps and data of each student, questions per test size."""
+
+    seeds: tuple[int, ...] = (0,)
+    steps: int = 150  # optimizer steps per student (batch_size examples each)
+    batch_size: int = 4
+    train_entries: int = 600  # training haystacks (2 to 20 images)
+    questions: int = 20  # test questions per haystack size
+    sizes: tuple[int, ...] = SIZES
+
+
+QUICK = DemoGrid()
+FULL = DemoGrid(seeds=(0, 1, 2), steps=300, train_entries=1200, questions=100)
+
+
+def _slug(name: str) -> str:
+    return name.lower().replace(" ", "_").replace("/", "").replace("__", "_")
+
+
+def family_paths(family: str | Path) -> dict[str, Path]:
+    """The processor, teacher and base student folders of a family; FileNotFoundError names a missing one."""
+    family = Path(family)
+    paths = {name: family / name for name in ("processor", "teacher", "student")}
+    for name, path in paths.items():
+        if not path.is_dir():
+            raise FileNotFoundError(f"family {str(family)!r} has no {name} folder ({str(path)!r}); build one with "
+                                    f"`laid demo family --out DIR`")
+    return paths
+
+
+def distill_config(family: dict[str, Path], data: Path, output_dir: Path, grid: DemoGrid, seed: int,
+                   **overrides) -> LAidConfig:
+    """The demo's LAid recipe for one student (CPU, fp32, last layers aligned, all four terms), plus overrides."""
+    fields = dict(teacher=str(family["teacher"]), student=str(family["student"]), processor=str(family["processor"]),
+                  data=str(data), image_root=str(data.parent), max_images=20, layer_pairs=[[-1, -1]],
+                  lambda_laid=1.0, beta=1.0, alpha=1.0, lambda_kl=1.0, tau=1.0, lambda_sft=1.0, mixer_init="lstsq",
+                  lr=3e-4, mixer_lr=1e-3, epochs=1, max_steps=grid.steps, batch_size=grid.batch_size, grad_accum=1,
+                  warmup_ratio=0.1, precision="fp32", attn_implementation="sdpa", gradient_checkpointing=False,
+                  save_every=10**9, keep_checkpoints=1, seed=seed, output_dir=str(output_dir))
+    return LAidConfig().with_overrides(**{**fields, **overrides})
+
+
+def _train_entries_for(grid: DemoGrid) -> int:
+    # one epoch must hold the steps: steps * batch_size examples at least
+    return max(grid.train_entries, grid.steps * grid.batch_size)
+
+
+def _stage(name: str, items: list, timings: dict):
+    """Iterate ``items`` under a progress bar named ``name``, adding the stage's seconds to ``timings``."""
+    start = time.perf_counter()
+    yield from tqdm(items, desc=name, unit="job")
+    timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - start, 1)
+
+
+def run_demo(out_dir: str | Path = "runs/demo", *, grid: DemoGrid = QUICK, family: str | Path = FAMILY_DIR) -> str:
+    """Distil, evaluate and report; returns the markdown table (also in ``out_dir/report/report.md``).
+
+    ``out_dir/timings.json`` holds the seconds of each stage and ``out_dir/grid.json`` the grid that ran.
+    """
+    out = Path(out_dir)
+    paths = family_paths(family)
+    out.mkdir(parents=True, exist_ok=True)
+    grid_file = out / "grid.json"
+    if grid_file.is_file() and json.loads(grid_file.read_text()) != json.loads(json.dumps(asdict(grid))):
+        raise ValueError(f"out_dir {str(out)!r} holds a demo with another grid ({grid_file}); use another out_dir")
+    grid_file.write_text(json.dumps(asdict(grid), indent=1))
+    timings: dict[str, float] = {}
+
+    train_json = out / "data" / "train" / "visual_haystack_synth.json"
+    test_dir = out / "data" / "test"
+    for job in _stage("data", ["train", "test"], timings):
+        if job == "train" and not train_json.is_file():
+            synth_haystacks(train_json.parent, n_entries=_train_entries_for(grid), min_images=2, max_images=20,
+                            seed=101)
+        if job == "test" and not (test_dir / "done").is_file():
+            synth_benchmark(test_dir, sizes=grid.sizes, n_entries=grid.questions, seed=202)
+            (test_dir / "done").write_text("")
+
+    students = [(name, seed) for seed in grid.seeds for name in VARIANTS]
+    for name, seed in _stage("distill", students, timings):
+        run_dir = out / "students" / _slug(name) / f"seed{seed}"
+        if not (run_dir / "final" / "summary.json").is_file():
+            shutil.rmtree(run_dir, ignore_errors=True)
+            train(distill_config(paths, train_json, run_dir, grid, seed, **VARIANTS[name]))
+
+    models = [("Teacher", paths["teacher"], 0), (BASELINE, paths["student"], 0)]
+    models += [(name, out / "students" / _slug(name) / f"seed{seed}" / "final", seed) for name, seed in students]
+    eval_dirs = []
+    for name, model, seed in _stage("eval", models, timings):
+        eval_dir = out / "eval" / _slug(name) / f"seed{seed}"
+        if not (eval_dir / "summary.json").is_file():
+            evaluate(model, test_dir, sizes=grid.sizes, output_dir=eval_dir, processor=paths["processor"], name=name,
+                     limit=grid.questions, max_new_tokens=8, device="cpu", attn_implementation="sdpa")
+        eval_dirs.append(eval_dir)
+
+    for _ in _stage("report", [out / "report"], timings):
+        table = report(eval_dirs, baseline=BASELINE, out_dir=out / "report")
+    (out / "timings.json").write_text(json.dumps(timings, indent=1))
+    return table
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reproducing the family from scratch.
+
+@dataclass(frozen=True)
+class FamilyRecipe:
+    """How ``build_family`` trains both models: the same SFT recipe and data for the teacher and the student."""
+
+    steps: int = 500  # optimizer steps of batch_size * grad_accum haystacks
+    batch_size: int = 1
+    grad_accum: int = 8
+    entries: int = 4000  # training haystacks, 1 to 150 images, log-uniform sizes
+    lr: float = 1e-3
+    seed: int = 0
+
+
+def family_config(init: Path, processor: Path, data: Path, output_dir: Path, recipe: FamilyRecipe) -> LAidConfig:
+    """Pure SFT from random weights (no teacher), vision tower included, on haystacks of up to 150 images."""
+    return LAidConfig().with_overrides(
+        student=str(init), processor=str(processor), data=str(data), image_root=str(data.parent), max_images=150,
+        lambda_laid=0.0, lambda_kl=0.0, lambda_sft=1.0, train_vision=True, lr=recipe.lr, weight_decay=0.0,
+        epochs=1, max_steps=recipe.steps, batch_size=recipe.batch_size, grad_accum=recipe.grad_accum, warmup_ratio=0.05,
+        precision="fp32", attn_implementation="sdpa", gradient_checkpointing=False, save_every=500,
+        keep_checkpoints=1, seed=recipe.seed, output_dir=str(output_dir))
+
+
+def build_family(out_dir: str | Path, *, recipe: FamilyRecipe = FamilyRecipe(), work_dir: str | Path | None = None,
+                 roles: tuple[str, ...] = ("teacher", "student")) -> Path:
+    """Train the demo family from scratch into ``out_dir/{processor,teacher,student,logs}``; returns ``out_dir``.
+
+    Random weights (``tiny_qwen25vl_config`` of ``TEACHER_SHAPE`` / ``STUDENT_SHAPE``, seeds ``recipe.seed`` and
+    ``recipe.seed + 1``), then ``laid.train`` with ``family_config`` on ``recipe.entries`` synthetic haystacks. The
+    exported weights (safetensors), the run's ``config.yaml`` and ``metrics.jsonl`` are copied to ``out_dir``.
+    Intermediate files go to ``work_dir`` (default ``out_dir/../family_work``). ``roles`` trains a subset (the two
+    can run as separate processes).
+    """
+    out = Path(out_dir)
+    work = Path(work_dir) if work_dir is not None else out.parent / "family_work"
+    processor = out / "processor"
+    if not processor.is_dir():
+        save_tiny_processor(processor)
+    data = work / "data" / "visual_haystack_synth.json"
+    if not data.is_file():
+        n_entries = max(recipe.entries, recipe.steps * recipe.batch_size * recipe.grad_accum)
+        synth_haystacks(data.parent, n_entries=n_entries, min_images=1,
+                        max_images=150, log_uniform=True, seed=recipe.seed + 303)
+    shapes = {"teacher": (TEACHER_SHAPE, recipe.seed), "student": (STUDENT_SHAPE, recipe.seed + 1)}
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    for role in roles:
+        shape, seed = shapes[role]
+        init = work / f"{role}_init"
+        save_tiny_model(init, tiny_qwen25vl_config(**shape), seed=seed)
+        run_dir = work / role
+        train(family_config(init, processor, data, run_dir, recipe))
+        shutil.rmtree(out / role, ignore_errors=True)
+        shutil.copytree(run_dir / "final", out / role,
+                        ignore=shutil.ignore_patterns("*token*", "*processor*", "chat_template*", "vocab*", "merges*",
+                                                      "summary.json"))
+        for name in ("metrics.jsonl", "config.yaml"):
+            shutil.copy(run_dir / name, out / "logs" / f"{role}_{name}")
+    (out / "logs" / "recipe.json").write_text(json.dumps(asdict(recipe), indent=1))
+    return out
+
+
+def grid_with(grid: DemoGrid, **changes) -> DemoGrid:
+    """``grid`` with the non-None ``changes`` applied (the command line's overrides)."""
+    return replace(grid, **{k: v for k, v in changes.items() if v is not None})

@@ -1,0 +1,73 @@
+"""A miniature of `laid demo` (a handful of steps and questions), so that the README's main job cannot rot.
+
+The family is retrained from scratch in miniature by ``build_family`` (the same code that made the committed one),
+then the demo distils every variant, evaluates every model and reports, exactly as the full run does.
+"""
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from laid.cli import main
+from laid.demo import BASELINE, FAMILY_DIR, VARIANTS, DemoGrid, FamilyRecipe, build_family, family_paths, run_demo
+
+MINI = DemoGrid(seeds=(0,), steps=2, batch_size=2, train_entries=8, questions=2, sizes=(1, 5))
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    root = tmp_path_factory.mktemp("family")
+    recipe = FamilyRecipe(steps=2, batch_size=1, grad_accum=2, entries=8)
+    return build_family(root / "family", recipe=recipe, work_dir=root / "work")
+
+
+def test_build_family_trains_both_models_from_scratch(family):
+    paths = family_paths(family)
+    for role in ("teacher", "student"):
+        trained = load_file(paths[role] / "model.safetensors")
+        initial = load_file(family.parent / "work" / f"{role}_init" / "model.safetensors")
+        assert trained.keys() == initial.keys()
+        changed = [k for k in trained if not (trained[k] == initial[k]).all()]
+        assert any(k.startswith("visual.") for k in changed)  # the vision tower trains too
+        assert any(k.startswith("model.layers.") for k in changed)
+        metrics = [json.loads(line) for line in (family / "logs" / f"{role}_metrics.jsonl").read_text().splitlines()]
+        assert [m["step"] for m in metrics] == [1, 2] and set(metrics[0]) >= {"sft", "loss"}
+    assert json.loads((family / "logs" / "recipe.json").read_text())["steps"] == 2
+
+
+def test_miniature_demo_distils_evaluates_and_reports(family, tmp_path, capsys):
+    table = run_demo(tmp_path / "demo", grid=MINI, family=family)
+    rows = table.strip().split("\n")[2:]
+    names = [row.strip("|").split("|")[0].strip() for row in rows]
+    assert names == ["Teacher", BASELINE, *VARIANTS]
+    assert (tmp_path / "demo" / "report" / "accuracy.png").is_file()
+    timings = json.loads((tmp_path / "demo" / "timings.json").read_text())
+    assert set(timings) == {"data", "distill", "eval", "report"}
+    for name in VARIANTS:
+        student = tmp_path / "demo" / "students" / name.lower().replace(" ", "_").replace("/", "") / "seed0"
+        summary = json.loads((student / "final" / "summary.json").read_text())
+        assert summary["steps"] == MINI.steps
+    # Evaluated through laid eval: one answer file per question and size.
+    answers = sorted((tmp_path / "demo" / "eval" / "laid" / "seed0").glob("*_images/*.json"))
+    assert len(answers) == len(MINI.sizes) * MINI.questions
+
+    # A rerun finds everything done and only reports again; another grid in the same folder is refused.
+    before = (tmp_path / "demo" / "students" / "sft" / "seed0" / "final" / "model.safetensors").stat().st_mtime_ns
+    assert run_demo(tmp_path / "demo", grid=MINI, family=family) == table
+    after = (tmp_path / "demo" / "students" / "sft" / "seed0" / "final" / "model.safetensors").stat().st_mtime_ns
+    assert before == after
+    with pytest.raises(ValueError, match="holds a demo with another grid"):
+        run_demo(tmp_path / "demo", grid=DemoGrid(seeds=(0,), steps=3, questions=2, sizes=(1, 5)), family=family)
+
+
+def test_demo_cli_errors_name_the_missing_family(tmp_path, capsys):
+    assert main(["demo", "--family", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")]) == 2
+    assert "has no processor folder" in capsys.readouterr().err
+
+
+def test_the_committed_family_is_complete():
+    paths = family_paths(FAMILY_DIR)
+    for role in ("teacher", "student"):
+        assert (paths[role] / "model.safetensors").is_file() and (paths[role] / "config.json").is_file()
+        assert (FAMILY_DIR / "logs" / f"{role}_metrics.jsonl").is_file()
