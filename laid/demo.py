@@ -67,7 +67,7 @@ class DemoGrid:
 
 
 QUICK = DemoGrid()
-FULL = DemoGrid(seeds=(0, 1, 2), steps=300, train_entries=1200, questions=100)
+FULL = DemoGrid(seeds=(0, 1, 2), questions=30)
 
 
 def _slug(name: str) -> str:
