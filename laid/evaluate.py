@@ -12,8 +12,8 @@ Data layout (the official dataset folder, e.g. ``single_needle/VHs_large``)::
     DATA/visual_haystack_oracle.json    size 1
     DATA/visual_haystack_{N}.json       size N (2, 3, 5, 10, 20, 50, 100, 500, ...)
 
-Size 150 has no file: it is cut from ``visual_haystack_500.json`` as the needle + the first 149 negatives of each
-entry, in file order (``CUT_FROM``). Image paths are relative to ``image_root`` (the COCO root; default ``DATA``).
+Size 150 has no official file: it is cut from ``visual_haystack_500.json`` as the needle + the first 149 negatives of
+each entry, in file order (``CUT_FROM``), unless the folder has a ``visual_haystack_150.json`` (a synthetic benchmark). Image paths are relative to ``image_root`` (the COCO root; default ``DATA``).
 
 Output (``output_dir``), readable by the official scorer::
 
@@ -43,10 +43,13 @@ METHODS = ("baseline", "yarn", "selfextend")
 
 
 def haystack_file(data: str | Path, size: int) -> Path:
-    """The official JSON file that holds (or, for ``CUT_FROM`` sizes, is cut to) haystacks of ``size`` images."""
+    """The JSON file that holds haystacks of ``size`` images: ``vhs_json_name(size)`` when the folder has it (every
+    official size, and any size ``laid data synth --sizes`` wrote), else for ``CUT_FROM`` sizes the file they are cut
+    from."""
     if size < 1:
         raise ValueError(f"sizes must be >= 1, got {size}")
-    return Path(data) / vhs_json_name(CUT_FROM.get(size, size))
+    exact = Path(data) / vhs_json_name(size)
+    return exact if exact.is_file() or size not in CUT_FROM else Path(data) / vhs_json_name(CUT_FROM[size])
 
 
 def haystack_entries(data: str | Path, size: int) -> list[dict]:
@@ -60,7 +63,7 @@ def haystack_entries(data: str | Path, size: int) -> list[dict]:
     entries = load_vhs(path)
     for index, entry in enumerate(entries):
         count = len(entry["pos_image"]) + len(entry["neg_image"])
-        if count < size or (count != size and size not in CUT_FROM):
+        if count < size or (count != size and path.name == vhs_json_name(size)):  # a cut-from file may hold more
             raise ValueError(f"{path}: entry {index} has {count} images, size {size} expects {size}")
     return entries
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from laid.cli import main
 from laid.demo import BASELINE, FAMILY_DIR, VARIANTS, DemoGrid, FamilyRecipe, build_family, family_paths, run_demo
 
-MINI = DemoGrid(seeds=(0,), steps=2, batch_size=2, train_entries=8, questions=2, sizes=(1, 5))
+MINI = DemoGrid(seeds=(0,), steps=2, batch_size=2, train_entries=8, questions=2, sizes=(1, 150))
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_miniature_demo_distils_evaluates_and_reports(family, tmp_path, capsys):
     after = (tmp_path / "demo" / "students" / "sft" / "seed0" / "final" / "model.safetensors").stat().st_mtime_ns
     assert before == after
     with pytest.raises(ValueError, match="holds a demo with another grid"):
-        run_demo(tmp_path / "demo", grid=DemoGrid(seeds=(0,), steps=3, questions=2, sizes=(1, 5)), family=family)
+        run_demo(tmp_path / "demo", grid=DemoGrid(seeds=(0,), steps=3, questions=2, sizes=(1, 150)), family=family)
 
 
 def test_demo_cli_errors_name_the_missing_family(tmp_path, capsys):
