@@ -209,7 +209,7 @@ def add_demo(commands) -> None:
                                            "evaluate them with laid eval at every haystack size and print the "
                                            "report. 'laid demo family --out DIR' retrains the family from scratch.")
     demo.add_argument("--out", default="runs/demo", help="output folder (a rerun resumes from what is there)")
-    demo.add_argument("--full", action="store_true", help="the complete grid: 3 training seeds, 30 questions per size")
+    demo.add_argument("--full", action="store_true", help="the complete grid: 3 training seeds, 50 questions per size")
     demo.add_argument("--family", default=str(FAMILY_DIR), help="folder with processor/, teacher/, student/")
     demo.add_argument("--seeds", type=int, nargs="+", help="training seeds of the students")
     demo.add_argument("--steps", type=int, help="optimizer steps per student")

@@ -67,7 +67,7 @@ class DemoGrid:
 
 
 QUICK = DemoGrid()
-FULL = DemoGrid(seeds=(0, 1, 2), questions=30)
+FULL = DemoGrid(seeds=(0, 1, 2), questions=50)
 
 
 def _slug(name: str) -> str:
