@@ -93,13 +93,14 @@ def export(accelerator: Accelerator, student, processor, mixer: HeadMixer | None
     """Write the distilled student as a plain Qwen2.5-VL checkpoint (gain folded), the mixer and a summary; a run
     without a mixer (pure SFT) writes the student as it is.
 
-    ``student_layers[p]`` is the student layer of pair p (its q_proj receives gain(p)). The state dict is gathered
-    with ``accelerator.get_state_dict`` (full weights under FSDP); only the main process writes.
+    ``student_layers[p]`` is the student layer of pair p (its q_proj receives gain(p)); empty when mixer is None.
+    The state dict is gathered with ``accelerator.get_state_dict`` (full weights under FSDP); only the main process
+    writes.
     """
     out = Path(out_dir)
     state_dict = accelerator.get_state_dict(student)
     if accelerator.is_main_process:
-        for pair, layer in enumerate(student_layers if mixer is not None else []):
+        for pair, layer in enumerate(student_layers):  # empty without a mixer
             prefix = f"model.language_model.layers.{layer}.self_attn.q_proj."
             weight, bias = fold_gain(state_dict[prefix + "weight"], state_dict.get(prefix + "bias"),
                                      mixer.gain_channels(pair))

@@ -184,18 +184,18 @@ def add_report(commands) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> None:
-    from .demo import FULL, QUICK, grid_with, run_demo
+    from .demo import FULL, QUICK, overridden, run_demo
 
-    grid = grid_with(FULL if args.full else QUICK, seeds=tuple(args.seeds) if args.seeds else None, steps=args.steps,
+    grid = overridden(FULL if args.full else QUICK, seeds=tuple(args.seeds) if args.seeds else None, steps=args.steps,
                      questions=args.questions, sizes=tuple(args.sizes) if args.sizes else None)
     print(run_demo(args.out, grid=grid, family=args.family), end="")
     print(Path(args.out) / "report" / "accuracy.png")
 
 
 def _run_demo_family(args: argparse.Namespace) -> None:
-    from .demo import FamilyRecipe, build_family
+    from .demo import FamilyRecipe, build_family, overridden
 
-    recipe = FamilyRecipe(**{k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None})
+    recipe = overridden(FamilyRecipe(), steps=args.steps, seed=args.seed)
     print(build_family(args.out, recipe=recipe, work_dir=args.work_dir))
 
 

@@ -142,8 +142,8 @@ class LAidConfig:
                            for p in self.layer_pairs)):
             raise ValueError(f"layer_pairs must be a non-empty list of [student_layer, teacher_layer] integer pairs, "
                              f"got {self.layer_pairs!r}")
-        for name in ("lambda_laid", "qk_weight", "beta", "alpha", "lambda_kl", "lambda_sft", "weight_decay", "warmup_ratio",
-                     "min_lr_ratio", "max_grad_norm", "mixer_ridge"):
+        for name in ("lambda_laid", "qk_weight", "beta", "alpha", "lambda_kl", "lambda_sft", "weight_decay",
+                     "warmup_ratio", "min_lr_ratio", "max_grad_norm", "mixer_ridge"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("tau", "lr", "mixer_lr"):

@@ -296,7 +296,7 @@ class _ImagePool:
         else:
             stem = "-".join(o.replace(" ", "_") for o in content)
             path = f"images/{stem}_{len(paths)}.png"
-            _draw_objects(list(content), self.image_size, self.rng).save(self.out / path)
+            _draw_objects(content, self.image_size, self.rng).save(self.out / path)
             paths.append(path)
         used.add(path)
         return path
@@ -320,13 +320,13 @@ def synth_haystacks(
     and a target object, asks "For the image with a {anchor}, is there a {target}?", and has one needle image holding
     the anchor and (answer "yes") the target or (answer "no") another object, plus N - 1 distractors of one or two
     objects that never include the anchor. N is uniform in ``[min_images, max_images]`` (``log_uniform``: log N is
-    uniform, so short haystacks are as common as long ones per octave, the cheap curriculum for training); exactly ``n_entries // 2``
-    entries say "yes" (the odd one out says "no"), in random order; the needle's position is uniform once
-    ``VHsDataset`` shuffles. Images are shared between entries like COCO photos: each content (the objects of an
-    image, left to right) has up to ``variants`` renderings, and no entry shows one file twice. Image paths in the
-    JSON are relative to ``out_dir`` (the image root). Besides the official keys each entry has ``objects``: the
-    objects drawn in each image of ``pos_image + neg_image``, in that order (``load_vhs`` ignores it). Same
-    arguments, same files. Returns the JSON path.
+    uniform, so short haystacks are as common as long ones per octave, the cheap curriculum for training); exactly
+    ``n_entries // 2`` entries say "yes" (the odd one out says "no"), in random order; the needle's position is
+    uniform once ``VHsDataset`` shuffles. Images are shared between entries like COCO photos: each content (the
+    objects of an image, left to right) has up to ``variants`` renderings, and no entry shows one file twice. Image
+    paths in the JSON are relative to ``out_dir`` (the image root). Besides the official keys each entry has
+    ``objects``: the objects drawn in each image of ``pos_image + neg_image``, in that order (``load_vhs`` ignores
+    it). Same arguments, same files. Returns the JSON path.
     """
     if n_entries < 1:
         raise ValueError(f"n_entries must be >= 1, got {n_entries}")

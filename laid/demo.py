@@ -70,8 +70,9 @@ QUICK = DemoGrid()
 FULL = DemoGrid(seeds=(0, 1, 2), questions=50)
 
 
-def _slug(name: str) -> str:
-    return name.lower().replace(" ", "_").replace("/", "").replace("__", "_")
+def folder_name(name: str) -> str:
+    """The folder of a method's runs under ``students/`` and ``eval/``: "LAid w/o L_qk" -> "laid_wo_l_qk"."""
+    return name.lower().replace(" ", "_").replace("/", "")
 
 
 def family_paths(family: str | Path) -> dict[str, Path]:
@@ -135,16 +136,17 @@ def run_demo(out_dir: str | Path = "runs/demo", *, grid: DemoGrid = QUICK, famil
 
     students = [(name, seed) for seed in grid.seeds for name in VARIANTS]
     for name, seed in _stage("distill", students, timings):
-        run_dir = out / "students" / _slug(name) / f"seed{seed}"
+        run_dir = out / "students" / folder_name(name) / f"seed{seed}"
         if not (run_dir / "final" / "summary.json").is_file():
             shutil.rmtree(run_dir, ignore_errors=True)
             train(distill_config(paths, train_json, run_dir, grid, seed, **VARIANTS[name]))
 
     models = [("Teacher", paths["teacher"], 0), (BASELINE, paths["student"], 0)]
-    models += [(name, out / "students" / _slug(name) / f"seed{seed}" / "final", seed) for name, seed in students]
+    models += [(name, out / "students" / folder_name(name) / f"seed{seed}" / "final", seed)
+               for name, seed in students]
     eval_dirs = []
     for name, model, seed in _stage("eval", models, timings):
-        eval_dir = out / "eval" / _slug(name) / f"seed{seed}"
+        eval_dir = out / "eval" / folder_name(name) / f"seed{seed}"
         if not (eval_dir / "summary.json").is_file():
             evaluate(model, test_dir, sizes=grid.sizes, output_dir=eval_dir, processor=paths["processor"], name=name,
                      limit=grid.questions, max_new_tokens=8, device="cpu", attn_implementation="sdpa")
@@ -176,8 +178,8 @@ def family_config(init: Path, processor: Path, data: Path, output_dir: Path, rec
     return LAidConfig().with_overrides(
         student=str(init), processor=str(processor), data=str(data), image_root=str(data.parent), max_images=150,
         lambda_laid=0.0, lambda_kl=0.0, lambda_sft=1.0, train_vision=True, lr=recipe.lr, weight_decay=0.0,
-        epochs=1, max_steps=recipe.steps, batch_size=recipe.batch_size, grad_accum=recipe.grad_accum, warmup_ratio=0.05,
-        precision="fp32", attn_implementation="sdpa", gradient_checkpointing=False, save_every=500,
+        epochs=1, max_steps=recipe.steps, batch_size=recipe.batch_size, grad_accum=recipe.grad_accum,
+        warmup_ratio=0.05, precision="fp32", attn_implementation="sdpa", gradient_checkpointing=False, save_every=500,
         keep_checkpoints=1, seed=recipe.seed, output_dir=str(output_dir))
 
 
@@ -219,6 +221,6 @@ def build_family(out_dir: str | Path, *, recipe: FamilyRecipe = FamilyRecipe(), 
     return out
 
 
-def grid_with(grid: DemoGrid, **changes) -> DemoGrid:
-    """``grid`` with the non-None ``changes`` applied (the command line's overrides)."""
-    return replace(grid, **{k: v for k, v in changes.items() if v is not None})
+def overridden(settings, **changes):
+    """A ``DemoGrid`` or ``FamilyRecipe`` with the non-None ``changes`` applied (the command line's overrides)."""
+    return replace(settings, **{k: v for k, v in changes.items() if v is not None})

@@ -13,7 +13,8 @@ Data layout (the official dataset folder, e.g. ``single_needle/VHs_large``)::
     DATA/visual_haystack_{N}.json       size N (2, 3, 5, 10, 20, 50, 100, 500, ...)
 
 Size 150 has no official file: it is cut from ``visual_haystack_500.json`` as the needle + the first 149 negatives of
-each entry, in file order (``CUT_FROM``), unless the folder has a ``visual_haystack_150.json`` (a synthetic benchmark). Image paths are relative to ``image_root`` (the COCO root; default ``DATA``).
+each entry, in file order (``CUT_FROM``), unless the folder has a ``visual_haystack_150.json`` (a synthetic
+benchmark). Image paths are relative to ``image_root`` (the COCO root; default ``DATA``).
 
 Output (``output_dir``), readable by the official scorer::
 

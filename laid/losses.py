@@ -79,16 +79,16 @@ class LAidObjective:
             check_compatible(teacher, student, vocab)
         self.teacher, self.student, self.mixer, self.config, self.vocab = teacher, student, mixer, config, vocab
         s_layers = len(decoder_layers(student))
-        self.pairs = [(resolve_layer(s, s_layers, "layer_pairs (student)"),
-                       resolve_layer(t, len(decoder_layers(teacher)), "layer_pairs (teacher)"))
-                      for s, t in config.layer_pairs] if config.lambda_laid > 0 else []
-        if mixer is not None and mixer.w_q.shape[0] != len(self.pairs):
-            raise ValueError(f"mixer has {mixer.w_q.shape[0]} pairs, layer_pairs has {len(self.pairs)}")
+        pairs = [(resolve_layer(s, s_layers, "layer_pairs (student)"),
+                  resolve_layer(t, len(decoder_layers(teacher)), "layer_pairs (teacher)"))
+                 for s, t in config.layer_pairs] if config.lambda_laid > 0 else []
+        if mixer is not None and mixer.w_q.shape[0] != len(pairs):
+            raise ValueError(f"mixer has {mixer.w_q.shape[0]} pairs, layer_pairs has {len(pairs)}")
         # Q/K are captured only for L_qk / L_attn; without them (the SFT baselines) the student trains as the plain
         # model, without the RoPE gain.
-        student_layers = [s for s, _ in self.pairs]
-        teacher_layers = sorted({t for _, t in self.pairs})
-        self.teacher_slot = [teacher_layers.index(t) for _, t in self.pairs]
+        student_layers = [s for s, _ in pairs]
+        teacher_layers = sorted({t for _, t in pairs})
+        self.teacher_slot = [teacher_layers.index(t) for _, t in pairs]
         self.student_capture = QKCapture(student, student_layers, gain=mixer.gain_channels if mixer else None)
         self.teacher_capture = QKCapture(teacher, teacher_layers) if teacher is not None else None
         # A model whose logits are not needed stops after its last aligned layer.

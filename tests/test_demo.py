@@ -10,7 +10,8 @@ import pytest
 from safetensors.torch import load_file
 
 from laid.cli import main
-from laid.demo import BASELINE, FAMILY_DIR, VARIANTS, DemoGrid, FamilyRecipe, build_family, family_paths, run_demo
+from laid.demo import (BASELINE, FAMILY_DIR, VARIANTS, DemoGrid, FamilyRecipe, build_family, family_paths,
+                       folder_name, run_demo)
 
 MINI = DemoGrid(seeds=(0,), steps=2, batch_size=2, train_entries=8, questions=2, sizes=(1, 150))
 
@@ -45,7 +46,7 @@ def test_miniature_demo_distils_evaluates_and_reports(family, tmp_path, capsys):
     timings = json.loads((tmp_path / "demo" / "timings.json").read_text())
     assert set(timings) == {"data", "distill", "eval", "report"}
     for name in VARIANTS:
-        student = tmp_path / "demo" / "students" / name.lower().replace(" ", "_").replace("/", "") / "seed0"
+        student = tmp_path / "demo" / "students" / folder_name(name) / "seed0"
         summary = json.loads((student / "final" / "summary.json").read_text())
         assert summary["steps"] == MINI.steps
     # Evaluated through laid eval: one answer file per question and size.
