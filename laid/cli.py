@@ -195,7 +195,8 @@ def _run_demo(args: argparse.Namespace) -> None:
 def _run_demo_family(args: argparse.Namespace) -> None:
     from .demo import FamilyRecipe, build_family, overridden
 
-    recipe = overridden(FamilyRecipe(), steps=args.steps, seed=args.seed)
+    recipe = overridden(FamilyRecipe(), align_steps=args.align_steps, short_steps=args.short_steps,
+                        long_steps=args.long_steps, seed=args.seed)
     print(build_family(args.out, recipe=recipe, work_dir=args.work_dir))
 
 
@@ -220,7 +221,8 @@ def add_demo(commands) -> None:
     family = steps.add_parser("family", help="train the demo's teacher and base student from scratch")
     family.add_argument("--out", required=True, help="family folder to write (processor/, teacher/, student/, logs/)")
     family.add_argument("--work-dir", help="intermediate files (default: OUT/../family_work)")
-    family.add_argument("--steps", type=int, help="optimizer steps per model")
+    for stage in ("align", "short", "long"):
+        family.add_argument(f"--{stage}-steps", type=int, help=f"optimizer steps of the {stage} stage (each model)")
     family.add_argument("--seed", type=int, help="teacher seed (the student uses seed + 1) and data seed")
     family.set_defaults(run=_run_demo_family)
 

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from .data import TASKS
+
 PRECISIONS = ("auto", "bf16", "fp32")
 ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
 MIXER_INITS = ("lstsq", "uniform", "nearest")
@@ -40,6 +42,7 @@ class LAidConfig:
     min_pixels: int | None = None  # per-image pixel bounds; None keeps the processor's own (the VHs protocol)
     max_pixels: int | None = None
     max_images: int = 20  # images per prompt; longer haystacks are cut (needles kept)
+    task: str = "vhs"  # "vhs": yes/no answers after the official prompt; "free": any answer text (e.g. captions)
 
     # --- the objective (shared/laid-spec.md): L = lambda_laid (L_qk + beta L_attn) + lambda_kl L_KL + lambda_sft L_SFT
     #     (L_qk is multiplied by qk_weight, 1 unless L_qk is ablated)
@@ -134,6 +137,7 @@ class LAidConfig:
         _choice("attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
         _choice("mixer_init", self.mixer_init, MIXER_INITS)
         _choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
+        _choice("task", self.task, TASKS)
         for name in ("teacher", "student") if self.needs_teacher else ("student",):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name} must be a model folder or hub id, got {getattr(self, name)!r}")

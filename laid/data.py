@@ -6,6 +6,9 @@ The official format (see the benchmark's data note): a JSON list whose entries h
 (needle paths) and ``neg_image`` (distractor paths), paths relative to an image root (the COCO root for the real
 benchmark). The protocol shows all images first, then one text item ``VHS_PROMPT + question``, in a random order of
 ``pos_image + neg_image``; here that order is a seeded shuffle, so an example is reproducible.
+
+Training data may also be free-form (``task="free"``): the same entries with any non-empty answer text, the question
+shown as written (no yes/no instruction). The demo family learns to see from such data: ``synth_captions``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from qwen_vl_utils import fetch_image
 
 VHS_PROMPT = "You are given a set of images. Please answer the following question in Yes or No: "
 ANSWERS = ("yes", "no")
+TASKS = ("vhs", "free")  # yes/no questions after VHS_PROMPT; any answer text after the question as written
+CAPTION_QUESTION = "What is in the image?"
 IGNORE_INDEX = -100
 
 
@@ -44,14 +49,20 @@ def _entry(question: str, answer: str, pos_image: list[str], neg_image: list[str
     }
 
 
-def load_vhs(json_path: str | Path) -> list[dict]:
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+
+
+def load_vhs(json_path: str | Path, *, task: str = "vhs") -> list[dict]:
     """Read and validate a Visual Haystacks JSON file; return its entries unchanged (a list of dicts).
 
     Raises ``FileNotFoundError`` if the file is missing and ``ValueError`` naming the file, the entry index and what is
     wrong when it is not the official format: a list of entries with ``conversations`` (at least two turns, each a
-    dict with a string ``value``; the second ``"yes"`` or ``"no"``), a non-empty list of strings ``pos_image`` and a
-    list of strings ``neg_image``.
+    dict with a string ``value``; the second ``"yes"`` or ``"no"``, or for ``task="free"`` any non-empty text), a
+    non-empty list of strings ``pos_image`` and a list of strings ``neg_image``.
     """
+    _check_task(task)
     path = Path(json_path)
     if not path.is_file():
         raise FileNotFoundError(f"Visual Haystacks file {path} does not exist")
@@ -74,8 +85,11 @@ def load_vhs(json_path: str | Path) -> list[dict]:
         for turn, role in ((0, "question"), (1, "answer")):
             if not isinstance(conversations[turn], dict) or not isinstance(conversations[turn].get("value"), str):
                 fail(f"conversations[{turn}] has no string 'value' (the {role})")
-        if conversations[1]["value"] not in ANSWERS:
-            fail(f"conversations[1].value must be 'yes' or 'no', got {conversations[1]['value']!r}")
+        answer = conversations[1]["value"]
+        if task == "vhs" and answer not in ANSWERS:
+            fail(f"conversations[1].value must be 'yes' or 'no', got {answer!r} (free-form answers: task='free')")
+        if task == "free" and not answer.strip():
+            fail("conversations[1].value (the answer) is empty")
         for key, may_be_empty in (("pos_image", False), ("neg_image", True)):
             images = entry.get(key)
             if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
@@ -86,15 +100,16 @@ def load_vhs(json_path: str | Path) -> list[dict]:
 
 
 def build_messages(
-    image_paths: list[str], question: str, *, min_pixels: int | None = None, max_pixels: int | None = None
+    image_paths: list[str], question: str, *, min_pixels: int | None = None, max_pixels: int | None = None,
+    prompt: str = VHS_PROMPT,
 ) -> list[dict]:
-    """The official Qwen chat messages: one user turn with every image, then ``VHS_PROMPT + question``.
+    """The official Qwen chat messages: one user turn with every image, then ``prompt + question``.
 
     ``min_pixels`` / ``max_pixels`` go into each image item, where ``qwen_vl_utils`` reads them (None: its defaults).
     """
     budget = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
     content = [{"type": "image", "image": str(p), **budget} for p in image_paths]
-    content.append({"type": "text", "text": VHS_PROMPT + question})
+    content.append({"type": "text", "text": prompt + question})
     return [{"role": "user", "content": content}]
 
 
@@ -130,7 +145,8 @@ class VHsDataset(torch.utils.data.Dataset):
     Images are ``pos_image + neg_image`` (see ``haystack_order`` for ``max_images``), shuffled by the seed and the
     index, loaded and resized by ``qwen_vl_utils`` exactly as ``process_vision_info`` does, within
     ``[min_pixels, max_pixels]`` when given (both the loader and the processor then use that budget; None keeps
-    their defaults, the official protocol). A missing image raises ``FileNotFoundError`` and an unreadable one
+    their defaults, the official protocol). ``task="free"`` takes any answer text and shows the question without
+    ``VHS_PROMPT`` (see ``load_vhs``). A missing image raises ``FileNotFoundError`` and an unreadable one
     ``ValueError``, both naming the file and the entry index.
     """
 
@@ -144,9 +160,11 @@ class VHsDataset(torch.utils.data.Dataset):
         max_pixels: int | None = None,
         max_images: int | None = None,
         seed: int = 0,
+        task: str = "vhs",
     ):
         self.json_path = Path(json_path)
-        self.entries = load_vhs(self.json_path)
+        self.entries = load_vhs(self.json_path, task=task)
+        self.prompt = VHS_PROMPT if task == "vhs" else ""
         self.image_root = Path(image_root)
         if not self.image_root.is_dir():
             raise FileNotFoundError(f"image_root {self.image_root} is not a directory")
@@ -190,7 +208,8 @@ class VHsDataset(torch.utils.data.Dataset):
         question, answer = entry["conversations"][0]["value"], entry["conversations"][1]["value"]
         order = haystack_order(entry, seed=self.seed, index=index, max_images=self.max_images)
         paths = [self.image_root / p for p in order]
-        messages = build_messages(paths, question, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        messages = build_messages(paths, question, min_pixels=self.min_pixels, max_pixels=self.max_pixels,
+                                  prompt=self.prompt)
         images = self._load_images(messages, index)
         messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
         text = self.processor.apply_chat_template(messages, tokenize=False)
@@ -252,6 +271,11 @@ SYNTH_COLORS = {
 SYNTH_SHAPES = ("circle", "square", "triangle", "diamond")
 
 
+def synth_objects() -> list[str]:
+    """The synthetic world's objects, "colour shape" for every colour and shape (20)."""
+    return [f"{c} {s}" for c in SYNTH_COLORS for s in SYNTH_SHAPES]
+
+
 def _draw_objects(objects: list[str], image_size: int, rng: random.Random) -> Image.Image:
     """An RGB ``image_size`` square on white with each "colour shape" object in its own horizontal slot."""
     image = Image.new("RGB", (image_size, image_size), (255, 255, 255))
@@ -302,6 +326,20 @@ class _ImagePool:
         return path
 
 
+def _synth_setup(out_dir, n_entries: int, image_size: int, seed: int, variants: int):
+    """Check the shared synthetic-data arguments; ``(out folder with images/, seeded rng, its _ImagePool)``."""
+    if n_entries < 1:
+        raise ValueError(f"n_entries must be >= 1, got {n_entries}")
+    if image_size < 28:
+        raise ValueError(f"image_size must be >= 28 (one merged Qwen2.5-VL patch), got {image_size}")
+    if variants < 1:
+        raise ValueError(f"variants must be >= 1, got {variants}")
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    return out, rng, _ImagePool(out, image_size, variants, rng)
+
+
 def synth_haystacks(
     out_dir: str | Path,
     *,
@@ -328,19 +366,10 @@ def synth_haystacks(
     ``objects``: the objects drawn in each image of ``pos_image + neg_image``, in that order (``load_vhs`` ignores
     it). Same arguments, same files. Returns the JSON path.
     """
-    if n_entries < 1:
-        raise ValueError(f"n_entries must be >= 1, got {n_entries}")
     if not 1 <= min_images <= max_images:
         raise ValueError(f"need 1 <= min_images <= max_images, got min_images={min_images}, max_images={max_images}")
-    if image_size < 28:
-        raise ValueError(f"image_size must be >= 28 (one merged Qwen2.5-VL patch), got {image_size}")
-    if variants < 1:
-        raise ValueError(f"variants must be >= 1, got {variants}")
-    out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    pool = _ImagePool(out, image_size, variants, rng)
-    objects = [f"{c} {s}" for c in SYNTH_COLORS for s in SYNTH_SHAPES]
+    out, rng, pool = _synth_setup(out_dir, n_entries, image_size, seed, variants)
+    objects = synth_objects()
     answers = ["yes"] * (n_entries // 2) + ["no"] * (n_entries - n_entries // 2)
     rng.shuffle(answers)
     entries = []
@@ -358,6 +387,35 @@ def synth_haystacks(
         used: set[str] = set()
         paths = [pool.get(content, used) for content in contents]
         entries.append({**_entry(_question(anchor, target), answer, paths[:1], paths[1:]), "objects": contents})
+    json_path = out / json_name
+    json_path.write_text(json.dumps(entries, indent=1))
+    return json_path
+
+
+def synth_captions(
+    out_dir: str | Path,
+    *,
+    n_entries: int,
+    image_size: int = 56,
+    seed: int = 0,
+    variants: int = 4,
+    json_name: str = "captions_synth.json",
+) -> Path:
+    """Write single-image captions of the synthetic world (``task="free"`` data): ``out_dir/json_name`` plus PNGs.
+
+    Each entry shows one image of one or two objects (drawn as ``synth_haystacks`` draws them, ``variants``
+    renderings per content) and asks ``CAPTION_QUESTION``; the answer names the objects left to right, "red circle"
+    or "red circle and blue square". This is the first-order signal a vision tower trained from scratch needs before
+    the yes/no haystack questions (whose answer depends on the image only through the question) can be learned.
+    Same arguments, same files; returns the JSON path.
+    """
+    out, rng, pool = _synth_setup(out_dir, n_entries, image_size, seed, variants)
+    objects = synth_objects()
+    entries = []
+    for _ in range(n_entries):
+        content = rng.sample(objects, rng.randint(1, 2))
+        path = pool.get(content, set())
+        entries.append({**_entry(CAPTION_QUESTION, " and ".join(content), [path], []), "objects": [content]})
     json_path = out / json_name
     json_path.write_text(json.dumps(entries, indent=1))
     return json_path

@@ -2,8 +2,9 @@
 
 The family (``laid/demo_family``, committed): a teacher (4 layers, 8 heads, 4 kv heads, hidden 128) and a smaller base
 student (2 layers, 4 heads, 2 kv heads, hidden 64), same head_dim (16), tokenizer and image processor, both trained
-from random weights by ``laid.train`` (pure SFT, vision tower included) with the same recipe and data: synthetic
-haystacks of 1 to 150 images (``build_family`` reproduces them; their training logs are in ``demo_family/logs``).
+from random weights by ``laid.train`` (pure SFT, vision tower included) with the same recipe and data: captions of
+single images, then synthetic haystacks of 1 to 4 and of 1 to 150 images (``FamilyRecipe``; ``build_family``
+reproduces them; their training logs are in ``demo_family/logs``).
 
 The demo (``run_demo``), every number from the project's own code:
 
@@ -28,7 +29,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .config import LAidConfig
-from .data import synth_benchmark, synth_haystacks
+from .data import synth_benchmark, synth_captions, synth_haystacks
 from .evaluate import SIZES, evaluate
 from .report import report
 from .tiny import save_tiny_model, save_tiny_processor, tiny_qwen25vl_config
@@ -163,24 +164,66 @@ def run_demo(out_dir: str | Path = "runs/demo", *, grid: DemoGrid = QUICK, famil
 
 @dataclass(frozen=True)
 class FamilyRecipe:
-    """How ``build_family`` trains both models: the same SFT recipe and data for the teacher and the student."""
+    """How ``build_family`` trains both models: the same three SFT stages, data and settings for each.
 
-    steps: int = 500  # optimizer steps of batch_size * grad_accum haystacks
-    batch_size: int = 1
-    grad_accum: int = 8
-    entries: int = 4000  # training haystacks, 1 to 150 images, log-uniform sizes
-    lr: float = 1e-3
+    1. align: captions of single images (``synth_captions``), so the vision tower learns the objects from a
+       first-order signal (a yes/no answer depends on the image only through the question, which a model trained
+       from scratch does not learn to use in any affordable number of steps);
+    2. short: haystacks of 1 to 4 images, where the question-image matching is learned cheaply;
+    3. long: haystacks of 1 to 150 images, log-uniform sizes, one haystack per micro-batch.
+    """
+
+    align_steps: int = 600
+    short_steps: int = 1000
+    long_steps: int = 400
+    batch_size: int = 16  # haystacks per step in the align and short stages
+    long_grad_accum: int = 8  # haystacks per step in the long stage (micro-batches of one)
+    lr: float = 2e-3
     seed: int = 0
 
 
-def family_config(init: Path, processor: Path, data: Path, output_dir: Path, recipe: FamilyRecipe) -> LAidConfig:
-    """Pure SFT from random weights (no teacher), vision tower included, on haystacks of up to 150 images."""
+@dataclass(frozen=True)
+class _Stage:
+    name: str
+    task: str
+    steps: int
+    batch_size: int
+    grad_accum: int
+    max_images: int
+
+
+def _family_stages(recipe: FamilyRecipe) -> list[_Stage]:
+    return [_Stage("align", "free", recipe.align_steps, recipe.batch_size, 1, 1),
+            _Stage("short", "vhs", recipe.short_steps, recipe.batch_size, 1, 4),
+            _Stage("long", "vhs", recipe.long_steps, 1, recipe.long_grad_accum, 150)]
+
+
+def _family_data(work: Path, stage: _Stage, seed: int) -> Path:
+    """The stage's training set under ``work/data/<stage>`` (one epoch holds its steps), written once."""
+    folder = work / "data" / stage.name
+    n_entries = stage.steps * stage.batch_size * stage.grad_accum
+    if stage.task == "free":
+        json_path = folder / "captions_synth.json"
+        if not json_path.is_file():
+            synth_captions(folder, n_entries=n_entries, seed=seed)
+        return json_path
+    json_path = folder / "visual_haystack_synth.json"
+    if not json_path.is_file():
+        synth_haystacks(folder, n_entries=n_entries, min_images=1, max_images=stage.max_images,
+                        log_uniform=stage.max_images > 4, seed=seed)
+    return json_path
+
+
+def family_config(init: Path, processor: Path, data: Path, output_dir: Path, stage: _Stage,
+                  recipe: FamilyRecipe) -> LAidConfig:
+    """Pure SFT (no teacher), vision tower included, of one family stage from ``init``'s weights."""
     return LAidConfig().with_overrides(
-        student=str(init), processor=str(processor), data=str(data), image_root=str(data.parent), max_images=150,
-        lambda_laid=0.0, lambda_kl=0.0, lambda_sft=1.0, train_vision=True, lr=recipe.lr, weight_decay=0.0,
-        epochs=1, max_steps=recipe.steps, batch_size=recipe.batch_size, grad_accum=recipe.grad_accum,
-        warmup_ratio=0.05, precision="fp32", attn_implementation="sdpa", gradient_checkpointing=False, save_every=500,
-        keep_checkpoints=1, seed=recipe.seed, output_dir=str(output_dir))
+        student=str(init), processor=str(processor), data=str(data), image_root=str(data.parent), task=stage.task,
+        max_images=stage.max_images, lambda_laid=0.0, lambda_kl=0.0, lambda_sft=1.0, train_vision=True,
+        lr=recipe.lr, weight_decay=0.0, epochs=1, max_steps=stage.steps, batch_size=stage.batch_size,
+        grad_accum=stage.grad_accum, warmup_ratio=0.05, precision="fp32", attn_implementation="sdpa",
+        gradient_checkpointing=False, save_every=10**9, keep_checkpoints=1, seed=recipe.seed,
+        output_dir=str(output_dir))
 
 
 def build_family(out_dir: str | Path, *, recipe: FamilyRecipe = FamilyRecipe(), work_dir: str | Path | None = None,
@@ -188,35 +231,35 @@ def build_family(out_dir: str | Path, *, recipe: FamilyRecipe = FamilyRecipe(), 
     """Train the demo family from scratch into ``out_dir/{processor,teacher,student,logs}``; returns ``out_dir``.
 
     Random weights (``tiny_qwen25vl_config`` of ``TEACHER_SHAPE`` / ``STUDENT_SHAPE``, seeds ``recipe.seed`` and
-    ``recipe.seed + 1``), then ``laid.train`` with ``family_config`` on ``recipe.entries`` synthetic haystacks. The
-    exported weights (safetensors), the run's ``config.yaml`` and ``metrics.jsonl`` are copied to ``out_dir``.
-    Intermediate files go to ``work_dir`` (default ``out_dir/../family_work``). ``roles`` trains a subset (the two
-    can run as separate processes).
+    ``recipe.seed + 1``), then ``laid.train`` with ``family_config`` through the recipe's stages, each from the
+    previous one's exported weights, on the same synthetic data for both models. The final weights (safetensors) go
+    to ``out_dir/<role>``; every stage's ``config.yaml`` and ``metrics.jsonl`` to ``out_dir/logs`` as
+    ``<role>_<stage>_<name>``. Intermediate files go to ``work_dir`` (default ``out_dir/../family_work``). ``roles``
+    trains a subset (the two can run as separate processes).
     """
     out = Path(out_dir)
     work = Path(work_dir) if work_dir is not None else out.parent / "family_work"
     processor = out / "processor"
     if not processor.is_dir():
         save_tiny_processor(processor)
-    data = work / "data" / "visual_haystack_synth.json"
-    if not data.is_file():
-        n_entries = max(recipe.entries, recipe.steps * recipe.batch_size * recipe.grad_accum)
-        synth_haystacks(data.parent, n_entries=n_entries, min_images=1,
-                        max_images=150, log_uniform=True, seed=recipe.seed + 303)
+    stages = _family_stages(recipe)
+    data = {stage.name: _family_data(work, stage, recipe.seed + 303 + k) for k, stage in enumerate(stages)}
     shapes = {"teacher": (TEACHER_SHAPE, recipe.seed), "student": (STUDENT_SHAPE, recipe.seed + 1)}
     (out / "logs").mkdir(parents=True, exist_ok=True)
     for role in roles:
         shape, seed = shapes[role]
-        init = work / f"{role}_init"
-        save_tiny_model(init, tiny_qwen25vl_config(**shape), seed=seed)
-        run_dir = work / role
-        train(family_config(init, processor, data, run_dir, recipe))
+        weights = work / f"{role}_init"
+        save_tiny_model(weights, tiny_qwen25vl_config(**shape), seed=seed)
+        for stage in stages:
+            run_dir = work / f"{role}_{stage.name}"
+            train(family_config(weights, processor, data[stage.name], run_dir, stage, recipe))
+            weights = run_dir / "final"
+            for name in ("metrics.jsonl", "config.yaml"):
+                shutil.copy(run_dir / name, out / "logs" / f"{role}_{stage.name}_{name}")
         shutil.rmtree(out / role, ignore_errors=True)
-        shutil.copytree(run_dir / "final", out / role,
+        shutil.copytree(weights, out / role,
                         ignore=shutil.ignore_patterns("*token*", "*processor*", "chat_template*", "vocab*", "merges*",
                                                       "summary.json"))
-        for name in ("metrics.jsonl", "config.yaml"):
-            shutil.copy(run_dir / name, out / "logs" / f"{role}_{name}")
     (out / "logs" / "recipe.json").write_text(json.dumps(asdict(recipe), indent=1))
     return out
 

@@ -116,7 +116,8 @@ def train(config: LAidConfig | str | Path | None = None, /, **overrides) -> dict
     # --- data first (bad data fails before any model loads), then the frozen teacher and the student --------------
     processor = load_processor(config.processor or config.student)
     dataset = VHsDataset(config.data, config.image_root, processor, min_pixels=config.min_pixels,
-                         max_pixels=config.max_pixels, max_images=config.max_images, seed=config.seed)
+                         max_pixels=config.max_pixels, max_images=config.max_images, seed=config.seed,
+                         task=config.task)
     check_images(dataset.entries, Path(config.image_root), config.data)
     collate_fn = partial(collate, pad_token_id=processor.tokenizer.pad_token_id)
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, collate_fn=collate_fn,

@@ -20,7 +20,9 @@ from laid.data import (
     collate,
     haystack_order,
     load_vhs,
+    synth_captions,
     synth_haystacks,
+    synth_objects,
 )
 from laid.tiny import TINY_STUDENT, build_tiny_processor, save_tiny_model, tiny_qwen25vl_config
 
@@ -76,6 +78,19 @@ def test_load_vhs_names_file_entry_and_problem(tmp_path, entry, message):
     path = _write(tmp_path / "bad.json", [GOOD, entry])
     with pytest.raises(ValueError, match=rf"bad\.json: entry 1: .*{message}"):
         load_vhs(path)
+
+
+def test_load_vhs_free_task_takes_any_answer_text(tmp_path):
+    caption = {**GOOD, "conversations": [{"value": "What is in the image?"}, {"value": "a dog and a cat"}]}
+    path = _write(tmp_path / "free.json", [caption])
+    assert load_vhs(path, task="free") == [caption]
+    with pytest.raises(ValueError, match="must be 'yes' or 'no'.*task='free'"):
+        load_vhs(path)
+    empty = {**caption, "conversations": [caption["conversations"][0], {"value": " "}]}
+    with pytest.raises(ValueError, match=r"entry 0: conversations\[1\].value \(the answer\) is empty"):
+        load_vhs(_write(tmp_path / "empty.json", [empty]), task="free")
+    with pytest.raises(ValueError, match="task must be one of"):
+        load_vhs(path, task="captions")
 
 
 def test_load_vhs_file_level_errors(tmp_path):
@@ -232,6 +247,28 @@ def test_synth_balance_template_and_determinism(tmp_path):
     assert len(list((tmp_path / "a" / "images").iterdir())) == len({p for paths in shown for p in paths})
     with pytest.raises(ValueError, match="min_images"):
         synth_haystacks(tmp_path / "d", n_entries=2, min_images=3, max_images=2)
+
+
+def test_synth_captions_name_the_drawn_objects(tmp_path, processor):
+    path = synth_captions(tmp_path, n_entries=30, seed=2)
+    assert load_vhs(path, task="free") == load_vhs(synth_captions(tmp_path / "again", n_entries=30, seed=2),
+                                                   task="free")
+    entries = load_vhs(path, task="free")
+    for e in entries:
+        [objects] = e["objects"]
+        assert e["conversations"][0]["value"] == "What is in the image?"
+        assert e["conversations"][1]["value"] == " and ".join(objects)
+        assert 1 <= len(objects) <= 2 and set(objects) <= set(synth_objects())
+        assert len(e["pos_image"]) == 1 and e["neg_image"] == []
+    assert {len(e["objects"][0]) for e in entries} == {1, 2}
+    # As training data: the question as written (no yes/no instruction), the caption supervised.
+    item = VHsDataset(path, tmp_path, processor, task="free")[0]
+    text = processor.tokenizer.decode(item["input_ids"])
+    assert VHS_PROMPT not in text and "<|im_start|>user\n<|vision_start|>" in text
+    answer = processor.tokenizer.decode(item["labels"][item["labels"] != IGNORE_INDEX])
+    assert answer == entries[0]["conversations"][1]["value"] + "<|im_end|>"
+    with pytest.raises(ValueError, match="must be 'yes' or 'no'"):
+        VHsDataset(path, tmp_path, processor)
 
 
 def test_synth_log_uniform_sizes_favour_short_haystacks(tmp_path):
