@@ -267,13 +267,11 @@ SYNTH_COLORS = {
     "blue": (30, 70, 220),
     "yellow": (240, 210, 20),
     "purple": (140, 40, 180),
+    "orange": (245, 130, 20),
 }
-SYNTH_SHAPES = ("circle", "square", "triangle", "diamond")
-
-
-def synth_objects() -> list[str]:
-    """The synthetic world's objects, "colour shape" for every colour and shape (20)."""
-    return [f"{c} {s}" for c in SYNTH_COLORS for s in SYNTH_SHAPES]
+# The synthetic world's objects, "colour shape", one per colour: like COCO categories, each is told apart by its look
+# at a glance (here its colour), which a tiny vision tower trained from scratch learns in a few hundred steps.
+SYNTH_OBJECTS = ("red circle", "green square", "blue triangle", "yellow diamond", "purple square", "orange circle")
 
 
 def _draw_objects(objects: list[str], image_size: int, rng: random.Random) -> Image.Image:
@@ -354,7 +352,7 @@ def synth_haystacks(
 ) -> Path:
     """Write a synthetic single-needle VHs set: ``out_dir/json_name`` plus PNGs under ``out_dir/images``.
 
-    Objects are "colour shape" pairs (``SYNTH_COLORS`` x ``SYNTH_SHAPES``, 20 objects). Each entry picks an anchor
+    Objects are ``SYNTH_OBJECTS`` (6 "colour shape" names). Each entry picks an anchor
     and a target object, asks "For the image with a {anchor}, is there a {target}?", and has one needle image holding
     the anchor and (answer "yes") the target or (answer "no") another object, plus N - 1 distractors of one or two
     objects that never include the anchor. N is uniform in ``[min_images, max_images]`` (``log_uniform``: log N is
@@ -369,7 +367,7 @@ def synth_haystacks(
     if not 1 <= min_images <= max_images:
         raise ValueError(f"need 1 <= min_images <= max_images, got min_images={min_images}, max_images={max_images}")
     out, rng, pool = _synth_setup(out_dir, n_entries, image_size, seed, variants)
-    objects = synth_objects()
+    objects = list(SYNTH_OBJECTS)
     answers = ["yes"] * (n_entries // 2) + ["no"] * (n_entries - n_entries // 2)
     rng.shuffle(answers)
     entries = []
@@ -410,7 +408,7 @@ def synth_captions(
     Same arguments, same files; returns the JSON path.
     """
     out, rng, pool = _synth_setup(out_dir, n_entries, image_size, seed, variants)
-    objects = synth_objects()
+    objects = list(SYNTH_OBJECTS)
     entries = []
     for _ in range(n_entries):
         content = rng.sample(objects, rng.randint(1, 2))

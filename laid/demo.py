@@ -169,12 +169,13 @@ class FamilyRecipe:
     1. align: captions of single images (``synth_captions``), so the vision tower learns the objects from a
        first-order signal (a yes/no answer depends on the image only through the question, which a model trained
        from scratch does not learn to use in any affordable number of steps);
-    2. short: haystacks of 1 to 4 images, where the question-image matching is learned cheaply;
+    2. short: haystacks of 1 to 4 images (log-uniform sizes, mostly single images), where the question-image
+       matching is learned cheaply;
     3. long: haystacks of 1 to 150 images, log-uniform sizes, one haystack per micro-batch.
     """
 
     align_steps: int = 600
-    short_steps: int = 1000
+    short_steps: int = 2000
     long_steps: int = 400
     batch_size: int = 16  # haystacks per step in the align and short stages
     long_grad_accum: int = 8  # haystacks per step in the long stage (micro-batches of one)
@@ -210,7 +211,7 @@ def _family_data(work: Path, stage: _Stage, seed: int) -> Path:
     json_path = folder / "visual_haystack_synth.json"
     if not json_path.is_file():
         synth_haystacks(folder, n_entries=n_entries, min_images=1, max_images=stage.max_images,
-                        log_uniform=stage.max_images > 4, seed=seed)
+                        log_uniform=True, seed=seed)
     return json_path
 
 

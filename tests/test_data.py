@@ -13,6 +13,7 @@ from qwen_vl_utils import fetch_image
 from laid.cli import main
 from laid.data import (
     IGNORE_INDEX,
+    SYNTH_OBJECTS,
     VHS_PROMPT,
     VHsDataset,
     build_messages,
@@ -22,7 +23,6 @@ from laid.data import (
     load_vhs,
     synth_captions,
     synth_haystacks,
-    synth_objects,
 )
 from laid.tiny import TINY_STUDENT, build_tiny_processor, save_tiny_model, tiny_qwen25vl_config
 
@@ -258,7 +258,7 @@ def test_synth_captions_name_the_drawn_objects(tmp_path, processor):
         [objects] = e["objects"]
         assert e["conversations"][0]["value"] == "What is in the image?"
         assert e["conversations"][1]["value"] == " and ".join(objects)
-        assert 1 <= len(objects) <= 2 and set(objects) <= set(synth_objects())
+        assert 1 <= len(objects) <= 2 and set(objects) <= set(SYNTH_OBJECTS)
         assert len(e["pos_image"]) == 1 and e["neg_image"] == []
     assert {len(e["objects"][0]) for e in entries} == {1, 2}
     # As training data: the question as written (no yes/no instruction), the caption supervised.

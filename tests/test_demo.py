@@ -19,7 +19,7 @@ MINI = DemoGrid(seeds=(0,), steps=2, batch_size=2, train_entries=8, questions=2,
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
     root = tmp_path_factory.mktemp("family")
-    recipe = FamilyRecipe(steps=2, batch_size=1, grad_accum=2, entries=8)
+    recipe = FamilyRecipe(align_steps=2, short_steps=1, long_steps=2, batch_size=2, long_grad_accum=2)
     return build_family(root / "family", recipe=recipe, work_dir=root / "work")
 
 
@@ -32,9 +32,13 @@ def test_build_family_trains_both_models_from_scratch(family):
         changed = [k for k in trained if not (trained[k] == initial[k]).all()]
         assert any(k.startswith("visual.") for k in changed)  # the vision tower trains too
         assert any(k.startswith("model.layers.") for k in changed)
-        metrics = [json.loads(line) for line in (family / "logs" / f"{role}_metrics.jsonl").read_text().splitlines()]
-        assert [m["step"] for m in metrics] == [1, 2] and set(metrics[0]) >= {"sft", "loss"}
-    assert json.loads((family / "logs" / "recipe.json").read_text())["steps"] == 2
+        for stage, steps in (("align", 2), ("short", 1), ("long", 2)):
+            log = family / "logs" / f"{role}_{stage}_metrics.jsonl"
+            metrics = [json.loads(line) for line in log.read_text().splitlines()]
+            assert [m["step"] for m in metrics] == list(range(1, steps + 1)) and set(metrics[0]) >= {"sft", "loss"}
+            config = (family / "logs" / f"{role}_{stage}_config.yaml").read_text()
+            assert f"task: {'free' if stage == 'align' else 'vhs'}" in config
+    assert json.loads((family / "logs" / "recipe.json").read_text())["long_steps"] == 2
 
 
 def test_miniature_demo_distils_evaluates_and_reports(family, tmp_path, capsys):
@@ -71,4 +75,5 @@ def test_the_committed_family_is_complete():
     paths = family_paths(FAMILY_DIR)
     for role in ("teacher", "student"):
         assert (paths[role] / "model.safetensors").is_file() and (paths[role] / "config.json").is_file()
-        assert (FAMILY_DIR / "logs" / f"{role}_metrics.jsonl").is_file()
+        for stage in ("align", "short", "long"):
+            assert (FAMILY_DIR / "logs" / f"{role}_{stage}_metrics.jsonl").is_file()
