@@ -19,7 +19,7 @@ MINI = DemoGrid(seeds=(0,), steps=2, batch_size=2, train_entries=8, questions=2,
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
     root = tmp_path_factory.mktemp("family")
-    recipe = FamilyRecipe(align_steps=2, short_steps=1, long_steps=2, batch_size=2, long_grad_accum=2)
+    recipe = FamilyRecipe(align_steps=2, single_steps=1, long_steps=2, batch_size=2, long_grad_accum=2)
     return build_family(root / "family", recipe=recipe, work_dir=root / "work")
 
 
@@ -32,7 +32,7 @@ def test_build_family_trains_both_models_from_scratch(family):
         changed = [k for k in trained if not (trained[k] == initial[k]).all()]
         assert any(k.startswith("visual.") for k in changed)  # the vision tower trains too
         assert any(k.startswith("model.layers.") for k in changed)
-        for stage, steps in (("align", 2), ("short", 1), ("long", 2)):
+        for stage, steps in (("align", 2), ("single", 1), ("long", 2)):
             log = family / "logs" / f"{role}_{stage}_metrics.jsonl"
             metrics = [json.loads(line) for line in log.read_text().splitlines()]
             assert [m["step"] for m in metrics] == list(range(1, steps + 1)) and set(metrics[0]) >= {"sft", "loss"}
@@ -75,5 +75,5 @@ def test_the_committed_family_is_complete():
     paths = family_paths(FAMILY_DIR)
     for role in ("teacher", "student"):
         assert (paths[role] / "model.safetensors").is_file() and (paths[role] / "config.json").is_file()
-        for stage in ("align", "short", "long"):
+        for stage in ("align", "single", "long"):
             assert (FAMILY_DIR / "logs" / f"{role}_{stage}_metrics.jsonl").is_file()
