@@ -171,15 +171,21 @@ class FamilyRecipe:
        from scratch does not learn to use in any affordable number of steps);
     2. single: haystacks of one image, where the question-image matching is learned cheaply (about 1,000 steps;
        with haystacks of 1 to 4 images the student was still at chance after 1,400);
-    3. long: haystacks of 1 to 150 images, log-uniform sizes, one haystack per micro-batch.
+    3. long: haystacks of 1 to 150 images, log-uniform sizes, one haystack per micro-batch, at a lower learning
+       rate (at the single stage's rate the student forgot the single-image skill: 95% -> 58% at one image).
+
+    Learning rates are those of a hidden size of 64 (the student) and scale by ``64 / hidden`` (the teacher, 128,
+    takes half), as muP scales Adam's step with width: at the student's rate the teacher stayed at chance for the
+    whole single stage.
     """
 
     align_steps: int = 600
-    single_steps: int = 2000
+    single_steps: int = 3000
     long_steps: int = 400
     batch_size: int = 16  # examples per step in the align and single stages
     long_grad_accum: int = 8  # haystacks per step in the long stage (micro-batches of one)
-    lr: float = 2e-3
+    lr: float = 2e-3  # align and single stages
+    long_lr: float = 3e-4
     seed: int = 0
 
 
@@ -191,12 +197,13 @@ class _Stage:
     batch_size: int
     grad_accum: int
     max_images: int
+    lr: float  # at hidden size 64
 
 
 def _family_stages(recipe: FamilyRecipe) -> list[_Stage]:
-    return [_Stage("align", "free", recipe.align_steps, recipe.batch_size, 1, 1),
-            _Stage("single", "vhs", recipe.single_steps, recipe.batch_size, 1, 1),
-            _Stage("long", "vhs", recipe.long_steps, 1, recipe.long_grad_accum, 150)]
+    return [_Stage("align", "free", recipe.align_steps, recipe.batch_size, 1, 1, recipe.lr),
+            _Stage("single", "vhs", recipe.single_steps, recipe.batch_size, 1, 1, recipe.lr),
+            _Stage("long", "vhs", recipe.long_steps, 1, recipe.long_grad_accum, 150, recipe.long_lr)]
 
 
 def _family_data(work: Path, stage: _Stage, seed: int) -> Path:
@@ -215,16 +222,16 @@ def _family_data(work: Path, stage: _Stage, seed: int) -> Path:
     return json_path
 
 
-def family_config(init: Path, processor: Path, data: Path, output_dir: Path, stage: _Stage,
-                  recipe: FamilyRecipe) -> LAidConfig:
-    """Pure SFT (no teacher), vision tower included, of one family stage from ``init``'s weights."""
+def family_config(init: Path, processor: Path, data: Path, output_dir: Path, stage: _Stage, hidden: int,
+                  seed: int) -> LAidConfig:
+    """Pure SFT (no teacher), vision tower included, of one family stage from the weights in ``init`` (a model of
+    hidden size ``hidden``)."""
     return LAidConfig().with_overrides(
         student=str(init), processor=str(processor), data=str(data), image_root=str(data.parent), task=stage.task,
         max_images=stage.max_images, lambda_laid=0.0, lambda_kl=0.0, lambda_sft=1.0, train_vision=True,
-        lr=recipe.lr, weight_decay=0.0, epochs=1, max_steps=stage.steps, batch_size=stage.batch_size,
+        lr=stage.lr * 64 / hidden, weight_decay=0.0, epochs=1, max_steps=stage.steps, batch_size=stage.batch_size,
         grad_accum=stage.grad_accum, warmup_ratio=0.05, precision="fp32", attn_implementation="sdpa",
-        gradient_checkpointing=False, save_every=10**9, keep_checkpoints=1, seed=recipe.seed,
-        output_dir=str(output_dir))
+        gradient_checkpointing=False, save_every=10**9, keep_checkpoints=1, seed=seed, output_dir=str(output_dir))
 
 
 def build_family(out_dir: str | Path, *, recipe: FamilyRecipe = FamilyRecipe(), work_dir: str | Path | None = None,
@@ -253,7 +260,7 @@ def build_family(out_dir: str | Path, *, recipe: FamilyRecipe = FamilyRecipe(), 
         save_tiny_model(weights, tiny_qwen25vl_config(**shape), seed=seed)
         for stage in stages:
             run_dir = work / f"{role}_{stage.name}"
-            train(family_config(weights, processor, data[stage.name], run_dir, stage, recipe))
+            train(family_config(weights, processor, data[stage.name], run_dir, stage, shape["hidden"], recipe.seed))
             weights = run_dir / "final"
             for name in ("metrics.jsonl", "config.yaml"):
                 shutil.copy(run_dir / name, out / "logs" / f"{role}_{stage.name}_{name}")
