@@ -237,7 +237,8 @@ def test_synth_balance_template_and_determinism(tmp_path):
     for e in entries:
         question, answer = e["conversations"][0]["value"], e["conversations"][1]["value"]
         anchor, target = _anchor_target(question)
-        assert question == f"For the image with a {anchor}, is there a {target}?"
+        a = {name: "an" if name[0] in "aeiou" else "a" for name in (anchor, target)}
+        assert question == f"For the image with {a[anchor]} {anchor}, is there {a[target]} {target}?"
         needle, *distractors = e["objects"]
         assert anchor in needle and (target in needle) == (answer == "yes")
         assert all(anchor not in objs for objs in distractors)
