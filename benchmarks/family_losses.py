@@ -11,16 +11,15 @@ import argparse
 import json
 from pathlib import Path
 
-from laid.demo import FAMILY_DIR
+from laid.demo import FAMILY_DIR, FAMILY_STAGES
 
-STAGES = ("align", "single", "long")
 WINDOW = 50
 
 
 def stage_losses(family: Path) -> list[dict]:
     rows = []
     for role in ("teacher", "student"):
-        for stage in STAGES:
+        for stage in FAMILY_STAGES:
             lines = (family / "logs" / f"{role}_{stage}_metrics.jsonl").read_text().splitlines()
             losses = [json.loads(line)["sft"] for line in lines]
             rows.append({"model": role, "stage": stage, "steps": len(losses),

@@ -193,17 +193,17 @@ def _run_demo(args: argparse.Namespace) -> None:
 
 
 def _run_demo_family(args: argparse.Namespace) -> None:
-    from .demo import FamilyRecipe, build_family, overridden
+    from .demo import FAMILY_STAGES, FamilyRecipe, build_family, overridden
 
-    recipe = overridden(FamilyRecipe(), align_steps=args.align_steps, single_steps=args.single_steps,
-                        long_steps=args.long_steps, seed=args.seed)
+    steps = {f"{stage}_steps": getattr(args, f"{stage}_steps") for stage in FAMILY_STAGES}
+    recipe = overridden(FamilyRecipe(), **steps, seed=args.seed)
     print(build_family(args.out, recipe=recipe, work_dir=args.work_dir))
 
 
 def add_demo(commands) -> None:
     """``laid demo [--full]``: distil, evaluate and report on the committed tiny family (the README's main job);
     ``laid demo family --out DIR``: train that family from scratch."""
-    from .demo import FAMILY_DIR
+    from .demo import FAMILY_DIR, FAMILY_STAGES
 
     demo = commands.add_parser("demo", help="the paper's experiment at CPU scale on a tiny Qwen2.5-VL family",
                                description="Distil SFT, LAid and ablation students from the committed tiny family, "
@@ -221,7 +221,7 @@ def add_demo(commands) -> None:
     family = steps.add_parser("family", help="train the demo's teacher and base student from scratch")
     family.add_argument("--out", required=True, help="family folder to write (processor/, teacher/, student/, logs/)")
     family.add_argument("--work-dir", help="intermediate files (default: OUT/../family_work)")
-    for stage in ("align", "single", "long"):
+    for stage in FAMILY_STAGES:
         family.add_argument(f"--{stage}-steps", type=int, help=f"optimizer steps of the {stage} stage (each model)")
     family.add_argument("--seed", type=int, help="teacher seed (the student uses seed + 1) and data seed")
     family.set_defaults(run=_run_demo_family)

@@ -49,11 +49,6 @@ def _entry(question: str, answer: str, pos_image: list[str], neg_image: list[str
     }
 
 
-def _check_task(task: str) -> None:
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-
-
 def load_vhs(json_path: str | Path, *, task: str = "vhs") -> list[dict]:
     """Read and validate a Visual Haystacks JSON file; return its entries unchanged (a list of dicts).
 
@@ -62,7 +57,8 @@ def load_vhs(json_path: str | Path, *, task: str = "vhs") -> list[dict]:
     dict with a string ``value``; the second ``"yes"`` or ``"no"``, or for ``task="free"`` any non-empty text), a
     non-empty list of strings ``pos_image`` and a list of strings ``neg_image``.
     """
-    _check_task(task)
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     path = Path(json_path)
     if not path.is_file():
         raise FileNotFoundError(f"Visual Haystacks file {path} does not exist")

@@ -174,7 +174,7 @@ class FamilyRecipe:
     3. long: haystacks of 1 to 150 images, log-uniform sizes, one haystack per micro-batch, at a lower learning
        rate (at the single stage's rate the student forgot the single-image skill: 95% -> 58% at one image).
 
-    Learning rates are those of a hidden size of 64 (the student) and scale by ``64 / hidden`` (the teacher, 128,
+    Learning rates are those of the student's hidden size (64) and scale by ``64 / hidden`` (the teacher, 128,
     takes half), as muP scales Adam's step with width: at the student's rate the teacher stayed at chance for the
     whole single stage.
     """
@@ -197,13 +197,16 @@ class _Stage:
     batch_size: int
     grad_accum: int
     max_images: int
-    lr: float  # at hidden size 64
+    lr: float  # at the student's hidden size
 
 
 def _family_stages(recipe: FamilyRecipe) -> list[_Stage]:
     return [_Stage("align", "free", recipe.align_steps, recipe.batch_size, 1, 1, recipe.lr),
             _Stage("single", "vhs", recipe.single_steps, recipe.batch_size, 1, 1, recipe.lr),
             _Stage("long", "vhs", recipe.long_steps, 1, recipe.long_grad_accum, 150, recipe.long_lr)]
+
+
+FAMILY_STAGES = tuple(stage.name for stage in _family_stages(FamilyRecipe()))  # in order; FamilyRecipe.<name>_steps
 
 
 def _family_data(work: Path, stage: _Stage, seed: int) -> Path:
@@ -229,7 +232,7 @@ def family_config(init: Path, processor: Path, data: Path, output_dir: Path, sta
     return LAidConfig().with_overrides(
         student=str(init), processor=str(processor), data=str(data), image_root=str(data.parent), task=stage.task,
         max_images=stage.max_images, lambda_laid=0.0, lambda_kl=0.0, lambda_sft=1.0, train_vision=True,
-        lr=stage.lr * 64 / hidden, weight_decay=0.0, epochs=1, max_steps=stage.steps, batch_size=stage.batch_size,
+        lr=stage.lr * STUDENT_SHAPE["hidden"] / hidden, weight_decay=0.0, epochs=1, max_steps=stage.steps, batch_size=stage.batch_size,
         grad_accum=stage.grad_accum, warmup_ratio=0.05, precision="fp32", attn_implementation="sdpa",
         gradient_checkpointing=False, save_every=10**9, keep_checkpoints=1, seed=seed, output_dir=str(output_dir))
 
