@@ -8,7 +8,8 @@ benchmark). The protocol shows all images first, then one text item ``VHS_PROMPT
 ``pos_image + neg_image``; here that order is a seeded shuffle, so an example is reproducible.
 
 Training data may also be free-form (``task="free"``): the same entries with any non-empty answer text, the question
-shown as written (no yes/no instruction). The demo family learns to see from such data: ``synth_captions``.
+shown as written (no yes/no instruction). The demo family learns to see and to find the needle image from such
+data: ``synth_captions`` and ``synth_retrieval``.
 """
 
 from __future__ import annotations
@@ -32,13 +33,18 @@ CAPTION_QUESTION = "What is in the image?"
 IGNORE_INDEX = -100
 
 
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
 def _question(anchor: str, target: str) -> str:
     """The official single-needle question, with the article the benchmark's regexes accept (a / an)."""
+    return f"For the image with {_article(anchor)} {anchor}, is there {_article(target)} {target}?"
 
-    def article(word: str) -> str:
-        return "an" if word[0] in "aeiou" else "a"
 
-    return f"For the image with {article(anchor)} {anchor}, is there {article(target)} {target}?"
+def _retrieval_question(anchor: str) -> str:
+    """The free-form question whose answer is the other object of the anchor's image."""
+    return f"For the image with {_article(anchor)} {anchor}, what else is there?"
 
 
 def _entry(question: str, answer: str, pos_image: list[str], neg_image: list[str]) -> dict:
@@ -334,6 +340,39 @@ def _synth_setup(out_dir, n_entries: int, image_size: int, seed: int, variants: 
     return out, rng, _ImagePool(out, image_size, variants, rng)
 
 
+def _haystack_entries(out_dir, n_entries: int, min_images: int, max_images: int, image_size: int, seed: int,
+                      variants: int, log_uniform: bool) -> tuple[Path, list[tuple[dict, str]]]:
+    """``synth_haystacks``'s entries with their anchors, images written: ``(out folder, [(entry, anchor), ...])``."""
+    if not 1 <= min_images <= max_images:
+        raise ValueError(f"need 1 <= min_images <= max_images, got min_images={min_images}, max_images={max_images}")
+    out, rng, pool = _synth_setup(out_dir, n_entries, image_size, seed, variants)
+    objects = list(SYNTH_OBJECTS)
+    answers = ["yes"] * (n_entries // 2) + ["no"] * (n_entries - n_entries // 2)
+    rng.shuffle(answers)
+    entries = []
+    for answer in answers:
+        anchor, target = rng.sample(objects, 2)
+        others = [o for o in objects if o not in (anchor, target)]
+        needle = [anchor, target if answer == "yes" else rng.choice(others)]
+        rng.shuffle(needle)
+        contents = [needle]
+        without_anchor = [o for o in objects if o != anchor]
+        n_images = (min(max_images, int(math.exp(rng.uniform(math.log(min_images), math.log(max_images + 1)))))
+                    if log_uniform else rng.randint(min_images, max_images))
+        for _ in range(n_images - 1):
+            contents.append(rng.sample(without_anchor, rng.randint(1, 2)))
+        used: set[str] = set()
+        paths = [pool.get(content, used) for content in contents]
+        entry = {**_entry(_question(anchor, target), answer, paths[:1], paths[1:]), "objects": contents}
+        entries.append((entry, anchor))
+    return out, entries
+
+
+def _write_entries(json_path: Path, entries: list[dict]) -> Path:
+    json_path.write_text(json.dumps(entries, indent=1))
+    return json_path
+
+
 def synth_haystacks(
     out_dir: str | Path,
     *,
@@ -360,30 +399,44 @@ def synth_haystacks(
     ``objects``: the objects drawn in each image of ``pos_image + neg_image``, in that order (``load_vhs`` ignores
     it). Same arguments, same files. Returns the JSON path.
     """
-    if not 1 <= min_images <= max_images:
-        raise ValueError(f"need 1 <= min_images <= max_images, got min_images={min_images}, max_images={max_images}")
-    out, rng, pool = _synth_setup(out_dir, n_entries, image_size, seed, variants)
-    objects = list(SYNTH_OBJECTS)
-    answers = ["yes"] * (n_entries // 2) + ["no"] * (n_entries - n_entries // 2)
-    rng.shuffle(answers)
-    entries = []
-    for answer in answers:
-        anchor, target = rng.sample(objects, 2)
-        others = [o for o in objects if o not in (anchor, target)]
-        needle = [anchor, target if answer == "yes" else rng.choice(others)]
-        rng.shuffle(needle)
-        contents = [needle]
-        without_anchor = [o for o in objects if o != anchor]
-        n_images = (min(max_images, int(math.exp(rng.uniform(math.log(min_images), math.log(max_images + 1)))))
-                    if log_uniform else rng.randint(min_images, max_images))
-        for _ in range(n_images - 1):
-            contents.append(rng.sample(without_anchor, rng.randint(1, 2)))
-        used: set[str] = set()
-        paths = [pool.get(content, used) for content in contents]
-        entries.append({**_entry(_question(anchor, target), answer, paths[:1], paths[1:]), "objects": contents})
-    json_path = out / json_name
-    json_path.write_text(json.dumps(entries, indent=1))
-    return json_path
+    out, entries = _haystack_entries(out_dir, n_entries, min_images, max_images, image_size, seed, variants,
+                                     log_uniform)
+    return _write_entries(out / json_name, [entry for entry, _ in entries])
+
+
+def synth_retrieval(
+    out_dir: str | Path,
+    *,
+    n_entries: int,
+    min_images: int,
+    max_images: int,
+    image_size: int = 56,
+    seed: int = 0,
+    variants: int = 4,
+    log_uniform: bool = False,
+    json_name: str = "retrieval_synth.json",
+) -> Path:
+    """Write ``synth_haystacks``'s haystacks as ``task="free"`` data that teaches finding the needle image.
+
+    Entries 0, 2, 4, ... ask "For the image with a {anchor}, what else is there?", answered with the needle image's
+    other object ("blue square"); the others keep their yes/no question, written after ``VHS_PROMPT`` as the
+    ``vhs`` task shows it. The yes/no answer depends on the needle image only through one bit, which a model trained
+    from scratch did not learn from in thousands of steps on haystacks of 2 to 4 images; naming the object gives a
+    first-order signal for attending to the anchor's image, and the model then answers the yes/no questions too.
+    Same arguments as ``synth_haystacks`` (same seed, same haystacks and images); returns the JSON path.
+    """
+    out, entries = _haystack_entries(out_dir, n_entries, min_images, max_images, image_size, seed, variants,
+                                     log_uniform)
+    written = []
+    for k, (entry, anchor) in enumerate(entries):
+        question, answer = entry["conversations"][0]["value"], entry["conversations"][1]["value"]
+        if k % 2 == 0:
+            question, answer = _retrieval_question(anchor), next(o for o in entry["objects"][0] if o != anchor)
+        else:
+            question = VHS_PROMPT + question
+        written.append({**_entry(question, answer, entry["pos_image"], entry["neg_image"]),
+                        "objects": entry["objects"]})
+    return _write_entries(out / json_name, written)
 
 
 def synth_captions(
@@ -410,9 +463,7 @@ def synth_captions(
         content = rng.sample(objects, rng.randint(1, 2))
         path = pool.get(content, set())
         entries.append({**_entry(CAPTION_QUESTION, " and ".join(content), [path], []), "objects": [content]})
-    json_path = out / json_name
-    json_path.write_text(json.dumps(entries, indent=1))
-    return json_path
+    return _write_entries(out / json_name, entries)
 
 
 def vhs_json_name(n_images: int) -> str:

@@ -3,8 +3,9 @@
 The family (``laid/demo_family``, committed): a teacher (4 layers, 8 heads, 4 kv heads, hidden 128) and a smaller base
 student (2 layers, 4 heads, 2 kv heads, hidden 64), same head_dim (16), tokenizer and image processor, both trained
 from random weights by ``laid.train`` (pure SFT, vision tower included) with the same recipe and data: captions of
-single images, then synthetic haystacks of one image and of 1 to 150 images (``FamilyRecipe``; ``build_family``
-reproduces them; their training logs are in ``demo_family/logs``).
+single images, synthetic haystacks of one image, then haystacks of 2 to 4, 2 to 20 and 1 to 150 images with
+"what else is in the anchor's image?" questions among the yes/no ones (``FamilyRecipe``; ``build_family``
+reproduces them and reuses the stages a previous build finished; their training logs are in ``demo_family/logs``).
 
 The demo (``run_demo``), every number from the project's own code:
 
@@ -29,7 +30,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .config import LAidConfig
-from .data import synth_benchmark, synth_captions, synth_haystacks
+from .data import synth_benchmark, synth_captions, synth_haystacks, synth_retrieval
 from .evaluate import SIZES, evaluate
 from .report import report
 from .tiny import save_tiny_model, save_tiny_processor, tiny_qwen25vl_config
@@ -164,15 +165,19 @@ def run_demo(out_dir: str | Path = "runs/demo", *, grid: DemoGrid = QUICK, famil
 
 @dataclass(frozen=True)
 class FamilyRecipe:
-    """How ``build_family`` trains both models: the same three SFT stages, data and settings for each.
+    """How ``build_family`` trains both models: the same five SFT stages, data and settings for each.
 
     1. align: captions of single images (``synth_captions``), so the vision tower learns the objects from a
        first-order signal (a yes/no answer depends on the image only through the question, which a model trained
        from scratch does not learn to use in any affordable number of steps);
     2. single: haystacks of one image, where the question-image matching is learned cheaply (about 1,000 steps;
        with haystacks of 1 to 4 images the student was still at chance after 1,400);
-    3. long: haystacks of 1 to 150 images, log-uniform sizes, one haystack per micro-batch, at a lower learning
-       rate (at the single stage's rate the student forgot the single-image skill: 95% -> 58% at one image).
+    3. find: haystacks of 2 to 4 images, half of the questions asking what else the anchor's image shows
+       (``synth_retrieval``): the first-order signal for attending to the needle image (on yes/no questions alone
+       both models stayed at chance from two images on);
+    4. wide: the same on 2 to 20 images;
+    5. long: the same on 1 to 150 images, log-uniform sizes, one haystack per micro-batch, at a lower learning rate
+       (at the single stage's rate the student forgot the single-image skill: 95% -> 58% at one image).
 
     Learning rates are those of the student's hidden size (64) and scale by ``64 / hidden`` (the teacher, 128,
     takes half), as muP scales Adam's step with width: at the student's rate the teacher stayed at chance for the
@@ -181,10 +186,13 @@ class FamilyRecipe:
 
     align_steps: int = 600
     single_steps: int = 3000
+    find_steps: int = 2000
+    wide_steps: int = 1000
     long_steps: int = 400
-    batch_size: int = 16  # examples per step in the align and single stages
+    batch_size: int = 16  # examples per step in every stage but the long one
     long_grad_accum: int = 8  # haystacks per step in the long stage (micro-batches of one)
     lr: float = 2e-3  # align and single stages
+    find_lr: float = 1e-3  # find and wide stages
     long_lr: float = 3e-4
     seed: int = 0
 
@@ -192,18 +200,26 @@ class FamilyRecipe:
 @dataclass(frozen=True)
 class _Stage:
     name: str
-    task: str
+    data: str  # "captions", "haystacks" (yes/no, task "vhs") or "retrieval" (task "free")
     steps: int
     batch_size: int
     grad_accum: int
+    min_images: int
     max_images: int
     lr: float  # at the student's hidden size
 
+    @property
+    def task(self) -> str:
+        return "vhs" if self.data == "haystacks" else "free"
+
 
 def _family_stages(recipe: FamilyRecipe) -> list[_Stage]:
-    return [_Stage("align", "free", recipe.align_steps, recipe.batch_size, 1, 1, recipe.lr),
-            _Stage("single", "vhs", recipe.single_steps, recipe.batch_size, 1, 1, recipe.lr),
-            _Stage("long", "vhs", recipe.long_steps, 1, recipe.long_grad_accum, 150, recipe.long_lr)]
+    r = recipe
+    return [_Stage("align", "captions", r.align_steps, r.batch_size, 1, 1, 1, r.lr),
+            _Stage("single", "haystacks", r.single_steps, r.batch_size, 1, 1, 1, r.lr),
+            _Stage("find", "retrieval", r.find_steps, r.batch_size, 1, 2, 4, r.find_lr),
+            _Stage("wide", "retrieval", r.wide_steps, r.batch_size, 1, 2, 20, r.find_lr),
+            _Stage("long", "retrieval", r.long_steps, 1, r.long_grad_accum, 1, 150, r.long_lr)]
 
 
 FAMILY_STAGES = tuple(stage.name for stage in _family_stages(FamilyRecipe()))  # in order; FamilyRecipe.<name>_steps
@@ -213,15 +229,14 @@ def _family_data(work: Path, stage: _Stage, seed: int) -> Path:
     """The stage's training set under ``work/data/<stage>`` (one epoch holds its steps), written once."""
     folder = work / "data" / stage.name
     n_entries = stage.steps * stage.batch_size * stage.grad_accum
-    if stage.task == "free":
-        json_path = folder / "captions_synth.json"
-        if not json_path.is_file():
-            synth_captions(folder, n_entries=n_entries, seed=seed)
-        return json_path
-    json_path = folder / "visual_haystack_synth.json"
+    write, name = {"captions": (synth_captions, "captions_synth.json"),
+                   "haystacks": (synth_haystacks, "visual_haystack_synth.json"),
+                   "retrieval": (synth_retrieval, "retrieval_synth.json")}[stage.data]
+    json_path = folder / name
     if not json_path.is_file():
-        synth_haystacks(folder, n_entries=n_entries, min_images=1, max_images=stage.max_images,
-                        log_uniform=True, seed=seed)
+        sizes = {} if stage.data == "captions" else dict(min_images=stage.min_images, max_images=stage.max_images,
+                                                          log_uniform=True)
+        write(folder, n_entries=n_entries, seed=seed, **sizes)
     return json_path
 
 
@@ -237,6 +252,12 @@ def family_config(init: Path, processor: Path, data: Path, output_dir: Path, sta
         gradient_checkpointing=False, save_every=10**9, keep_checkpoints=1, seed=seed, output_dir=str(output_dir))
 
 
+def _finished(run_dir: Path, config: LAidConfig) -> bool:
+    """Whether ``run_dir`` holds a finished run of exactly ``config`` (its ``config.yaml`` and final summary)."""
+    saved = run_dir / "config.yaml"
+    return (run_dir / "final" / "summary.json").is_file() and saved.is_file() and LAidConfig.from_yaml(saved) == config
+
+
 def build_family(out_dir: str | Path, *, recipe: FamilyRecipe = FamilyRecipe(), work_dir: str | Path | None = None,
                  roles: tuple[str, ...] = ("teacher", "student")) -> Path:
     """Train the demo family from scratch into ``out_dir/{processor,teacher,student,logs}``; returns ``out_dir``.
@@ -245,8 +266,9 @@ def build_family(out_dir: str | Path, *, recipe: FamilyRecipe = FamilyRecipe(), 
     ``recipe.seed + 1``), then ``laid.train`` with ``family_config`` through the recipe's stages, each from the
     previous one's exported weights, on the same synthetic data for both models. The final weights (safetensors) go
     to ``out_dir/<role>``; every stage's ``config.yaml`` and ``metrics.jsonl`` to ``out_dir/logs`` as
-    ``<role>_<stage>_<name>``. Intermediate files go to ``work_dir`` (default ``out_dir/../family_work``). ``roles``
-    trains a subset (the two can run as separate processes).
+    ``<role>_<stage>_<name>``. Intermediate files go to ``work_dir`` (default ``out_dir/../family_work``): a stage
+    that finished there with the same config and inputs is not trained again (an interrupted or extended build
+    resumes). ``roles`` trains a subset (the two can run as separate processes once the data is written).
     """
     out = Path(out_dir)
     work = Path(work_dir) if work_dir is not None else out.parent / "family_work"
@@ -261,9 +283,14 @@ def build_family(out_dir: str | Path, *, recipe: FamilyRecipe = FamilyRecipe(), 
         shape, seed = shapes[role]
         weights = work / f"{role}_init"
         save_tiny_model(weights, tiny_qwen25vl_config(**shape), seed=seed)
+        retrain = False  # once a stage trains, the stages after it start from new weights
         for stage in stages:
             run_dir = work / f"{role}_{stage.name}"
-            train(family_config(weights, processor, data[stage.name], run_dir, stage, shape["hidden"], recipe.seed))
+            config = family_config(weights, processor, data[stage.name], run_dir, stage, shape["hidden"], recipe.seed)
+            retrain = retrain or not _finished(run_dir, config)
+            if retrain:
+                shutil.rmtree(run_dir, ignore_errors=True)
+                train(config)
             weights = run_dir / "final"
             for name in ("metrics.jsonl", "config.yaml"):
                 shutil.copy(run_dir / name, out / "logs" / f"{role}_{stage.name}_{name}")

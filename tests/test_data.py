@@ -23,6 +23,7 @@ from laid.data import (
     load_vhs,
     synth_captions,
     synth_haystacks,
+    synth_retrieval,
 )
 from laid.tiny import TINY_STUDENT, build_tiny_processor, save_tiny_model, tiny_qwen25vl_config
 
@@ -270,6 +271,29 @@ def test_synth_captions_name_the_drawn_objects(tmp_path, processor):
     assert answer == entries[0]["conversations"][1]["value"] + "<|im_end|>"
     with pytest.raises(ValueError, match="must be 'yes' or 'no'"):
         VHsDataset(path, tmp_path, processor)
+
+
+def test_synth_retrieval_alternates_what_else_and_yes_no_questions_over_the_same_haystacks(tmp_path, processor):
+    kwargs = dict(n_entries=9, min_images=2, max_images=5, seed=4)
+    haystacks = load_vhs(synth_haystacks(tmp_path / "h", **kwargs))
+    path = synth_retrieval(tmp_path / "r", **kwargs)
+    entries = load_vhs(path, task="free")
+    assert [(e["pos_image"], e["neg_image"], e["objects"]) for e in entries] == [
+        (h["pos_image"], h["neg_image"], h["objects"]) for h in haystacks]
+    for k, (e, h) in enumerate(zip(entries, haystacks)):
+        question, answer = (turn["value"] for turn in e["conversations"])
+        official = h["conversations"][0]["value"]
+        anchor = official.split(",")[0].split(" ", 5)[-1]  # "For the image with a red circle" -> "red circle"
+        if k % 2:
+            assert (question, answer) == (VHS_PROMPT + official, h["conversations"][1]["value"])
+        else:
+            needle = e["objects"][0]
+            assert question == official.split(",")[0] + ", what else is there?"
+            assert anchor in needle and answer in needle and answer != anchor
+    # Shown as written: the yes/no entries tokenise exactly as the vhs task shows the official question.
+    free = VHsDataset(path, tmp_path / "r", processor, task="free")[1]
+    official = VHsDataset(tmp_path / "h" / "visual_haystack_synth.json", tmp_path / "h", processor)[1]
+    assert all(torch.equal(free[key], official[key]) for key in ("input_ids", "labels", "pixel_values"))
 
 
 def test_synth_log_uniform_sizes_favour_short_haystacks(tmp_path):

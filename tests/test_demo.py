@@ -5,22 +5,27 @@ then the demo distils every variant, evaluates every model and reports, exactly 
 """
 
 import json
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
 from laid.cli import main
-from laid.demo import (BASELINE, FAMILY_DIR, VARIANTS, DemoGrid, FamilyRecipe, build_family, family_paths,
-                       folder_name, run_demo)
+from laid.demo import (BASELINE, FAMILY_DIR, FAMILY_STAGES, VARIANTS, DemoGrid, FamilyRecipe, build_family,
+                       family_paths, folder_name, run_demo)
 
 MINI = DemoGrid(seeds=(0,), steps=2, batch_size=2, train_entries=8, questions=2, sizes=(1, 150))
+MINI_RECIPE = FamilyRecipe(align_steps=2, single_steps=1, find_steps=1, wide_steps=1, long_steps=2, batch_size=2,
+                           long_grad_accum=2)
+STAGE_TASKS = {"align": "free", "single": "vhs", "find": "free", "wide": "free", "long": "free"}
 
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
     root = tmp_path_factory.mktemp("family")
-    recipe = FamilyRecipe(align_steps=2, single_steps=1, long_steps=2, batch_size=2, long_grad_accum=2)
-    return build_family(root / "family", recipe=recipe, work_dir=root / "work")
+    return build_family(root / "family", recipe=MINI_RECIPE, work_dir=root / "work")
 
 
 def test_build_family_trains_both_models_from_scratch(family):
@@ -32,13 +37,36 @@ def test_build_family_trains_both_models_from_scratch(family):
         changed = [k for k in trained if not (trained[k] == initial[k]).all()]
         assert any(k.startswith("visual.") for k in changed)  # the vision tower trains too
         assert any(k.startswith("model.layers.") for k in changed)
-        for stage, steps in (("align", 2), ("single", 1), ("long", 2)):
+        assert list(STAGE_TASKS) == list(FAMILY_STAGES)
+        for stage, task in STAGE_TASKS.items():
+            steps = getattr(MINI_RECIPE, f"{stage}_steps")
             log = family / "logs" / f"{role}_{stage}_metrics.jsonl"
             metrics = [json.loads(line) for line in log.read_text().splitlines()]
             assert [m["step"] for m in metrics] == list(range(1, steps + 1)) and set(metrics[0]) >= {"sft", "loss"}
             config = (family / "logs" / f"{role}_{stage}_config.yaml").read_text()
-            assert f"task: {'free' if stage == 'align' else 'vhs'}" in config
+            assert f"task: {task}" in config
     assert json.loads((family / "logs" / "recipe.json").read_text())["long_steps"] == 2
+
+
+def test_build_family_reuses_finished_stages_of_the_same_config(tmp_path, monkeypatch):
+    """A rerun over the same work folder trains nothing; a changed stage retrains that stage and the ones after it."""
+    import laid.demo as demo
+
+    trained, real_train = [], demo.train
+
+    def recording_train(config):
+        trained.append(Path(config.output_dir).name)
+        return real_train(config)
+
+    monkeypatch.setattr(demo, "train", recording_train)
+    build = partial(build_family, tmp_path / "family", work_dir=tmp_path / "work", roles=("student",))
+    build(recipe=MINI_RECIPE)
+    assert trained == [f"student_{stage}" for stage in FAMILY_STAGES]
+    trained.clear()
+    build(recipe=MINI_RECIPE)
+    assert trained == []
+    build(recipe=replace(MINI_RECIPE, wide_steps=2))
+    assert trained == ["student_wide", "student_long"]
 
 
 def test_miniature_demo_distils_evaluates_and_reports(family, tmp_path, capsys):
