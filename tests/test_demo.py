@@ -5,6 +5,8 @@ then the demo distils every variant, evaluates every model and reports, exactly 
 """
 
 import json
+import subprocess
+import sys
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -19,6 +21,7 @@ from laid.demo import (BASELINE, FAMILY_DIR, FAMILY_STAGES, VARIANTS, DemoGrid, 
 MINI = DemoGrid(seeds=(0,), steps=2, batch_size=2, train_entries=8, questions=2, sizes=(1, 150))
 MINI_RECIPE = FamilyRecipe(align_steps=2, single_steps=1, find_steps=1, wide_steps=1, long_steps=2, batch_size=2,
                            long_grad_accum=2)
+REPO = Path(__file__).resolve().parent.parent
 STAGE_TASKS = {"align": "free", "single": "vhs", "find": "free", "wide": "free", "long": "free"}
 
 
@@ -93,6 +96,17 @@ def test_miniature_demo_distils_evaluates_and_reports(family, tmp_path, capsys):
     with pytest.raises(ValueError, match="holds a demo with another grid"):
         run_demo(tmp_path / "demo", grid=DemoGrid(seeds=(0,), steps=3, questions=2, sizes=(1, 150)), family=family)
 
+    # benchmarks/needle_attention.py runs on a finished demo: at one image all image attention is on the needle.
+    out = tmp_path / "needle.json"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "needle_attention.py"), "--demo",
+                           str(tmp_path / "demo"), "--family", str(family), "--sizes", "1", "150", "--questions", "1",
+                           "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 * 5 and out.with_suffix(".png").is_file()
+    for row in rows:
+        assert row["best_head"] == pytest.approx(1.0) if row["size"] == 1 else 0 < row["best_head"] < 1
+
 
 def test_demo_cli_errors_name_the_missing_family(tmp_path, capsys):
     assert main(["demo", "--family", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")]) == 2
@@ -103,5 +117,5 @@ def test_the_committed_family_is_complete():
     paths = family_paths(FAMILY_DIR)
     for role in ("teacher", "student"):
         assert (paths[role] / "model.safetensors").is_file() and (paths[role] / "config.json").is_file()
-        for stage in ("align", "single", "long"):
+        for stage in FAMILY_STAGES:
             assert (FAMILY_DIR / "logs" / f"{role}_{stage}_metrics.jsonl").is_file()
