@@ -15,7 +15,7 @@ without being run; a watchdog also ends a worker whose RSS crosses the budget.
     python benchmarks/attn_match_150img.py                       # all sizes, fused backend of the device + reference
     python benchmarks/attn_match_150img.py --images 1 10 --backends cpu
 
-Writes benchmarks/out/attn_match_150img.{json,md,png}.
+Writes attn_match_150img.{json,md,png} to --out (default benchmarks/out/).
 """
 
 from __future__ import annotations
@@ -242,19 +242,21 @@ def main() -> None:
     parser.add_argument("--backends", nargs="+", default=None,
                         help="default: the fused backend of the device (triton on CUDA, cpu here) and reference")
     parser.add_argument("--limit-gb", type=float, default=24.0, help="memory budget of one run (RAM on CPU)")
+    parser.add_argument("--out", type=Path, default=OUT, help="folder for the JSON, markdown and PNG")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backends = args.backends or ["triton" if device == "cuda" else "cpu", "reference"]
     results = run_all(sorted(args.images), backends, device, args.limit_gb)
-    OUT.mkdir(parents=True, exist_ok=True)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
     machine = (torch.cuda.get_device_name() if device == "cuda" else
                f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}")
     meta = dict(date=time.strftime("%Y-%m-%d", time.gmtime()), machine=machine, device=device,
                 student_heads=STUDENT, teacher_heads=TEACHER, head_dim=HEAD_DIM, dtype="bfloat16")
-    (OUT / "attn_match_150img.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    (out / "attn_match_150img.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     text = table(results)
-    (OUT / "attn_match_150img.md").write_text(f"{meta['date']}, {machine}\n\n{text}\n")
-    plot(results, OUT / "attn_match_150img.png")
+    (out / "attn_match_150img.md").write_text(f"{meta['date']}, {machine}\n\n{text}\n")
+    plot(results, out / "attn_match_150img.png")
     print(text)
 
 

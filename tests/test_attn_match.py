@@ -6,7 +6,11 @@ block is shrunk so that every case streams several key blocks. Their AOT compila
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -288,3 +292,20 @@ def test_auto_backend_on_cpu():
     auto = attn_match_loss(**inputs, query_mask=mask, progress=0.3, valid=valid)
     explicit = attn_match_loss(**inputs, query_mask=mask, progress=0.3, valid=valid, backend=chosen)
     torch.testing.assert_close(auto, explicit, rtol=0, atol=0)
+
+
+def test_benchmark_script_small_run(tmp_path):
+    """benchmarks/attn_match_150img.py end to end at 1 and 2 images (the full 150-image run is not a test)."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "attn_match_150img.py"
+    done = subprocess.run([sys.executable, str(script), "--images", "1", "2", "--out", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = json.loads((tmp_path / "attn_match_150img.json").read_text())["results"]
+    assert {(r["images"], r["backend"]) for r in results} == {(1, "cpu"), (2, "cpu"), (1, "reference"),
+                                                              (2, "reference")}
+    for r in results:
+        assert r["seconds"] > 0 and r["input_bytes"] > 0 and r["peak_bytes"] > 0
+    losses = {r["images"]: [x["loss"] for x in results if x["images"] == r["images"]] for r in results}
+    for images, (first, second) in losses.items():  # both backends compute the same loss on the same inputs
+        assert first == pytest.approx(second, rel=1e-3), images
+    assert (tmp_path / "attn_match_150img.md").is_file() and (tmp_path / "attn_match_150img.png").is_file()

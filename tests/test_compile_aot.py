@@ -8,6 +8,11 @@ stand in for the inputs), and are compiled in a subprocess without TRITON_INTERP
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from laid_kernels.aot import compile_in_subprocess, cuobjdump_path
@@ -57,3 +62,17 @@ def test_no_register_spills(compiled):
 def test_accurate_cos_sin(compiled):
     for r in compiled:
         assert "cos.approx" not in r.ptx and "sin.approx" not in r.ptx, (r.name, r.arch)
+
+
+def test_compile_report_script_small_run(tmp_path):
+    """benchmarks/compile_report.py end to end on 64 interpreted tokens, so that the script cannot rot."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "compile_report.py"
+    done = subprocess.run([sys.executable, str(script), "--tokens", "64", "--out", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads((tmp_path / "compile_report.json").read_text())
+    assert {row["arch"] for row in report["compile"]} == {"sm_80", "sm_90"}
+    assert all(row["spill_stores"] == 0 and row["spill_loads"] == 0 for row in report["compile"])
+    qk = report["qk_align"]
+    assert qk["tokens"] == 64 and qk["minimal"] <= qk["fused"] <= 1.1 * qk["minimal"]
+    assert (tmp_path / "compile_report.png").stat().st_size > 0
