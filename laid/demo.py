@@ -226,9 +226,10 @@ FAMILY_STAGES = tuple(stage.name for stage in _family_stages(FamilyRecipe()))  #
 
 
 def _family_data(work: Path, stage: _Stage, seed: int) -> Path:
-    """The stage's training set under ``work/data/<stage>`` (one epoch holds its steps), written once."""
-    folder = work / "data" / stage.name
+    """The stage's training set under ``work/data/<stage>-<entries>`` (one epoch holds exactly its steps, so a
+    stage given more steps gets a new set), written once."""
     n_entries = stage.steps * stage.batch_size * stage.grad_accum
+    folder = work / "data" / f"{stage.name}-{n_entries}"
     write, name = {"captions": (synth_captions, "captions_synth.json"),
                    "haystacks": (synth_haystacks, "visual_haystack_synth.json"),
                    "retrieval": (synth_retrieval, "retrieval_synth.json")}[stage.data]

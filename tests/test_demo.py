@@ -70,6 +70,8 @@ def test_build_family_reuses_finished_stages_of_the_same_config(tmp_path, monkey
     assert trained == []
     build(recipe=replace(MINI_RECIPE, wide_steps=2))
     assert trained == ["student_wide", "student_long"]
+    wide_log = (tmp_path / "work" / "student_wide" / "metrics.jsonl").read_text().splitlines()
+    assert len(wide_log) == 2  # the longer stage got a training set that holds its steps
 
 
 def test_miniature_demo_distils_evaluates_and_reports(family, tmp_path, capsys):
