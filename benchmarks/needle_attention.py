@@ -1,6 +1,6 @@
 """Where the demo's models look: the share of image attention that lands on the needle image, by haystack size.
 
-    python benchmarks/needle_attention.py [--demo runs/demo_full] [--sizes 2 5 20 50 150] [--questions 20]
+    python benchmarks/needle_attention.py [--demo runs/demo] [--sizes 2 5 20 50 150] [--questions 20]
 
 For each model (the family's teacher and base student, and the seed-0 SFT, LAid and LAid w/o L_qk students of a
 ``laid demo`` run) and each size, the test haystacks of the demo are laid out exactly as ``laid eval`` shows them
@@ -79,7 +79,7 @@ def plot(rows: list[dict], sizes: list[int], path: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--demo", default="runs/demo_full", help="a finished `laid demo` output folder")
+    parser.add_argument("--demo", default="runs/demo", help="a finished `laid demo` output folder")
     parser.add_argument("--family", default=str(FAMILY_DIR))
     parser.add_argument("--sizes", type=int, nargs="+", default=[2, 5, 20, 50, 150])
     parser.add_argument("--questions", type=int, default=20)

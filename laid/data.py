@@ -369,6 +369,7 @@ def _haystack_entries(out_dir, n_entries: int, min_images: int, max_images: int,
 
 
 def _write_entries(json_path: Path, entries: list[dict]) -> Path:
+    """Write VHs entries as the JSON files of this module are written (indent 1); returns ``json_path``."""
     json_path.write_text(json.dumps(entries, indent=1))
     return json_path
 
@@ -486,7 +487,7 @@ def synth_benchmark(out_dir: str | Path, *, sizes, n_entries: int, image_size: i
         for entry in entries:
             for key in ("pos_image", "neg_image"):
                 entry[key] = [f"{folder}/{p}" for p in entry[key]]
-        (out / vhs_json_name(size)).write_text(json.dumps(entries, indent=1))
+        _write_entries(out / vhs_json_name(size), entries)
         path.unlink()
     return out
 
@@ -604,5 +605,4 @@ def build_train_from_coco(
     rng.shuffle(entries)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(entries, indent=1))
-    return out
+    return _write_entries(out, entries)
