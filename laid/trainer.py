@@ -91,6 +91,18 @@ def check_images(entries: list[dict], image_root: Path, data: str) -> None:
                                         f"(image paths are relative to image_root {str(image_root)!r})")
 
 
+# L_qk (normalised by the mixed targets) of a least-squares head mixing is about (1 - R^2) / R^2, R^2 the share of the
+# student's Q/K that the teacher heads' mix explains: 1 at one half, 10 at 9 %.
+QK_DOMINATES = 10.0
+
+
+def _qk_warning(qk: float) -> str:
+    return (f"warning: L_qk = {qk:.3g} at the first step: the teacher heads' mix explains only about "
+            f"{100 / (1 + qk):.2g}% of the student's queries and keys (L_qk is about (1 - R^2) / R^2 for a "
+            f"least-squares mixing), so L_qk dominates the objective and L_attn's target, the attention of these "
+            f"small mixed heads, is nearly uniform; in laid demo this made the student worse (see the README)")
+
+
 def train(config: LAidConfig | str | Path | None = None, /, **overrides) -> dict:
     """Run LAid distillation; returns the run summary (also written to ``output_dir/final/summary.json``)."""
     config = resolve_config(config, overrides)
@@ -229,6 +241,8 @@ def train(config: LAidConfig | str | Path | None = None, /, **overrides) -> dict
                         handle.write(json.dumps(last_metrics) + "\n")
                 if config.trackers:
                     accelerator.log(last_metrics, step=state.step)
+            if state.step == 1 and reduced.get("qk", 0.0) > QK_DOMINATES:
+                accelerator.print(_qk_warning(reduced["qk"]))
             bar.set_postfix({k: f"{v:.4g}" for k, v in last_metrics.items()
                              if k in ("loss", "qk", "attn", "kl", "sft", "tokens_per_s", "peak_mem_gb")})
             bar.update(1)

@@ -21,7 +21,7 @@ from laid.cli import main
 from laid.losses import LAidObjective
 from laid.mixer import HeadMixer
 from laid.models import load_processor, load_student, load_teacher, text_config
-from laid.trainer import metrics_until
+from laid.trainer import QK_DOMINATES, metrics_until
 from laid.tiny import TINY_STUDENT, save_tiny_model, tiny_qwen25vl_config
 from train_helpers import build_tiny_setup, first_batch, subprocess_env, tiny_config
 
@@ -265,3 +265,14 @@ def test_ablations_drop_exactly_their_term(paths, overrides, terms):
     torch.testing.assert_close(out["loss"], torch.as_tensor(expected))
     with pytest.raises(ValueError, match="the LAid term is empty"):
         tiny_config(paths, "unused", qk_weight=0.0, beta=0.0)
+
+
+def test_a_dominating_l_qk_is_reported_at_the_first_step(paths, tmp_path, capsys):
+    """Unrelated random heads: their least-squares mix explains little of the student's Q/K, L_qk starts far above 1
+    and the run says so, once. A teacher that is the student itself is explained exactly: no warning."""
+    laid.train(tiny_config(paths, tmp_path / "unrelated", max_steps=2))
+    assert read_metrics(tmp_path / "unrelated")[0]["qk"] > QK_DOMINATES
+    assert capsys.readouterr().out.count("warning: L_qk") == 1
+    laid.train(tiny_config(paths, tmp_path / "same", teacher=paths["student"], max_steps=2))
+    assert read_metrics(tmp_path / "same")[0]["qk"] < 0.1
+    assert "warning: L_qk" not in capsys.readouterr().out
