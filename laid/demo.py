@@ -226,10 +226,10 @@ FAMILY_STAGES = tuple(stage.name for stage in _family_stages(FamilyRecipe()))  #
 
 
 def _family_data(work: Path, stage: _Stage, seed: int) -> Path:
-    """The stage's training set under ``work/data/<stage>-<entries>`` (one epoch holds exactly its steps, so a
-    stage given more steps gets a new set), written once."""
+    """The stage's training set under ``work/data/<stage>-<entries>-seed<seed>`` (one epoch holds exactly its steps;
+    a stage given more steps or another seed gets a new set), written once."""
     n_entries = stage.steps * stage.batch_size * stage.grad_accum
-    folder = work / "data" / f"{stage.name}-{n_entries}"
+    folder = work / "data" / f"{stage.name}-{n_entries}-seed{seed}"
     write, name = {"captions": (synth_captions, "captions_synth.json"),
                    "haystacks": (synth_haystacks, "visual_haystack_synth.json"),
                    "retrieval": (synth_retrieval, "retrieval_synth.json")}[stage.data]
@@ -248,8 +248,8 @@ def family_config(init: Path, processor: Path, data: Path, output_dir: Path, sta
     return LAidConfig().with_overrides(
         student=str(init), processor=str(processor), data=str(data), image_root=str(data.parent), task=stage.task,
         max_images=stage.max_images, lambda_laid=0.0, lambda_kl=0.0, lambda_sft=1.0, train_vision=True,
-        lr=stage.lr * STUDENT_SHAPE["hidden"] / hidden, weight_decay=0.0, epochs=1, max_steps=stage.steps, batch_size=stage.batch_size,
-        grad_accum=stage.grad_accum, warmup_ratio=0.05, precision="fp32", attn_implementation="sdpa",
+        lr=stage.lr * STUDENT_SHAPE["hidden"] / hidden, weight_decay=0.0, epochs=1, max_steps=stage.steps,
+        batch_size=stage.batch_size, grad_accum=stage.grad_accum, warmup_ratio=0.05, precision="fp32", attn_implementation="sdpa",
         gradient_checkpointing=False, save_every=10**9, keep_checkpoints=1, seed=seed, output_dir=str(output_dir))
 
 

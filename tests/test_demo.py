@@ -15,6 +15,7 @@ import pytest
 from safetensors.torch import load_file
 
 from laid.cli import main
+from laid.config import LAidConfig
 from laid.demo import (BASELINE, FAMILY_DIR, FAMILY_STAGES, VARIANTS, DemoGrid, FamilyRecipe, build_family,
                        family_paths, folder_name, run_demo)
 
@@ -72,6 +73,15 @@ def test_build_family_reuses_finished_stages_of_the_same_config(tmp_path, monkey
     assert trained == ["student_wide", "student_long"]
     wide_log = (tmp_path / "work" / "student_wide" / "metrics.jsonl").read_text().splitlines()
     assert len(wide_log) == 2  # the longer stage got a training set that holds its steps
+
+    def data_of(stage: str) -> str:
+        return LAidConfig.from_yaml(tmp_path / "work" / f"student_{stage}" / "config.yaml").data
+
+    seed0_data = {stage: data_of(stage) for stage in FAMILY_STAGES}
+    trained.clear()
+    build(recipe=replace(MINI_RECIPE, wide_steps=2, seed=1))
+    assert trained == [f"student_{stage}" for stage in FAMILY_STAGES]
+    assert all(data_of(stage) != seed0_data[stage] for stage in FAMILY_STAGES)  # another seed draws its own data
 
 
 def test_miniature_demo_distils_evaluates_and_reports(family, tmp_path, capsys):
