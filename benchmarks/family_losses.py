@@ -18,12 +18,17 @@ from laid.demo import FAMILY_DIR, FAMILY_STAGES
 WINDOW = 50
 
 
+def sft_losses(family: Path, role: str, stage: str) -> list[float]:
+    """The SFT loss of every optimizer step of one model's stage, from its metrics log."""
+    lines = (family / "logs" / f"{role}_{stage}_metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["sft"] for line in lines]
+
+
 def stage_losses(family: Path) -> list[dict]:
     rows = []
     for role in ("teacher", "student"):
         for stage in FAMILY_STAGES:
-            lines = (family / "logs" / f"{role}_{stage}_metrics.jsonl").read_text().splitlines()
-            losses = [json.loads(line)["sft"] for line in lines]
+            losses = sft_losses(family, role, stage)
             rows.append({"model": role, "stage": stage, "steps": len(losses),
                          "first": sum(losses[:WINDOW]) / len(losses[:WINDOW]),
                          "last": sum(losses[-WINDOW:]) / len(losses[-WINDOW:])})
@@ -41,8 +46,7 @@ def plot_curves(family: Path, path: Path, smooth: int = 20) -> Path:
     for role in ("teacher", "student"):
         losses = []
         for stage in FAMILY_STAGES:
-            lines = (family / "logs" / f"{role}_{stage}_metrics.jsonl").read_text().splitlines()
-            losses += [json.loads(line)["sft"] for line in lines]
+            losses += sft_losses(family, role, stage)
             if role == "teacher":
                 axis.axvline(len(losses), color="grey", lw=0.5)
                 axis.text(len(losses), 3.0, f" {stage} ", ha="right", va="top", fontsize=8)
