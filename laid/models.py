@@ -12,10 +12,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 
 import torch
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+from transformers.utils import logging as hf_logging
 
 from .capture import unwrap
 
@@ -31,13 +33,30 @@ def choose_attention(requested: str, device: torch.device) -> str:
 
 def load_model(source: str, *, dtype: torch.dtype, attn_implementation: str,
                role: str) -> Qwen2_5_VLForConditionalGeneration:
-    """``Qwen2_5_VLForConditionalGeneration.from_pretrained(source)`` with a clear error naming ``role``."""
+    """``Qwen2_5_VLForConditionalGeneration.from_pretrained(source)`` with a clear error naming ``role``.
+
+    transformers' own "Loading weights" progress bar is silenced while it loads: laid's commands show their own bars,
+    and a bar per model loaded would interleave with them.
+    """
     try:
-        return Qwen2_5_VLForConditionalGeneration.from_pretrained(source, dtype=dtype,
-                                                                   attn_implementation=attn_implementation)
+        with _no_transformers_progress_bars():
+            return Qwen2_5_VLForConditionalGeneration.from_pretrained(source, dtype=dtype,
+                                                                       attn_implementation=attn_implementation)
     except (OSError, ValueError) as error:
         raise ValueError(f"{role}: cannot load a Qwen2.5-VL model from {source!r} (a folder written by "
                          f"save_pretrained or a hub id was expected): {error}") from error
+
+
+@contextlib.contextmanager
+def _no_transformers_progress_bars():
+    """Turn transformers' tqdm bars off for the ``with`` block, and back on after it if they were on."""
+    were_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if were_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def load_teacher(source: str, *, device: torch.device, attn_implementation: str = "auto"):

@@ -80,6 +80,25 @@ class CompileResult:
     ptx: str
 
 
+def why_cannot_compile() -> str | None:
+    """None when this machine can compile and inspect kernels ahead of time, else the reason (for skips)."""
+    from .triton_support import untested_triton_reason
+
+    reason = untested_triton_reason()
+    if reason is not None:
+        return reason
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        if not get_ptxas(90).path:
+            return "Triton's ptxas is missing"
+    except Exception as error:  # noqa: BLE001 - any failure here means no NVIDIA compiler
+        return f"Triton's NVIDIA backend / ptxas is not available: {error}"
+    if cuobjdump_path() is None:
+        return "cuobjdump is missing (it ships in triton/backends/nvidia/bin)"
+    return None
+
+
 def cuobjdump_path() -> Path | None:
     """The cuobjdump inside the Triton wheel (or on PATH), or None if there is none."""
     import triton
@@ -129,6 +148,9 @@ def ptxas_spills(ptx: str, arch: int, enable_fp_fusion: bool = True) -> dict[str
 def compile_launch(launch: Launch, arch: int) -> CompileResult:
     """Compile ``launch`` for ``GPUTarget("cuda", arch, 32)`` in this process (needs real JIT kernels, i.e. no
     ``TRITON_INTERPRET=1``) and read its resource usage."""
+    from .triton_support import require_tested_triton
+
+    require_tested_triton("laid_kernels.aot (it binds launch arguments with Triton's private launch binder)")
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import make_backend

@@ -39,12 +39,11 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
-import triton
-import triton.language as tl
 
 from . import backends, reference
 from .aot import Launch
 from .rope_triton import load_positions, mrope_cos_sin, rotate_pair, unrotate_pair
+from .triton_support import tl, triton
 from .validation import check_attn_match_args
 
 OP = "attn_match_loss"

@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import torch
 
+from .triton_support import IMPORT_ERROR
 from .validation import check_backend
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
@@ -99,10 +100,8 @@ def resolve(op: str, backend: str, device: torch.device) -> Callable:
 
 
 def _triton_unavailable(device: torch.device) -> str | None:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "triton is not installed (it ships with torch on Linux)"
+    if IMPORT_ERROR is not None:
+        return f"triton cannot be imported ({IMPORT_ERROR}); on Linux it ships with torch (pip install triton)"
     if device.type == "cuda":
         return None
     if device.type == "cpu" and TRITON_INTERPRET:

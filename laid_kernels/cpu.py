@@ -1,8 +1,9 @@
 """The native CPU backend: ``apply_mrope`` and the fused ``qk_align_loss`` in C++ (``csrc/``), built on first use.
 
 Build: the first CPU call compiles ``csrc/*.cpp`` with ``torch.utils.cpp_extension.load`` (a C++ compiler and ninja
-are needed; about 30 s with 2 cores) into torch's extension cache (``TORCH_EXTENSIONS_DIR``, default
-``~/.cache/torch_extensions``); later processes load the cached library. Importing ``laid_kernels`` never builds.
+are needed; about a minute with 2 cores, announced on stderr when it starts and ends) into
+``TORCH_EXTENSIONS_DIR`` (default torch's build root, ``~/.cache/torch_extensions``)/<build name>; later processes
+load the cached library. Importing ``laid_kernels`` never builds.
 The code is compiled with ``-march=native``, so the cache entry's name carries a digest of the sources, of this
 CPU's instruction-set flags and of the torch version. Without a compiler (or ninja) the backend is unavailable and
 ``backend="auto"`` falls back to the reference with one warning (``laid_kernels.backends``).
@@ -26,6 +27,8 @@ import hashlib
 import os
 import platform
 import shutil
+import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -90,13 +93,33 @@ def why_unavailable(device: torch.device) -> str | None:
     return device_problem(device) or TOOLCHAIN_PROBLEM
 
 
+def build_directory() -> Path:
+    """Where the build of :func:`build_name` lives: ``TORCH_EXTENSIONS_DIR`` (default torch's build root)/name."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / build_name()
+
+
 @functools.cache
 def library():
-    """``torch.ops.laid_cpu``, compiling the C++ sources on the first call (cached on disk across processes)."""
+    """``torch.ops.laid_cpu``, compiling the C++ sources on the first call (cached on disk across processes).
+
+    A build (not a cached load) says so on stderr when it starts and when it ends, since it takes about a minute.
+    """
     from torch.utils.cpp_extension import load
 
+    directory = build_directory()
+    cached = (directory / f"{build_name()}.so").is_file()
+    if not cached:
+        print(f"laid_kernels: building the native CPU backend (C++, about a minute; once per machine, CPU and "
+              f"torch version) in {directory} ...", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+    directory.mkdir(parents=True, exist_ok=True)
     load(build_name(), [str(SOURCE_DIR / name) for name in SOURCES], extra_cflags=list(CFLAGS),
-         extra_ldflags=list(LDFLAGS), is_python_module=False)
+         extra_ldflags=list(LDFLAGS), build_directory=str(directory), is_python_module=False)
+    if not cached:
+        print(f"laid_kernels: native CPU backend built in {time.perf_counter() - started:.0f} s, cached in "
+              f"{directory}", file=sys.stderr, flush=True)
     return torch.ops.laid_cpu
 
 

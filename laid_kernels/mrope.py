@@ -12,12 +12,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import triton
-import triton.language as tl
 
 from . import backends, reference
 from .aot import Launch
 from .rope_triton import load_positions, mrope_cos_sin, rotate_pair, unrotate_pair
+from .triton_support import tl, triton
 from .validation import check_apply_mrope_args
 
 OP = "apply_mrope"

@@ -10,8 +10,9 @@ Rotate-half convention: channel f (f < D/2) pairs with channel f + D/2; ``lo`` i
 and ``hi`` the matching block of second-half channels.
 """
 
-import triton
-import triton.language as tl
+from __future__ import annotations
+
+from .triton_support import tl, triton
 
 
 @triton.jit

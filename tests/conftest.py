@@ -13,16 +13,25 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 def _round_fp32_to_bf16_to_nearest_even_in_interpreter() -> None:
     """Make the interpreter's fp32 -> bf16 ``.to()`` round to nearest even, as the GPU's cvt.rn.bf16.f32 does.
 
-    Triton 3.9's interpreter truncates there (``InterpreterBuilder.create_fp_trunc`` converts with no rounding mode),
+    Triton's interpreter (3.8 and 3.9) truncates there (``InterpreterBuilder.create_fp_trunc`` converts with no rounding mode),
     which adds up to one bf16 ulp to every bf16 output and would make the tolerance tests measure the interpreter,
     not the kernel. fp16 and fp32 conversions already round correctly (numpy).
     """
+    import inspect
+
     import numpy as np
     import torch
+    import triton
     import triton.language as tl
     from triton.runtime import interpreter
 
+    from laid_kernels.triton_support import TESTED_TRITON
+
     truncate = interpreter.InterpreterBuilder.create_fp_trunc
+    if tuple(inspect.signature(truncate).parameters) != ("self", "src", "dst_type"):
+        raise RuntimeError(f"tests/conftest.py: triton {triton.__version__}'s InterpreterBuilder.create_fp_trunc is "
+                           f"{inspect.signature(truncate)}, not (self, src, dst_type) as in the tested releases "
+                           f"{', '.join(TESTED_TRITON)}: update the bf16 rounding patch for this release")
 
     def create_fp_trunc(self, src, dst_type):
         if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:

@@ -13,7 +13,7 @@ import pytest
 
 from laid_kernels import aot
 
-pytestmark = pytest.mark.skipif(aot.cuobjdump_path() is None, reason="cuobjdump (shipped in the triton wheel) not found")
+pytestmark = pytest.mark.skipif(aot.why_cannot_compile() is not None, reason=str(aot.why_cannot_compile()))
 
 
 @pytest.fixture(scope="module")

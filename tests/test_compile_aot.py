@@ -15,26 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from laid_kernels.aot import compile_in_subprocess, cuobjdump_path
+from laid_kernels.aot import compile_in_subprocess, why_cannot_compile
 
 ARCHS = (80, 90)
 SHAPES = {"heads": [28, 4, 40, 8], "tokens": 512, "head_dim": 128, "section": [16, 24, 24], "dtype": "bfloat16"}
 
 
-def _compiler_missing() -> str | None:
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas
-        ptxas = get_ptxas(90).path
-    except Exception as error:  # noqa: BLE001 - any failure here means no NVIDIA compiler
-        return f"Triton's NVIDIA backend / ptxas is not available: {error}"
-    if not ptxas:
-        return "Triton's ptxas is missing"
-    if cuobjdump_path() is None:
-        return "cuobjdump is missing (it ships in triton/backends/nvidia/bin)"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_compiler_missing() is not None, reason=str(_compiler_missing()))
+pytestmark = pytest.mark.skipif(why_cannot_compile() is not None, reason=str(why_cannot_compile()))
 
 
 @pytest.fixture(scope="module", params=["laid_kernels.mrope:aot_launches", "laid_kernels.qk_align:aot_launches"])

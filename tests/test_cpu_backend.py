@@ -170,3 +170,52 @@ def test_benchmark_script_small_run(tmp_path):
     assert two["tokens"] - one["tokens"] >= 359
     assert one["input_bytes"] > 0 and one["grad_bytes"] > 0 and one["time_s"] > 0 and one["roofline_s"] > 0
     assert result["rates"]["copy_bytes_per_s"] > 0 and result["rates"]["matmul_flop_per_s"] > 0
+
+
+def test_a_build_is_announced_on_stderr_and_a_cached_load_is_silent(tmp_path, monkeypatch, capsys):
+    import torch.utils.cpp_extension
+
+    def fake_build(name, sources, *, build_directory, **options):  # writes the library a real build would
+        (Path(build_directory) / f"{name}.so").write_bytes(b"")
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", fake_build)
+    cpu.library.cache_clear()
+    try:
+        cpu.library()
+        said = capsys.readouterr().err
+        assert "building the native CPU backend" in said and f"cached in {tmp_path / cpu.build_name()}" in said, said
+        cpu.library.cache_clear()
+        cpu.library()
+        assert capsys.readouterr().err == ""
+    finally:
+        cpu.library.cache_clear()  # the next call loads the real library again
+
+
+def test_laid_kernels_imports_and_runs_without_triton():
+    """A process where ``import triton`` fails (macOS, Windows, CPU-only containers): the reference and the C++
+    backend work, and backend="triton" is a clear error naming the cause."""
+    script = """
+import sys
+sys.modules["triton"] = None  # any 'import triton' now raises ImportError
+import torch
+import laid_kernels
+from laid_kernels import apply_mrope, available_backends, qk_align_loss
+import laid
+x = torch.randn(1, 3, 2, 8)
+positions, inv_freq = torch.arange(3)[None], torch.ones(4)
+expected = apply_mrope(x, positions, inv_freq, (2, 1, 1), backend="reference")
+for backend in available_backends("apply_mrope", "cpu"):
+    torch.testing.assert_close(apply_mrope(x, positions, inv_freq, (2, 1, 1), backend=backend), expected)
+print("backends", available_backends("qk_align_loss", "cpu"))
+try:
+    apply_mrope(x, positions, inv_freq, (2, 1, 1), backend="triton")
+except RuntimeError as error:
+    print("error", error)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stderr
+    expected_backends = ["reference"] + (["cpu"] if CPU_PROBLEM is None else [])
+    assert f"backends {expected_backends}" in done.stdout, done.stdout
+    assert "error apply_mrope: backend='triton' cannot run on cpu: triton cannot be imported" in done.stdout, \
+        done.stdout
