@@ -1,13 +1,19 @@
 """Test configuration: the Triton kernels run under the interpreter on this GPU-less machine.
 
 TRITON_INTERPRET must be set before any module defining a ``@triton.jit`` kernel is imported (the decorator reads
-it), so it is set here, before the test modules import laid_kernels. Ahead-of-time compilation for real GPUs runs in
-a subprocess without it (see tests/test_compile_aot.py).
+it), so it is set here, before the test modules import laid_kernels. Ahead-of-time compilation for real GPUs runs
+in a subprocess without it (see tests/test_compile_aot.py). PYTHONPATH is set so that every process the tests
+start imports this checkout.
 """
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Processes the tests start (benchmark scripts, torchrun workers, subprocess checks) import this checkout's laid and
+# laid_kernels, not an installed copy that may be older.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
+                                                         os.environ.get("PYTHONPATH")]))
 
 
 def _round_fp32_to_bf16_to_nearest_even_in_interpreter() -> None:
