@@ -53,8 +53,19 @@ def _run_build_train(args: argparse.Namespace) -> None:
     print(path)
 
 
+def _run_cache(args: argparse.Namespace) -> None:
+    from .image_cache import fill_cache, image_cache_dir
+
+    folder = image_cache_dir(args.cache)
+    if folder is None:
+        raise ValueError("--cache none: there is no cache to fill")
+    done = fill_cache(args.data, args.image_root, folder, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+                      num_workers=args.num_workers)
+    print(f"{done['images']} images ({done['added']} added, {done['bytes'] / 2 ** 30:.2f} GiB) in {folder}")
+
+
 def add_data(commands) -> None:
-    """``laid data synth`` and ``laid data build-train``: write VHs-format data sets."""
+    """``laid data synth``, ``laid data build-train`` (VHs-format data sets) and ``laid data cache``."""
     data = commands.add_parser("data", help="build Visual Haystacks-format data sets")
     steps = data.add_subparsers(dest="data_command", required=True)
 
@@ -79,6 +90,16 @@ def add_data(commands) -> None:
     build.add_argument("--max-images", type=int, default=20)
     build.add_argument("--seed", type=int, default=0)
     build.set_defaults(run=_run_build_train)
+
+    cache = steps.add_parser("cache", help="fill the resized-image cache for VHs JSON files ahead of time")
+    cache.add_argument("data", nargs="+", help="VHs JSON files, or folders of visual_haystack_*.json")
+    cache.add_argument("--image-root", required=True, help="folder the image paths are relative to")
+    cache.add_argument("--min-pixels", type=int, help="the training run's min_pixels (default: none, as laid eval)")
+    cache.add_argument("--max-pixels", type=int, help="the training run's max_pixels (default: none, as laid eval)")
+    cache.add_argument("--cache", default="auto", help="auto ($LAID_CACHE_DIR/images, default ~/.cache/laid/images) "
+                                                       "or a folder")
+    cache.add_argument("--num-workers", type=int, help="processes decoding images (default: the loaders' default)")
+    cache.set_defaults(run=_run_cache)
 
 
 def _run_models_tiny(args: argparse.Namespace) -> None:
@@ -133,7 +154,8 @@ def _run_eval(args: argparse.Namespace) -> None:
                        max_new_tokens=args.max_new_tokens, n_resamples=args.n_resamples, limit=args.limit,
                        device=args.device, attn_implementation=args.attn_implementation,
                        yarn_factor=args.yarn_factor, selfextend_group=args.selfextend_group,
-                       selfextend_window=args.selfextend_window, progress=True)
+                       selfextend_window=args.selfextend_window, progress=True, num_workers=args.num_workers,
+                       image_cache=args.image_cache)
     for size, m in summary["results"].items():
         print(f"{size} images: accuracy {100 * m['accuracy'][0]:.2f} +- {100 * m['accuracy'][1]:.2f}, "
               f"compliance {100 * m['compliance'][0]:.2f} +- {100 * m['compliance'][1]:.2f} (n={m['n']})")
@@ -156,7 +178,7 @@ def add_eval(commands) -> None:
     ev.add_argument("--seed", type=int, default=0, help="seed of the haystack shuffles and the bootstrap")
     ev.add_argument("--max-new-tokens", type=int, default=128)
     ev.add_argument("--n-resamples", type=int, default=100)
-    ev.add_argument("--limit", type=int, help="only the first LIMIT questions of each size")
+    ev.add_argument("--limit", type=int, help="a seeded random LIMIT of each size's questions (default: all)")
     ev.add_argument("--device", default="auto", help="auto: cuda when available (bf16), else cpu (fp32)")
     ev.add_argument("--attn-implementation", default="auto",
                     help="auto: flash_attention_2 on CUDA when flash-attn imports (the official setting), else sdpa")
@@ -164,6 +186,11 @@ def add_eval(commands) -> None:
                     help="yarn: rope scaling factor over original_max_position_embeddings 32768")
     ev.add_argument("--selfextend-group", type=int, default=8, help="selfextend: position group size")
     ev.add_argument("--selfextend-window", type=int, default=1024, help="selfextend: neighbour window (positions)")
+    ev.add_argument("--num-workers", type=int, help="DataLoader workers building the prompts (default: "
+                                                     "min(4, CPUs per process // 2))")
+    ev.add_argument("--image-cache", default="auto",
+                    help="resized-image cache: auto ($LAID_CACHE_DIR/images, default ~/.cache/laid/images), none, "
+                         "or a folder")
     ev.set_defaults(run=_run_eval)
 
 

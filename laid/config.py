@@ -91,7 +91,8 @@ class LAidConfig:
     resume_from: str | None = None  # a checkpoint folder, or "latest" (the newest under output_dir/checkpoints)
     log_every: int = 1  # optimizer steps between metrics.jsonl lines
     trackers: list[str] = field(default_factory=list)  # accelerate trackers, e.g. ["tensorboard"]
-    num_workers: int = 0  # DataLoader workers
+    num_workers: int | None = None  # DataLoader workers; None: min(4, CPUs per process // 2) (laid.loading)
+    image_cache: str = "auto"  # resized-image cache: "auto" ($LAID_CACHE_DIR/images, ~/.cache/laid), "none", a folder
 
     # ----------------------------------------------------------------------------------------------------------
     @classmethod
@@ -157,7 +158,7 @@ class LAidConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("keep_checkpoints", "num_workers", "lora_rank"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("min_pixels", "max_pixels"):
             if getattr(self, name) is not None and getattr(self, name) < 1:

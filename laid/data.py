@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from qwen_vl_utils import fetch_image
+
+from .image_cache import ImageCache
 
 VHS_PROMPT = "You are given a set of images. Please answer the following question in Yes or No: "
 ANSWERS = ("yes", "no")
@@ -118,17 +119,21 @@ def build_messages(
 def haystack_order(entry: dict, *, seed: int, index: int, max_images: int | None = None) -> list[str]:
     """The entry's image paths (relative), needles plus negatives, in the seeded order ``(seed, index)`` gives.
 
-    ``max_images`` keeps the needles and the first ``max_images - len(pos_image)`` negatives in file order (how a
-    150-image haystack is cut from the 500 file) before shuffling.
+    ``max_images`` keeps the needles and a seeded random ``max_images - len(pos_image)`` of the negatives (drawn
+    without replacement by ``numpy.random.default_rng([seed, index, 1])``; how a 150-image haystack is cut from the
+    500 file) before shuffling.
     """
+    if seed < 0 or index < 0:
+        raise ValueError(f"seed and index must be >= 0, got seed={seed}, index={index}")
     negatives = entry["neg_image"]
     if max_images is not None:
         if max_images < len(entry["pos_image"]):
             n_needles = len(entry["pos_image"])
             raise ValueError(f"max_images={max_images} is smaller than the {n_needles} needle images")
-        negatives = negatives[: max_images - len(entry["pos_image"])]
-    if seed < 0 or index < 0:
-        raise ValueError(f"seed and index must be >= 0, got seed={seed}, index={index}")
+        keep = max_images - len(entry["pos_image"])
+        if keep < len(negatives):
+            chosen = np.random.default_rng([seed, index, 1]).choice(len(negatives), size=keep, replace=False)
+            negatives = [negatives[k] for k in sorted(chosen)]
     images = entry["pos_image"] + negatives
     order = np.random.default_rng([seed, index]).permutation(len(images))
     return [images[k] for k in order]
@@ -149,7 +154,8 @@ class VHsDataset(torch.utils.data.Dataset):
     ``[min_pixels, max_pixels]`` when given (both the loader and the processor then use that budget; None keeps
     their defaults, the official protocol). ``task="free"`` takes any answer text and shows the question without
     ``VHS_PROMPT`` (see ``load_vhs``). A missing image raises ``FileNotFoundError`` and an unreadable one
-    ``ValueError``, both naming the file and the entry index.
+    ``ValueError``, both naming the file and the entry index. ``image_cache`` (``laid.image_cache.ImageCache``)
+    serves the decoded, resized images from disk when it holds them (default: no cache).
     """
 
     def __init__(
@@ -163,8 +169,10 @@ class VHsDataset(torch.utils.data.Dataset):
         max_images: int | None = None,
         seed: int = 0,
         task: str = "vhs",
+        image_cache: ImageCache | None = None,
     ):
         self.json_path = Path(json_path)
+        self.image_cache = image_cache if image_cache is not None else ImageCache(None)
         self.entries = load_vhs(self.json_path, task=task)
         self.prompt = VHS_PROMPT if task == "vhs" else ""
         self.image_root = Path(image_root)
@@ -199,7 +207,7 @@ class VHsDataset(torch.utils.data.Dataset):
             if not Path(item["image"]).is_file():
                 raise FileNotFoundError(f"{self.json_path}: entry {index}: image {item['image']} not found")
             try:
-                images.append(fetch_image(item))
+                images.append(self.image_cache.load(item))
             except (OSError, ValueError) as err:
                 raise ValueError(f"{self.json_path}: entry {index}: cannot read image {item['image']} ({err})") from err
         return images

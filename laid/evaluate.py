@@ -12,9 +12,15 @@ Data layout (the official dataset folder, e.g. ``single_needle/VHs_large``)::
     DATA/visual_haystack_oracle.json    size 1
     DATA/visual_haystack_{N}.json       size N (2, 3, 5, 10, 20, 50, 100, 500, ...)
 
-Size 150 has no official file: it is cut from ``visual_haystack_500.json`` as the needle + the first 149 negatives of
-each entry, in file order (``CUT_FROM``), unless the folder has a ``visual_haystack_150.json`` (a synthetic
-benchmark). Image paths are relative to ``image_root`` (the COCO root; default ``DATA``).
+Size 150 has no official file: it is cut from ``visual_haystack_500.json`` as the needle + a seeded random 149 of
+each entry's negatives (``CUT_FROM``; ``laid.data.haystack_order`` says which), unless the folder has a
+``visual_haystack_150.json`` (a synthetic benchmark). Image paths are relative to ``image_root`` (the COCO root;
+default ``DATA``). ``limit`` asks a seeded random subset of each size's questions (:func:`question_indices`).
+
+Speed: the prompts (images read through ``laid.image_cache``, then the processor) are built by DataLoader workers
+while the model answers, and under ``accelerate launch`` / ``torchrun`` the questions are split across processes
+(question k of the run's list goes to process k mod the number of processes), each writing the answers it
+computed; after all processes finish, the summary is computed once, by the main process.
 
 Output (``output_dir``), readable by the official scorer::
 
@@ -22,7 +28,8 @@ Output (``output_dir``), readable by the official scorer::
     run.json                    what was evaluated (a resumed run must match it)
     summary.json, summary.csv   accuracy and compliance (fractions) per size
 
-A run that stopped half-way resumes: answered questions (their ``{idx:03d}.json`` exists) are not asked again.
+A run that stopped half-way resumes, with any number of processes: answered questions (their ``{idx:03d}.json``
+exists) are not asked again.
 """
 
 from __future__ import annotations
@@ -33,13 +40,16 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .data import build_messages, haystack_order, load_vhs, vhs_json_name
+from .image_cache import ImageCache, image_cache_dir
+from .loading import loader_options
 from .scoring import vhs_metrics
 
 SIZES = (1, 2, 5, 10, 20, 50, 100, 150)
-CUT_FROM = {150: 500}  # size -> the official file it is cut from (needle + first size - 1 negatives)
+CUT_FROM = {150: 500}  # size -> the official file it is cut from (needle + a seeded random size - 1 negatives)
 METHODS = ("baseline", "yarn", "selfextend")
 
 
@@ -106,20 +116,50 @@ def load_for_eval(model_or_path, *, method: str, device: torch.device, attn_impl
     return model
 
 
+def question_indices(n_entries: int, limit: int | None, *, seed: int, size: int) -> list[int]:
+    """The entries asked at ``size``: all of them, or a seeded random ``limit`` of them (drawn without replacement
+    by ``numpy.random.default_rng([seed, size])``), in file order."""
+    if limit is None or limit >= n_entries:
+        return list(range(n_entries))
+    return sorted(np.random.default_rng([seed, size]).choice(n_entries, size=limit, replace=False).tolist())
+
+
+class HaystackPrompts(torch.utils.data.Dataset):
+    """The prompts of the questions to ask, built where the DataLoader runs them (its workers, or in process).
+
+    ``jobs``: (size, index, entry) triples. Item k: ``{"size", "index", "order"}`` (the relative image paths in
+    the order shown) and ``"inputs"``, the processor's output for the official messages with the generation prompt
+    (``input_ids`` [1, N], ``attention_mask`` [1, N], ``pixel_values`` [P, 1176], ``image_grid_thw`` [n, 3]).
+    Images are read through ``image_cache`` exactly as ``qwen_vl_utils.process_vision_info`` reads them.
+    """
+
+    def __init__(self, jobs: list[tuple[int, int, dict]], image_root: Path, processor, *, seed: int,
+                 image_cache: ImageCache):
+        self.jobs, self.image_root, self.processor = jobs, image_root, processor
+        self.seed, self.image_cache = seed, image_cache
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __getitem__(self, k: int) -> dict:
+        size, index, entry = self.jobs[k]
+        order = haystack_order(entry, seed=self.seed, index=index, max_images=size)
+        messages = build_messages([self.image_root / p for p in order], entry["conversations"][0]["value"])
+        images = [self.image_cache.load(item) for item in messages[0]["content"] if "image" in item]
+        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        inputs = self.processor(text=[text], images=images, padding=True, return_tensors="pt")
+        return {"size": size, "index": index, "order": order, "inputs": dict(inputs)}
+
+
 @torch.inference_mode()
-def answer(model, processor, image_paths: list[Path], question: str, *, max_new_tokens: int = 128) -> dict:
-    """Greedy answer of ``model`` to one question over ``image_paths`` (already in the order shown).
+def answer(model, processor, inputs: dict[str, torch.Tensor], *, max_new_tokens: int = 128) -> dict:
+    """Greedy answer of ``model`` to one prompt (``HaystackPrompts`` item ``"inputs"``).
 
     Sampling is off; the model's other generation settings (e.g. Qwen2.5-VL-Instruct's repetition_penalty 1.05)
-    apply as in a plain ``generate`` call. Returns ``{"response": str, "input_tokens": N, "output_tokens": T}``. Only this question's tensors live: the
-    prompt (``input_ids`` [1, N], ``pixel_values`` [P, 1176]) and the KV cache of ``generate``.
+    apply as in a plain ``generate`` call. Returns ``{"response": str, "input_tokens": N, "output_tokens": T}``.
+    Only this question's tensors live: the prompt and the KV cache of ``generate``.
     """
-    from qwen_vl_utils import process_vision_info
-
-    messages = build_messages(image_paths, question)
-    images, _ = process_vision_info(messages)
-    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    inputs = processor(text=[text], images=images, padding=True, return_tensors="pt").to(model.device)
+    inputs = {k: v.to(model.device, non_blocking=True) for k, v in inputs.items()}
     n_input = inputs["input_ids"].shape[1]
     output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                             temperature=None, top_p=None, top_k=None)
@@ -135,8 +175,8 @@ def _write_json(path: Path, value) -> None:
     os.replace(tmp, path)
 
 
-def _check_run(output_dir: Path, run: dict) -> None:
-    """Record ``run`` in ``output_dir/run.json``, or check that a resumed run asks the same thing."""
+def _check_run(output_dir: Path, run: dict, *, write: bool = True) -> None:
+    """Check that a resumed run asks what ``output_dir/run.json`` records, and (``write``) record ``run`` there."""
     path = output_dir / "run.json"
     if path.is_file():
         previous = json.loads(path.read_text())
@@ -145,7 +185,8 @@ def _check_run(output_dir: Path, run: dict) -> None:
             details = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
             raise ValueError(f"output_dir {str(output_dir)!r} holds a run with other settings ({details}); "
                              f"use another output_dir")
-    _write_json(path, run)
+    if write:
+        _write_json(path, run)
 
 
 def write_summary(output_dir: Path, run: dict, metrics: dict[int, dict]) -> dict:
@@ -164,15 +205,20 @@ def evaluate(model_or_path, data: str | Path, sizes=SIZES, method: str = "baseli
              output_dir: str | Path, image_root: str | Path | None = None, processor=None, name: str | None = None,
              seed: int = 0, max_new_tokens: int = 128, n_resamples: int = 100, limit: int | None = None,
              device: str | None = "auto", attn_implementation: str = "auto", yarn_factor: float = 4.0,
-             selfextend_group: int = 8, selfextend_window: int = 1024, progress: bool = False) -> dict:
+             selfextend_group: int = 8, selfextend_window: int = 1024, progress: bool = False,
+             num_workers: int | None = None, image_cache: str | None = "auto") -> dict:
     """Evaluate a model on Visual Haystacks (single needle) at every size in ``sizes``; returns the summary.
 
     ``model_or_path``: a model or a folder / hub id; ``processor``: a processor or its folder / hub id (default:
-    the model's folder). ``data``: the
-    folder of the official JSON files (see the module docstring). ``limit``: only the first ``limit`` questions of
-    each size. The summary is ``{"name", "method", "model", ..., "results": {"N": {"accuracy": (mean, std),
+    the model's folder). ``data``: the folder of the official JSON files (see the module docstring). ``limit``: a
+    seeded random ``limit`` of each size's questions (:func:`question_indices`). ``num_workers``: DataLoader
+    workers that build the prompts (None: ``laid.loading.default_workers``); ``image_cache``: "auto", "none" or a
+    folder (``laid.image_cache``). Under ``accelerate launch`` / ``torchrun`` the questions are split across the
+    processes. The summary is ``{"name", "method", "model", ..., "results": {"N": {"accuracy": (mean, std),
     "compliance": (mean, std), "n": questions}}}`` with fractions in [0, 1], also written to ``output_dir``.
     """
+    from accelerate import PartialState
+
     from .models import load_processor
 
     _check_method(method)
@@ -188,46 +234,78 @@ def evaluate(model_or_path, data: str | Path, sizes=SIZES, method: str = "baseli
     if max_new_tokens < 1 or (limit is not None and limit < 1):
         raise ValueError(f"max_new_tokens and limit must be >= 1, got {max_new_tokens}, {limit}")
     per_size = {size: haystack_entries(data, size) for size in sizes}  # every file checked before any model loads
+    asked = {size: question_indices(len(entries), limit, seed=seed, size=size) for size, entries in per_size.items()}
     is_path = isinstance(model_or_path, (str, Path))
     source = str(model_or_path) if is_path else getattr(model_or_path, "name_or_path", "")
+    processor_source = str(processor or source) if processor is None or isinstance(processor, (str, Path)) else ""
     if processor is None or isinstance(processor, (str, Path)):
-        if not (processor or source):
+        if not processor_source:
             raise ValueError("processor is required when the model was not loaded from a folder")
-        processor = load_processor(str(processor or source))
+        processor = load_processor(processor_source)
     options = {"yarn": {"yarn_factor": yarn_factor},
                "selfextend": {"selfextend_group": selfextend_group, "selfextend_window": selfextend_window}}
+    pixel_bounds = getattr(getattr(processor, "image_processor", None), "size", None)
     run = {"name": name or method, "method": method, "model": source, "data": str(data), "seed": seed,
-           "max_new_tokens": max_new_tokens, "options": options.get(method, {}), "sizes": sizes}
-    output_dir.mkdir(parents=True, exist_ok=True)
-    _check_run(output_dir, run)
-    model = load_for_eval(model_or_path, method=method, device=_device(device),
-                          attn_implementation=attn_implementation, yarn_factor=yarn_factor,
-                          selfextend_group=selfextend_group, selfextend_window=selfextend_window)
+           "max_new_tokens": max_new_tokens, "options": options.get(method, {}), "sizes": sizes, "limit": limit,
+           "image_root": str(image_root), "processor": processor_source,
+           "pixel_bounds": dict(pixel_bounds) if pixel_bounds else None,
+           "cut": {str(size): f"the needle + a seeded random {size - 1} of the negatives of "
+                              f"{vhs_json_name(CUT_FROM[size])} (laid.data.haystack_order)"
+                   for size in sizes if haystack_file(data, size).name != vhs_json_name(size)}}
+
+    # --- the run folder, checked by the main process first; this process's share of the questions -------------
+    state = PartialState()
+    if state.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        _check_run(output_dir, run)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        _check_run(output_dir, run, write=False)
+    jobs = [(size, index, per_size[size][index]) for size in sizes for index in asked[size]]
+    pending = [(size, index, entry) for size, index, entry in jobs[state.process_index::state.num_processes]
+               if not _answer_path(output_dir, size, index).is_file()]
+    for size, index, entry in pending:  # a missing image fails before the model loads
+        for relative in entry["pos_image"] + entry["neg_image"]:
+            if not (image_root / relative).is_file():
+                raise FileNotFoundError(f"size {size}: entry {index}: image {str(image_root / relative)!r} not "
+                                        f"found (paths are relative to image_root {str(image_root)!r})")
+
+    if pending:
+        device = state.device if state.num_processes > 1 and device in (None, "auto") else _device(device)
+        model = load_for_eval(model_or_path, method=method, device=device,
+                              attn_implementation=attn_implementation, yarn_factor=yarn_factor,
+                              selfextend_group=selfextend_group, selfextend_window=selfextend_window)
+        prompts = HaystackPrompts(pending, image_root, processor, seed=seed,
+                                  image_cache=ImageCache(image_cache_dir(image_cache)))
+        loader = torch.utils.data.DataLoader(prompts, batch_size=None,
+                                             **loader_options(num_workers, device, persistent=False))
+        for item in loader:
+            start = time.perf_counter()
+            out = answer(model, processor, item["inputs"], max_new_tokens=max_new_tokens)
+            log = {"method": method, "seed": seed, "input_tokens": out["input_tokens"],
+                   "output_tokens": out["output_tokens"], "seconds": round(time.perf_counter() - start, 3),
+                   "process": state.process_index}
+            result = {"image_paths": item["order"], "response": out["response"], "log": log}  # relative paths
+            path = _answer_path(output_dir, item["size"], item["index"])
+            path.parent.mkdir(exist_ok=True)
+            _write_json(path, {**per_size[item["size"]][item["index"]], "result": result})
+            if progress:
+                print(f"{item['size']} images, question {item['index']}: {out['response']!r}", flush=True)
+
+    # --- every process done: the summary, from the answer files ------------------------------------------------
+    state.wait_for_everyone()
     metrics = {}
-    for size, entries in per_size.items():
-        folder = output_dir / f"{size}_images"
-        folder.mkdir(exist_ok=True)
-        responses, answers = [], []
-        for index, entry in enumerate(entries[:limit]):
-            path = folder / f"{index:03d}.json"
-            if not path.is_file():
-                order = haystack_order(entry, seed=seed, index=index, max_images=size)
-                image_paths = [image_root / p for p in order]
-                for image in image_paths:
-                    if not image.is_file():
-                        raise FileNotFoundError(f"size {size}: entry {index}: image {str(image)!r} not found "
-                                                f"(paths are relative to image_root {str(image_root)!r})")
-                start = time.perf_counter()
-                out = answer(model, processor, image_paths, entry["conversations"][0]["value"],
-                             max_new_tokens=max_new_tokens)
-                log = {"method": method, "seed": seed, "input_tokens": out["input_tokens"],
-                       "output_tokens": out["output_tokens"], "seconds": round(time.perf_counter() - start, 3)}
-                result = {"image_paths": order, "response": out["response"], "log": log}  # relative, as official
-                _write_json(path, {**entry, "result": result})
-                if progress:
-                    print(f"{size} images, question {index}: {out['response']!r}", flush=True)
-            record = json.loads(path.read_text())
-            responses.append(record["result"]["response"])
-            answers.append(record["conversations"][1]["value"])
-        metrics[size] = vhs_metrics(responses, answers, n_resamples=n_resamples, seed=seed)
-    return write_summary(output_dir, run, metrics)
+    for size, indices in asked.items():
+        records = [json.loads(_answer_path(output_dir, size, index).read_text()) for index in indices]
+        metrics[size] = vhs_metrics([r["result"]["response"] for r in records],
+                                    [r["conversations"][1]["value"] for r in records],
+                                    n_resamples=n_resamples, seed=seed)
+    summary = write_summary(output_dir, run, metrics) if state.is_main_process else {
+        **run, "results": {str(size): m for size, m in metrics.items()}}
+    state.wait_for_everyone()
+    return summary
+
+
+def _answer_path(output_dir: Path, size: int, index: int) -> Path:
+    """The official layout's answer file of question ``index`` at ``size``."""
+    return output_dir / f"{size}_images" / f"{index:03d}.json"

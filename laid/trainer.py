@@ -37,6 +37,8 @@ from .capture import unwrap
 from .checkpoint import RunState, export, load_checkpoint, resolve_resume, save_checkpoint
 from .config import LAidConfig
 from .data import VHsDataset, collate
+from .image_cache import ImageCache, image_cache_dir
+from .loading import loader_options
 from .losses import LAidObjective
 from .mixer import HeadMixer
 from .models import head_dim, load_processor, load_student, load_teacher, merge_lora, shard_teacher, text_config
@@ -129,11 +131,11 @@ def train(config: LAidConfig | str | Path | None = None, /, **overrides) -> dict
     processor = load_processor(config.processor or config.student)
     dataset = VHsDataset(config.data, config.image_root, processor, min_pixels=config.min_pixels,
                          max_pixels=config.max_pixels, max_images=config.max_images, seed=config.seed,
-                         task=config.task)
+                         task=config.task, image_cache=ImageCache(image_cache_dir(config.image_cache)))
     check_images(dataset.entries, Path(config.image_root), config.data)
     collate_fn = partial(collate, pad_token_id=processor.tokenizer.pad_token_id)
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, collate_fn=collate_fn,
-                        num_workers=config.num_workers)
+                        **loader_options(config.num_workers, device))
     teacher = (load_teacher(config.teacher, device=device, attn_implementation=config.attn_implementation)
                if config.needs_teacher else None)
     student = load_student(config.student, device=device, attn_implementation=config.attn_implementation,
@@ -200,10 +202,12 @@ def train(config: LAidConfig | str | Path | None = None, /, **overrides) -> dict
         batches = iter(accelerator.skip_first_batches(loader, state.batch) if state.batch else loader)
         while state.batch < len(loader) and state.step < last_step:
             window = min(config.grad_accum, len(loader) - state.batch)
-            start, tokens = time.perf_counter(), 0
+            start, tokens, waited = time.perf_counter(), 0, 0.0
             sums: dict[str, torch.Tensor] = {}
             for micro in range(window):
+                asked = time.perf_counter()
                 batch = next(batches)
+                waited += time.perf_counter() - asked  # time the step stood waiting for the loader
                 sync = micro == window - 1
                 with nullcontext() if sync else accelerator.no_sync(student):
                     terms = objective(batch, progress=state.step / total_steps)
@@ -234,6 +238,7 @@ def train(config: LAidConfig | str | Path | None = None, /, **overrides) -> dict
                             "lr": schedulers[0].get_last_lr()[0], "mixer_lr": schedulers[-1].get_last_lr()[0] if mixer else None,
                             "progress": state.step / total_steps,
                             "tokens_per_s": tokens / (time.perf_counter() - start),
+                            "data_wait_share": waited / (time.perf_counter() - start),
                             "peak_mem_gb": peak_memory_gb(device)}
             if state.step % config.log_every == 0 or state.step == last_step:
                 if accelerator.is_main_process:

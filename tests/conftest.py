@@ -7,9 +7,12 @@ start imports this checkout.
 """
 
 import os
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# laid's resized-image cache (laid.image_cache, "auto") goes to a folder of this test session, not ~/.cache.
+os.environ.setdefault("LAID_CACHE_DIR", tempfile.mkdtemp(prefix="laid-test-cache-"))
 # Processes the tests start (benchmark scripts, torchrun workers, subprocess checks) import this checkout's laid and
 # laid_kernels, not an installed copy that may be older.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),

@@ -41,13 +41,15 @@ def _entry(n_negatives, tag=""):
             "pos_image": [f"needle{tag}.jpg"], "neg_image": [f"neg{tag}_{k:03d}.jpg" for k in range(n_negatives)]}
 
 
-def test_150_is_cut_from_the_500_file_needle_and_first_149_negatives(tmp_path):
+def test_150_is_cut_from_the_500_file_needle_and_a_seeded_random_149_negatives(tmp_path):
     (tmp_path / "visual_haystack_500.json").write_text(json.dumps([_entry(499, "a"), _entry(499, "b")]))
     assert haystack_file(tmp_path, 150).name == "visual_haystack_500.json"
     assert haystack_file(tmp_path, 1).name == "visual_haystack_oracle.json"
     entry = haystack_entries(tmp_path, 150)[1]
     order = haystack_order(entry, seed=0, index=1, max_images=150)
-    assert sorted(order) == ["needleb.jpg"] + [f"negb_{k:03d}.jpg" for k in range(149)]
+    assert len(order) == len(set(order)) == 150 and "needleb.jpg" in order
+    assert set(order) - {"needleb.jpg"} <= set(entry["neg_image"])
+    assert max(order) > "negb_149.jpg"  # not the first 149 negatives of the file
     assert order == haystack_order(entry, seed=0, index=1, max_images=150)  # deterministic
     assert order != haystack_order(entry, seed=1, index=1, max_images=150)
     # The needle's position over seeds is uniform over the 150 slots: chi-square over 10 bins of 15 slots.
@@ -154,9 +156,11 @@ def test_baseline_methods_through_evaluate(bench, model_dir, tmp_path):
     base = evaluate(str(model_dir), bench, output_dir=tmp_path / "base", **common)
     extended = evaluate(str(model_dir), bench, method="selfextend", selfextend_group=1, selfextend_window=4,
                         output_dir=tmp_path / "se", **common)
-    for index in range(2):
-        name = f"5_images/{index:03d}.json"
-        responses = [json.loads((tmp_path / run / name).read_text())["result"]["response"] for run in ("base", "se")]
+    names = sorted(p.name for p in (tmp_path / "base" / "5_images").glob("*.json"))
+    assert len(names) == 2 and names == sorted(p.name for p in (tmp_path / "se" / "5_images").glob("*.json"))
+    for name in names:
+        responses = [json.loads((tmp_path / run / "5_images" / name).read_text())["result"]["response"]
+                     for run in ("base", "se")]
         assert responses[0] == responses[1]
     assert extended["results"] == base["results"]
     assert extended["options"] == {"selfextend_group": 1, "selfextend_window": 4}
@@ -205,3 +209,54 @@ def test_synth_cli_writes_the_official_layout(tmp_path):
         entries = haystack_entries(tmp_path, size)
         assert len(entries) == 3
         assert all((tmp_path / p).is_file() for e in entries for p in e["pos_image"] + e["neg_image"])
+
+
+def test_limit_asks_a_seeded_random_subset_and_is_recorded(bench, model_dir, tmp_path):
+    assert evaluation.question_indices(4, None, seed=0, size=5) == [0, 1, 2, 3]
+    picks = {tuple(evaluation.question_indices(100, 10, seed=s, size=5)) for s in range(5)}
+    assert len(picks) == 5 and all(len(p) == 10 and list(p) == sorted(p) for p in picks)
+    assert max(max(p) for p in picks) > 50  # not the first 10 questions of the file
+    common = dict(sizes=[5], max_new_tokens=2, num_workers=0)
+    evaluate(str(model_dir), bench, limit=2, output_dir=tmp_path / "run", **common)
+    asked = sorted(int(p.stem) for p in (tmp_path / "run" / "5_images").glob("*.json"))
+    assert asked == evaluation.question_indices(4, 2, seed=0, size=5)
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["limit"] == 2 and run["image_root"] == str(bench) and run["processor"] == str(model_dir)
+    assert run["pixel_bounds"] and set(run["pixel_bounds"]) == {"shortest_edge", "longest_edge"}
+    with pytest.raises(ValueError, match=r"limit: 2 -> 3"):  # resuming with other settings is refused
+        evaluate(str(model_dir), bench, limit=3, output_dir=tmp_path / "run", **common)
+    with pytest.raises(ValueError, match=r"image_root"):
+        evaluate(str(model_dir), bench, limit=2, image_root=bench / "..", output_dir=tmp_path / "run", **common)
+
+
+def test_eval_split_across_processes_and_resumed_with_another_count(bench, model_dir, tmp_path):
+    """Two processes (torchrun, gloo) answer disjoint halves of the questions, every answer equals the single
+    process's, the summary is written once; a run cut short resumes with one process and ends the same."""
+    import subprocess
+    import sys
+
+    from train_helpers import free_port, subprocess_env
+
+    common = ["eval", str(model_dir), "--data", str(bench), "--sizes", "1", "5", "--max-new-tokens", "4",
+              "--num-workers", "0"]
+    assert main(common + ["--output", str(tmp_path / "one")]) == 0
+    launch = ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "laid.cli"]
+    done = subprocess.run(launch + common + ["--output", str(tmp_path / "two")], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count("summary.json") == 2  # each process prints the merged summary's path
+    for size in (1, 5):
+        for index in range(4):
+            name = f"{size}_images/{index:03d}.json"
+            answers = [json.loads((tmp_path / run / name).read_text())["result"] for run in ("one", "two")]
+            assert answers[0]["response"] == answers[1]["response"] and answers[0]["image_paths"] == \
+                answers[1]["image_paths"]
+    processes = [json.loads((tmp_path / "two" / f"{size}_images/{index:03d}.json").read_text())["result"]["log"]
+                 ["process"] for size in (1, 5) for index in range(4)]
+    assert processes == [0, 1] * 4  # question k of the run's list went to process k mod 2
+    one, two = (json.loads((tmp_path / run / "summary.json").read_text()) for run in ("one", "two"))
+    assert one["results"] == two["results"]
+    for name in ("1_images/001.json", "5_images/002.json", "summary.json"):  # as if cut short
+        (tmp_path / "two" / name).unlink()
+    assert main(common + ["--output", str(tmp_path / "two")]) == 0
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["results"] == one["results"]

@@ -1,0 +1,110 @@
+"""laid.image_cache (resized images on disk), laid.loading (DataLoader settings) and `laid data cache`."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from qwen_vl_utils import fetch_image
+
+from laid.cli import main
+from laid.data import synth_benchmark
+from laid.image_cache import ImageCache, fill_cache, image_cache_dir
+from laid.loading import default_workers, loader_options
+
+
+@pytest.fixture()
+def photo(tmp_path):
+    """A 640x480 noise JPEG (COCO-sized), which fetch_image resizes to 644x476 at qwen-vl-utils' defaults."""
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def _pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"))
+
+
+def test_a_hit_is_exactly_what_fetch_image_gives(tmp_path, photo):
+    item = {"image": str(photo)}
+    cache = ImageCache(tmp_path / "cache")
+    first, second = cache.load(item), cache.load(item)
+    expected = _pixels(fetch_image(item))
+    assert (cache.misses, cache.hits) == (1, 1)
+    assert first.size == second.size == (644, 476)
+    assert np.array_equal(_pixels(first), expected) and np.array_equal(_pixels(second), expected)
+    assert cache.path(item).is_file() and not list(cache.path(item).parent.glob("*.tmp"))
+
+
+def test_a_changed_file_or_bound_is_a_miss_never_a_stale_image(tmp_path, photo):
+    cache = ImageCache(tmp_path / "cache")
+    small = {"image": str(photo), "max_pixels": 112 * 112}
+    assert cache.load(small).size != cache.load({"image": str(photo)}).size  # other bounds, other entries
+    assert cache.misses == 2
+    Image.fromarray(np.zeros((480, 640, 3), dtype=np.uint8)).save(photo)  # same path, new content
+    os.utime(photo, ns=(1, 1))  # even with an old modification time, the size differs
+    assert _pixels(cache.load(small)).max() == 0 and cache.misses == 3
+
+
+def test_an_unreadable_entry_is_rewritten(tmp_path, photo):
+    item = {"image": str(photo)}
+    cache = ImageCache(tmp_path / "cache")
+    cache.load(item)
+    cache.path(item).write_bytes(b"truncated")
+    assert np.array_equal(_pixels(cache.load(item)), _pixels(fetch_image(item))) and cache.misses == 2
+    assert np.array_equal(_pixels(ImageCache(tmp_path / "cache").load(item)), _pixels(fetch_image(item)))
+
+
+def _load_in_process(args):
+    folder, path = args
+    return _pixels(ImageCache(folder).load({"image": path})).tobytes()
+
+
+def test_processes_filling_one_entry_at_once_agree(tmp_path, photo):
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        results = pool.map(_load_in_process, [(str(tmp_path / "cache"), str(photo))] * 8)
+    assert len(set(results)) == 1 and results[0] == _pixels(fetch_image({"image": str(photo)})).tobytes()
+    assert len(list((tmp_path / "cache").rglob("*.npy"))) == 1 and not list((tmp_path / "cache").rglob("*.tmp"))
+
+
+def test_no_cache_and_folder_settings(tmp_path, photo, monkeypatch):
+    cache = ImageCache(None)
+    cache.load({"image": str(photo)})
+    assert cache.misses == 1 and image_cache_dir("none") is None and image_cache_dir(None) is None
+    monkeypatch.setenv("LAID_CACHE_DIR", str(tmp_path / "root"))
+    assert image_cache_dir("auto") == tmp_path / "root" / "images"
+    assert image_cache_dir(str(tmp_path / "x")) == tmp_path / "x"
+    with pytest.raises(FileNotFoundError, match="missing.jpg not found"):
+        ImageCache(tmp_path).load({"image": str(tmp_path / "missing.jpg")})
+
+
+def test_loader_options_fit_the_machine(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert default_workers() == 4
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert default_workers() == 1
+    assert loader_options(None, torch.device("cpu")) == {"num_workers": 1, "pin_memory": False,
+                                                        "prefetch_factor": 2, "persistent_workers": True}
+    assert loader_options(0, torch.device("cuda")) == {"num_workers": 0, "pin_memory": True}
+    with pytest.raises(ValueError, match="num_workers must be >= 0"):
+        loader_options(-1, torch.device("cpu"))
+
+
+def test_data_cache_cli_fills_the_cache_for_eval_and_training_bounds(tmp_path, capsys):
+    data = synth_benchmark(tmp_path / "vhs", sizes=[1, 3], n_entries=3)
+    args = ["data", "cache", str(data), "--image-root", str(data), "--cache", str(tmp_path / "cache")]
+    assert main(args + ["--num-workers", "0"]) == 0
+    first = capsys.readouterr().out
+    n_images = len({p.name for p in data.glob("**/*.png")})
+    assert f"{n_images} images ({n_images} added" in first
+    assert main(args) == 0 and f"({0} added" in capsys.readouterr().out  # warm: nothing new
+    done = fill_cache([data], data, tmp_path / "cache", min_pixels=28 * 28, max_pixels=28 * 28, num_workers=0)
+    assert done["added"] == n_images  # other bounds: other entries
+    assert main(["data", "cache", str(tmp_path / "nothing"), "--image-root", str(data)]) == 2
+    assert "neither a VHs JSON file nor a folder" in capsys.readouterr().err
