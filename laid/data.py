@@ -26,6 +26,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .image_cache import ImageCache
+from .prompt_inputs import encode_prompt
 
 VHS_PROMPT = "You are given a set of images. Please answer the following question in Yes or No: "
 ANSWERS = ("yes", "no")
@@ -223,7 +224,7 @@ class VHsDataset(torch.utils.data.Dataset):
         images = self._load_images(messages, index)
         messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
         text = self.processor.apply_chat_template(messages, tokenize=False)
-        enc = self.processor(text=[text], images=images, return_tensors="pt", **self._size_kwargs)
+        enc = encode_prompt(self.processor, text, images, size=self._size_kwargs.get("size"))
         item = {k: v[0] for k, v in enc.items() if k in ("input_ids", "attention_mask", "mm_token_type_ids")}
         item["pixel_values"], item["image_grid_thw"] = enc["pixel_values"], enc["image_grid_thw"]
         item["labels"] = self._answer_labels(item["input_ids"], index)
@@ -263,8 +264,9 @@ def collate(batch: list[dict[str, torch.Tensor]], *, pad_token_id: int = 0) -> d
             continue
         rows = [item[key] for item in batch]
         out[key] = torch.stack([torch.nn.functional.pad(r, (0, n_max - r.shape[0]), value=value) for r in rows])
-    out["pixel_values"] = torch.cat([item["pixel_values"] for item in batch])
-    out["image_grid_thw"] = torch.cat([item["image_grid_thw"] for item in batch])
+    # One item (batch 1, the long-haystack case): its pixel_values as they are, not a copy of up to a GB.
+    for key in ("pixel_values", "image_grid_thw"):
+        out[key] = batch[0][key] if len(batch) == 1 else torch.cat([item[key] for item in batch])
     return out
 
 

@@ -46,6 +46,7 @@ import torch
 from .data import build_messages, haystack_order, load_vhs, vhs_json_name
 from .image_cache import ImageCache, image_cache_dir
 from .loading import loader_options
+from .prompt_inputs import encode_prompt
 from .scoring import vhs_metrics
 
 SIZES = (1, 2, 5, 10, 20, 50, 100, 150)
@@ -147,8 +148,8 @@ class HaystackPrompts(torch.utils.data.Dataset):
         messages = build_messages([self.image_root / p for p in order], entry["conversations"][0]["value"])
         images = [self.image_cache.load(item) for item in messages[0]["content"] if "image" in item]
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        inputs = self.processor(text=[text], images=images, padding=True, return_tensors="pt")
-        return {"size": size, "index": index, "order": order, "inputs": dict(inputs)}
+        inputs = encode_prompt(self.processor, text, images)
+        return {"size": size, "index": index, "order": order, "inputs": inputs}
 
 
 @torch.inference_mode()
@@ -218,6 +219,7 @@ def evaluate(model_or_path, data: str | Path, sizes=SIZES, method: str = "baseli
     "compliance": (mean, std), "n": questions}}}`` with fractions in [0, 1], also written to ``output_dir``.
     """
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
     from .models import load_processor
 
@@ -254,7 +256,11 @@ def evaluate(model_or_path, data: str | Path, sizes=SIZES, method: str = "baseli
                    for size in sizes if haystack_file(data, size).name != vhs_json_name(size)}}
 
     # --- the run folder, checked by the main process first; this process's share of the questions -------------
-    state = PartialState()
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # CPU processes: a gloo group, as Accelerator
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != state.num_processes:
+        raise RuntimeError(f"launched as {launched} processes, but accelerate sees {state.num_processes} (on CPU, "
+                           f"set ACCELERATE_USE_CPU=true): each process would answer every question")
     if state.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         _check_run(output_dir, run)

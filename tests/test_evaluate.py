@@ -230,7 +230,7 @@ def test_limit_asks_a_seeded_random_subset_and_is_recorded(bench, model_dir, tmp
 
 
 def test_eval_split_across_processes_and_resumed_with_another_count(bench, model_dir, tmp_path):
-    """Two processes (torchrun, gloo) answer disjoint halves of the questions, every answer equals the single
+    """Two processes (accelerate launch, gloo) answer disjoint halves of the questions, every answer equals the single
     process's, the summary is written once; a run cut short resumes with one process and ends the same."""
     import subprocess
     import sys
@@ -240,9 +240,11 @@ def test_eval_split_across_processes_and_resumed_with_another_count(bench, model
     common = ["eval", str(model_dir), "--data", str(bench), "--sizes", "1", "5", "--max-new-tokens", "4",
               "--num-workers", "0"]
     assert main(common + ["--output", str(tmp_path / "one")]) == 0
-    launch = ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "laid.cli"]
-    done = subprocess.run(launch + common + ["--output", str(tmp_path / "two")], env=subprocess_env(),
-                          capture_output=True, text=True, timeout=600)
+    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+              "-m", "laid.cli"]
+    done = subprocess.run(launch + common + ["--output", str(tmp_path / "two")],
+                          env=subprocess_env(ACCELERATE_USE_CPU="true"), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.count("summary.json") == 2  # each process prints the merged summary's path
     for size in (1, 5):

@@ -59,6 +59,7 @@ def test_train_runs_logs_checkpoints_and_exports_a_plain_model(paths, tmp_path):
     for m in metrics:
         assert all(math.isfinite(m[t]) for t in TERMS), m
         assert m["kl"] > 0 and m["tokens_per_s"] > 0 and m["peak_mem_gb"] > 0
+        assert 0 <= m["data_wait_share"] < 1  # share of the step spent waiting for the loader's next batch
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000002", "step_0000004"]
 
     final = tmp_path / "final"

@@ -1,0 +1,175 @@
+"""Benchmark of building Visual Haystacks training items: items per second for 20- and 150-image prompts.
+
+COCO-sized images (640 x 480 JPEGs of noise, which qwen-vl-utils resizes to 644 x 476: 391 visual tokens each)
+and Qwen2.5-VL's image processor at its default pixel bounds, with the tiny tokenizer (the text side is a few
+hundred tokens besides the image tokens, so the tokenizer does not matter). Variants, each through a DataLoader
+with 0, 1 and 2 workers (batch 1, as the paper's recipe), timed over --items items after one warm-up item:
+
+- ``before``: what laid did until 2026-12: ``qwen_vl_utils.fetch_image`` for every image, then
+  ``processor(text, images)``;
+- ``cold``: ``laid.data.VHsDataset`` with an empty ``laid.image_cache`` (decode, resize and store every image),
+  pixels written by ``laid.prompt_inputs.encode_prompt``;
+- ``warm``: the same with every image already cached.
+
+    python benchmarks/data_throughput.py                  # 20 and 150 images, 0 / 1 / 2 workers
+    python benchmarks/data_throughput.py --sizes 20 --workers 0 --items 2
+
+Writes data_throughput.{json,md,png} to --out (default benchmarks/out/). Timings on a shared machine are noisy:
+compare variants of the same run (the ratios), not runs of different days.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from qwen_vl_utils import fetch_image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+from laid.data import VHsDataset, build_messages, collate, haystack_order  # noqa: E402
+from laid.image_cache import ImageCache  # noqa: E402
+from laid.tiny import build_tiny_processor  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "out"
+QWEN_PIXEL_BOUNDS = {"min_pixels": 56 * 56, "max_pixels": 14 * 14 * 4 * 16384}  # Qwen2.5-VL's processor defaults
+
+
+class BeforeDataset(VHsDataset):
+    """VHsDataset as it built items before the cache and encode_prompt: fetch_image, then the processor."""
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        entry = self.entries[index]
+        order = haystack_order(entry, seed=self.seed, index=index, max_images=self.max_images)
+        messages = build_messages([self.image_root / p for p in order], entry["conversations"][0]["value"])
+        images = [fetch_image(item) for item in messages[0]["content"] if "image" in item]
+        answer = entry["conversations"][1]["value"]
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        text = self.processor.apply_chat_template(messages, tokenize=False)
+        enc = self.processor(text=[text], images=images, return_tensors="pt")
+        item = {k: v[0] for k, v in enc.items() if k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+        item["pixel_values"], item["image_grid_thw"] = enc["pixel_values"], enc["image_grid_thw"]
+        item["labels"] = self._answer_labels(item["input_ids"], index)
+        return item
+
+
+def write_images(folder: Path, count: int) -> list[str]:
+    """``count`` 640 x 480 noise JPEGs in ``folder`` (kept between runs); their names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    names = []
+    for k in range(count):
+        path = folder / f"{k:04d}.jpg"
+        if not path.is_file():
+            Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)).save(path, quality=90)
+        names.append(path.name)
+    return names
+
+
+def write_entries(path: Path, names: list[str], size: int, count: int) -> Path:
+    """``count`` VHs entries of ``size`` images each (one needle, the rest negatives; no image in two entries, so
+    that a cold cache stays cold for every item), as a JSON file."""
+    entries = [{"conversations": [{"from": "human", "value": "For the image with a dog, is there a cat?"},
+                                  {"from": "gpt", "value": "yes"}],
+                "pos_image": [names[k * size]], "neg_image": names[k * size + 1:(k + 1) * size]} for k in range(count)]
+    path.write_text(json.dumps(entries))
+    return path
+
+
+def time_loader(dataset, workers: int, items: int) -> float:
+    """Seconds per item over ``items`` items of a DataLoader (batch 1) after its first item."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=workers,
+                                         collate_fn=lambda batch: collate(batch, pad_token_id=0),
+                                         prefetch_factor=2 if workers else None)
+    batches = iter(loader)
+    next(batches)  # worker start-up and the first item
+    start = time.perf_counter()
+    for _ in range(items):
+        next(batches)
+    return (time.perf_counter() - start) / items
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[20, 150])
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--items", type=int, default=3, help="timed items per variant (after one warm-up item)")
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = args.out / "data_throughput_work"
+    names = write_images(work / "images", max(args.sizes) * (args.items + 1))
+    processor = build_tiny_processor(**QWEN_PIXEL_BOUNDS)
+    torch.set_num_threads(1)
+    results = []
+    for size in args.sizes:
+        data = write_entries(work / f"vhs_{size}.json", names, size, args.items + 1)
+        for workers in args.workers:
+            for variant in ("before", "cold", "warm"):
+                cache_dir = work / "cache"
+                if variant == "cold":
+                    shutil.rmtree(cache_dir, ignore_errors=True)
+                cls = BeforeDataset if variant == "before" else VHsDataset
+                dataset = cls(data, work / "images", processor,
+                              image_cache=None if variant == "before" else ImageCache(cache_dir))
+                seconds = time_loader(dataset, workers, args.items)
+                results.append({"images": size, "workers": workers, "variant": variant, "seconds_per_item": seconds,
+                                "items_per_s": 1 / seconds})
+                print(f"{size} images, {workers} workers, {variant}: {seconds:.2f} s per item", flush=True)
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
+            "cpu": next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                         if line.startswith("model name")), "?") if Path("/proc/cpuinfo").exists() else "?",
+            "cores": os.cpu_count(), "load_average": os.getloadavg(), "torch": torch.__version__,
+            "items": args.items}
+    (args.out / "data_throughput.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    table = report(results)
+    (args.out / "data_throughput.md").write_text(table + "\n")
+    print(table)
+    plot(results, args.out / "data_throughput.png")
+
+
+def report(results: list[dict]) -> str:
+    """Markdown table: seconds per item of each variant, and the speed-up of warm over before, per size/workers."""
+    lines = ["| images | workers | before s/item | cold s/item | warm s/item | warm items/s | warm vs before |",
+             "|---|---|---|---|---|---|---|"]
+    keys = sorted({(r["images"], r["workers"]) for r in results})
+    for size, workers in keys:
+        row = {r["variant"]: r for r in results if (r["images"], r["workers"]) == (size, workers)}
+        lines.append(f"| {size} | {workers} | {row['before']['seconds_per_item']:.2f} | "
+                     f"{row['cold']['seconds_per_item']:.2f} | {row['warm']['seconds_per_item']:.2f} | "
+                     f"{row['warm']['items_per_s']:.2f} | "
+                     f"{row['before']['seconds_per_item'] / row['warm']['seconds_per_item']:.1f}x |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted({r["images"] for r in results})
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False)
+    for ax, size in zip(axes[0], sizes):
+        for variant in ("before", "cold", "warm"):
+            rows = sorted((r for r in results if r["images"] == size and r["variant"] == variant),
+                          key=lambda r: r["workers"])
+            ax.plot([r["workers"] for r in rows], [r["items_per_s"] for r in rows], marker="o", label=variant)
+        ax.set_title(f"{size}-image training items")
+        ax.set_xlabel("DataLoader workers")
+        ax.set_ylabel("items / s")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
