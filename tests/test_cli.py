@@ -63,7 +63,8 @@ def test_override_forms_and_flags_give_the_same_config(config_path, capsys):
     equals = ["--lr=1e-4", "--train_vision=true", "--gradient_checkpointing=false", "--layer_pairs=[[0, 1], [-1, -2]]",
               "--max_steps=3", "--trackers=[tensorboard]", "--resume_from=null", "--output_dir=runs/x"]
     dashes = ["--lr", "1e-4", "--train-vision", "yes", "--no-gradient-checkpointing",
-              "--layer-pairs=[[0, 1], [-1, -2]]", "--max-steps", "3", "--trackers", "[tensorboard]", "--resume-from", "null", "--output-dir=runs/x"]
+              "--layer-pairs=[[0, 1], [-1, -2]]", "--max-steps", "3", "--trackers", "[tensorboard]", "--resume-from",
+              "null", "--output-dir=runs/x"]
     configs = [printed_config(capsys, str(config_path), *argv) for argv in (spaced, equals, dashes)]
     python = LAidConfig.from_yaml(config_path, lr=1e-4, train_vision=True, gradient_checkpointing=False,
                                   layer_pairs=[[0, 1], [-1, -2]], max_steps=3, trackers=["tensorboard"],
