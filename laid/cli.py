@@ -141,8 +141,9 @@ def _run_train(args: argparse.Namespace) -> None:
 
 
 def _type_name(hint) -> str:
-    """A field's type as declared: ``float``, ``int | None``, ``list[list[int]]``."""
-    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+    """A field's type as declared, without spaces (the metavar of its option): ``float``, ``int|None``,
+    ``list[list[int]]``."""
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "").replace(" ", "")
 
 
 def add_train(commands) -> None:
@@ -153,7 +154,7 @@ def add_train(commands) -> None:
 
     train = commands.add_parser(
         "train", help="LAid distillation from a YAML config",
-        usage="laid train CONFIG.yaml [--print-config] [--FIELD VALUE | --FIELD=VALUE | --FLAG | --no-FLAG ...]",
+        usage="%(prog)s CONFIG.yaml [--print-config] [--FIELD VALUE | --FIELD=VALUE | --FLAG | --no-FLAG ...]",
         description="Run LAid distillation: the YAML file's LAidConfig fields, overridden by the options given "
                     "(--field VALUE or --field=VALUE; VALUE is read as YAML: --lr=2e-5, --layer_pairs '[[0, 1]]', "
                     "--trackers '[tensorboard]', --max_steps null; a boolean is also a flag: --train_vision, "
@@ -173,13 +174,13 @@ def add_train(commands) -> None:
                                 **{**kwargs, "help": argparse.SUPPRESS})
 
     for f in dataclasses.fields(LAidConfig):
-        kind = _type_name(hints[f.name]).replace(" ", "")
-        help = f"{f.metadata.get('help', '')} [default: {json.dumps(getattr(defaults, f.name))}]".replace("%", "%%")
+        kind = _type_name(hints[f.name])
+        text = f"{f.metadata.get('help', '')} [default: {json.dumps(getattr(defaults, f.name))}]".replace("%", "%%")
         if hints[f.name] is bool:
-            add(f"--{f.name}", dest=f.name, nargs="?", const=True, metavar=kind, help=help)
+            add(f"--{f.name}", dest=f.name, nargs="?", const=True, metavar=kind, help=text)
             add(f"--no-{f.name}", dest=f.name, action="store_const", const=False, help=f"set {f.name} to false")
         else:
-            add(f"--{f.name}", dest=f.name, metavar=kind, help=help)
+            add(f"--{f.name}", dest=f.name, metavar=kind, help=text)
     train.set_defaults(run=_run_train)
 
 
