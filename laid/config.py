@@ -1,7 +1,8 @@
 """``LAidConfig``: every setting of a LAid distillation run, with its default in plain sight.
 
-Convention: every field is declared ``name: type = field(default=..., metadata={"help": "one line"})``, and that help
-is its description in ``laid train --help`` (beside its type and default); tests/test_cli.py names any field without.
+Convention: declare every field as ``name: type = field(default=..., metadata={"help": "one line"})``; that help is
+its description in ``laid train --help`` (beside its type and default), and tests/test_cli.py fails naming any field
+that has none.
 
 A run is described by one dataclass. It loads from YAML (:meth:`LAidConfig.from_yaml`), takes ``key=value``
 overrides (:meth:`LAidConfig.with_overrides`, the command line's ``--key value`` and ``--key=value``), checks itself
