@@ -7,9 +7,11 @@ the trainer: ``laid.config`` (LAidConfig), ``laid.models`` (loading), ``laid.cap
 ``laid.baselines`` (YaRN, SelfExtend), ``laid.report`` (the paper-style table and plot).
 """
 
+__version__ = "0.1.0"
+
 from .config import LAidConfig
 from .evaluate import evaluate
 from .mixer import HeadMixer
 from .trainer import train
 
-__all__ = ["LAidConfig", "HeadMixer", "train", "evaluate"]
+__all__ = ["LAidConfig", "HeadMixer", "train", "evaluate", "__version__"]

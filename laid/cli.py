@@ -1,13 +1,16 @@
 """The ``laid`` command line.
 
 Each top-level command is one ``add_<name>(commands)`` function that adds its sub-parser to ``commands`` and sets
-``run`` (a function of the parsed arguments); ``COMMANDS`` lists them. Errors about the user's input
-(``ValueError``, ``FileNotFoundError``) are printed as ``laid: error: ...`` with exit status 2.
+``run`` (a function of the parsed arguments); ``COMMANDS`` lists them. Every command is plain argparse: options take
+``--key value`` or ``--key=value``, are never abbreviated, and an unknown one is an error naming the nearest option.
+``laid train``'s options are generated from the fields of ``LAidConfig`` (their help is the fields' metadata). Errors
+about the user's input (``ValueError``, ``FileNotFoundError``) are printed as ``laid: error: ...`` with exit status 2.
 
     laid data synth --out DIR --n-entries 64 --min-images 2 --max-images 10
     laid data build-train --instances instances_train2017.json --exclude-vhs VHS.json ... --out train.json
     laid models tiny runs/tiny
-    laid train configs/tiny_cpu.yaml --epochs 1
+    laid train configs/tiny_cpu.yaml --epochs 1 --lr=2e-5 --train_vision --layer_pairs "[[0, 1], [-1, -1]]"
+    laid train configs/tiny_cpu.yaml --print-config      (the resolved configuration as YAML; nothing runs)
     laid eval runs/laid/final --data VHs_large --image-root coco --output runs/eval/laid --name LAid
     laid report runs/eval/baseline runs/eval/laid --baseline baseline --out report
     laid demo                      (--full for the complete grid; laid demo family --out DIR retrains the family)
@@ -16,8 +19,32 @@ Each top-level command is one ``add_<name>(commands)`` function that adds its su
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
+import json
 import sys
+import typing
 from pathlib import Path
+
+from . import __version__
+
+
+class Parser(argparse.ArgumentParser):
+    """The ``laid`` parser and its sub-parsers: options are never abbreviated (``--grad`` is not ``--grad_accum``),
+    and an unknown option is an error that names the command's nearest option."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        unknown = next((extra.split("=", 1)[0] for extra in extras if extra.startswith("-")), None)
+        if unknown is not None:
+            options = [option for action in self._actions for option in action.option_strings]
+            nearest = difflib.get_close_matches(unknown, options, n=1)
+            self.error(f"unknown option {unknown}; " + (f"did you mean {nearest[0]}?" if nearest else
+                                                        f"'{self.prog} --help' lists the options"))
+        return namespace, extras
 
 
 def _run_synth(args: argparse.Namespace) -> None:
@@ -123,26 +150,58 @@ def add_models(commands) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> None:
+    from .config import LAidConfig
     from .trainer import train
 
-    if len(args.overrides) % 2:
-        raise ValueError(f"overrides must be --key value pairs, got {' '.join(args.overrides)}")
-    overrides = {}
-    for key, value in zip(args.overrides[::2], args.overrides[1::2]):
-        if not key.startswith("--"):
-            raise ValueError(f"expected --key before {value!r}, got {key!r}")
-        overrides[key[2:]] = value
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(LAidConfig) if hasattr(args, f.name)}
+    if args.print_config:
+        print(LAidConfig.from_yaml(args.config, **overrides).to_yaml(), end="")
+        return
     summary = train(args.config, **overrides)
     print(Path(summary["config"]["output_dir"]) / "final")
 
 
+def _type_name(hint) -> str:
+    """A field's type as declared, without spaces (the metavar of its option): ``float``, ``int|None``,
+    ``list[list[int]]``."""
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "").replace(" ", "")
+
+
 def add_train(commands) -> None:
-    """``laid train CONFIG.yaml [--key value ...]``: LAid distillation (any LAidConfig field can be overridden)."""
-    train = commands.add_parser("train", help="LAid distillation from a YAML config",
-                                description="Run LAid distillation. Every LAidConfig field can be overridden with "
-                                            "--field value (values are read as YAML: --layer_pairs '[[-1, -1]]').")
-    train.add_argument("config", help="YAML file of LAidConfig fields")
-    train.add_argument("overrides", nargs=argparse.REMAINDER, help="--field value pairs")
+    """``laid train CONFIG.yaml [--field VALUE ...] [--print-config]``: LAid distillation; one option per LAidConfig
+    field, ``--field VALUE`` or ``--field=VALUE`` (VALUE read as YAML, by ``LAidConfig.with_overrides``), a boolean
+    also ``--field`` / ``--no-field``. Only the options given are set: they override the YAML file."""
+    from .config import LAidConfig
+
+    train = commands.add_parser(
+        "train", help="LAid distillation from a YAML config",
+        usage="%(prog)s CONFIG.yaml [--print-config] [--FIELD VALUE | --FIELD=VALUE | --FLAG | --no-FLAG ...]",
+        description="Run LAid distillation: the YAML file's LAidConfig fields, overridden by the options given "
+                    "(--field VALUE or --field=VALUE; VALUE is read as YAML: --lr=2e-5, --layer_pairs '[[0, 1]]', "
+                    "--trackers '[tensorboard]', --max_steps null; a boolean is also a flag: --train_vision, "
+                    "--no-train_vision). Dashes may replace underscores. The run writes the resolved configuration "
+                    "to OUTPUT_DIR/config.yaml; --print-config prints it instead.")
+    train.add_argument("config", metavar="CONFIG.yaml", help="YAML file of LAidConfig fields")
+    train.add_argument("--print-config", action="store_true",
+                       help="print the resolved configuration as YAML (what the run would save) and exit")
+    fields = train.add_argument_group("LAidConfig fields (VALUE is read as YAML; dashes may replace underscores)")
+    defaults = LAidConfig()
+    hints = typing.get_type_hints(LAidConfig)
+
+    def add(option: str, **kwargs) -> None:  # --name, and its spelling with dashes, hidden from --help
+        fields.add_argument(option, default=argparse.SUPPRESS, **kwargs)
+        if "_" in option:
+            fields.add_argument(option.replace("_", "-"), default=argparse.SUPPRESS,
+                                **{**kwargs, "help": argparse.SUPPRESS})
+
+    for f in dataclasses.fields(LAidConfig):
+        kind = _type_name(hints[f.name])
+        text = f"{f.metadata.get('help', '')} [default: {json.dumps(getattr(defaults, f.name))}]".replace("%", "%%")
+        if hints[f.name] is bool:
+            add(f"--{f.name}", dest=f.name, nargs="?", const=True, metavar=kind, help=text)
+            add(f"--no-{f.name}", dest=f.name, action="store_const", const=False, help=f"set {f.name} to false")
+        else:
+            add(f"--{f.name}", dest=f.name, metavar=kind, help=text)
     train.set_defaults(run=_run_train)
 
 
@@ -258,7 +317,8 @@ COMMANDS = (add_data, add_models, add_train, add_eval, add_report, add_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="laid", description="LAid distillation of Qwen2.5-VL models")
+    parser = Parser(prog="laid", description="LAid distillation of Qwen2.5-VL models")
+    parser.add_argument("--version", action="version", version=f"laid {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(commands)

@@ -1,8 +1,13 @@
 """``LAidConfig``: every setting of a LAid distillation run, with its default in plain sight.
 
+Convention: declare every field as ``name: type = field(default=..., metadata={"help": "one line"})``; that help is
+its description in ``laid train --help`` (beside its type and default), and tests/test_cli.py fails naming any field
+that has none.
+
 A run is described by one dataclass. It loads from YAML (:meth:`LAidConfig.from_yaml`), takes ``key=value``
-overrides (:meth:`LAidConfig.with_overrides`, the command line's ``--key value``) and checks itself
-(:meth:`LAidConfig.validate`) so that a wrong value fails with the field's name before any model is loaded.
+overrides (:meth:`LAidConfig.with_overrides`, the command line's ``--key value`` and ``--key=value``), checks itself
+(:meth:`LAidConfig.validate`) so that a wrong value fails with the field's name before any model is loaded, and
+writes itself back as YAML (:meth:`LAidConfig.to_yaml`, what ``laid train --print-config`` prints and every run saves).
 
 The defaults are the paper's recipe (teacher Qwen2.5-VL-32B-Instruct, student 7B, last layers aligned, AdamW with
 lr 1e-5 for the model and 1e-4 for the mixing weights, 10 epochs, batch 1 per device with 8 accumulation steps).
@@ -11,6 +16,7 @@ lr 1e-5 for the model and 1e-4 for the mixing weights, 10 epochs, batch 1 per de
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,68 +37,104 @@ class LAidConfig:
     """One LAid run. Layer indices may be negative (counted from the end, -1 = last layer)."""
 
     # --- models (a local folder or a hub id; nothing is downloaded unless the id is not a folder) ---
-    teacher: str = "Qwen/Qwen2.5-VL-32B-Instruct"  # unused (not loaded) when lambda_laid = lambda_kl = 0
-    student: str = "Qwen/Qwen2.5-VL-7B-Instruct"
-    processor: str | None = None  # default: the student's folder / id
-    attn_implementation: str = "auto"  # "auto": flash_attention_2 on CUDA when flash-attn imports, else sdpa
+    teacher: str = field(default="Qwen/Qwen2.5-VL-32B-Instruct", metadata={
+        "help": "teacher model, a local folder or a hub id (not loaded when lambda_laid = lambda_kl = 0)"})
+    student: str = field(default="Qwen/Qwen2.5-VL-7B-Instruct", metadata={
+        "help": "student model, a local folder or a hub id"})
+    processor: str | None = field(default=None, metadata={
+        "help": "processor folder or hub id (null: the student's)"})
+    attn_implementation: str = field(default="auto", metadata={
+        "help": "attention of both models: auto (flash_attention_2 on CUDA when flash-attn imports, else sdpa), "
+                "flash_attention_2, sdpa or eager"})
 
     # --- data: a Visual Haystacks-format JSON (see laid.data) and the folder its image paths are relative to ---
-    data: str = ""
-    image_root: str = ""
-    min_pixels: int | None = None  # per-image pixel bounds; None keeps the processor's own (the VHs protocol)
-    max_pixels: int | None = None
-    max_images: int = 20  # images per prompt; longer haystacks are cut (needles kept)
-    task: str = "vhs"  # "vhs": yes/no answers after the official prompt; "free": any answer text (e.g. captions)
+    data: str = field(default="", metadata={
+        "help": "training data, a Visual Haystacks-format JSON file (laid data synth / build-train write one)"})
+    image_root: str = field(default="", metadata={"help": "folder the data's image paths are relative to"})
+    min_pixels: int | None = field(default=None, metadata={
+        "help": "lower bound on the pixels of each image (null: the processor's own, the VHs protocol)"})
+    max_pixels: int | None = field(default=None, metadata={
+        "help": "upper bound on the pixels of each image (null: the processor's own, the VHs protocol)"})
+    max_images: int = field(default=20, metadata={
+        "help": "images per prompt; longer haystacks are cut (needles kept)"})
+    task: str = field(default="vhs", metadata={
+        "help": "vhs: yes/no answers after the official prompt; free: any answer text (e.g. captions)"})
 
     # --- the objective (shared/laid-spec.md): L = lambda_laid (L_qk + beta L_attn) + lambda_kl L_KL + lambda_sft L_SFT
     #     (L_qk is multiplied by qk_weight, 1 unless L_qk is ablated)
-    layer_pairs: list[list[int]] = field(default_factory=lambda: [[-1, -1]])  # [[student layer, teacher layer], ...]
-    lambda_laid: float = 1.0
-    qk_weight: float = 1.0  # weight of L_qk inside the LAid term (1 in the paper; 0 is the "without L_qk" ablation)
-    beta: float = 1.0  # weight of L_attn (progressive attention matching)
-    alpha: float = 1.0  # distance-weight exponent of L_attn, omega_p(d) = (1 + log2(1 + d)) ** (alpha * p)
-    lambda_kl: float = 1.0
-    tau: float = 1.0  # KL temperature
-    lambda_sft: float = 1.0
-    mixer_init: str = "lstsq"  # "lstsq" (ridge least squares on the first batch), "uniform", "nearest"
-    mixer_ridge: float = 1e-3  # lstsq ridge, relative to the mean diagonal of the teacher Gram matrix
-    kernel_backend: str = "auto"  # laid_kernels backend for the losses
+    layer_pairs: list[list[int]] = field(default_factory=lambda: [[-1, -1]], metadata={
+        "help": "aligned layers, [[student layer, teacher layer], ...]; negative indices count from the end"})
+    lambda_laid: float = field(default=1.0, metadata={
+        "help": "weight of the LAid term, qk_weight L_qk + beta L_attn (0: no mixer)"})
+    qk_weight: float = field(default=1.0, metadata={
+        "help": "weight of L_qk inside the LAid term (1 in the paper; 0 is the 'without L_qk' ablation)"})
+    beta: float = field(default=1.0, metadata={
+        "help": "weight of L_attn (progressive attention matching) inside the LAid term"})
+    alpha: float = field(default=1.0, metadata={
+        "help": "distance-weight exponent of L_attn, omega_p(d) = (1 + log2(1 + d)) ** (alpha * p)"})
+    lambda_kl: float = field(default=1.0, metadata={
+        "help": "weight of L_KL, the teacher-student KL divergence at the answer positions"})
+    tau: float = field(default=1.0, metadata={"help": "temperature of L_KL"})
+    lambda_sft: float = field(default=1.0, metadata={
+        "help": "weight of L_SFT, the cross-entropy of the answer tokens"})
+    mixer_init: str = field(default="lstsq", metadata={
+        "help": "initial head mixing: lstsq (ridge least squares on the first batch), uniform or nearest"})
+    mixer_ridge: float = field(default=1e-3, metadata={
+        "help": "ridge of the lstsq init, relative to the mean diagonal of the teacher Gram matrix"})
+    kernel_backend: str = field(default="auto", metadata={
+        "help": "laid_kernels backend of the losses: auto, triton, cpu or reference"})
 
     # --- optimisation ---
-    lr: float = 1e-5  # student weights
-    mixer_lr: float = 1e-4  # W_q, W_k and the RoPE gain
-    weight_decay: float = 0.0
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    epochs: int = 10
-    batch_size: int = 1  # per device
-    grad_accum: int = 8  # micro-batches per optimizer step
-    warmup_ratio: float = 0.03  # linear warmup over this fraction of the optimizer steps, then cosine
-    min_lr_ratio: float = 0.0  # the cosine ends at lr * min_lr_ratio
-    max_grad_norm: float = 1.0  # clipping of all trainable parameters together; 0 disables
-    max_steps: int | None = None  # stop after this many optimizer steps (None: all epochs); the schedule still
-    #                               spans all epochs, so a run stopped early resumes on the same curve
+    lr: float = field(default=1e-5, metadata={"help": "AdamW learning rate of the student weights"})
+    mixer_lr: float = field(default=1e-4, metadata={
+        "help": "AdamW learning rate of the mixer (W_q, W_k and the RoPE gain)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata={
+        "help": "AdamW betas, [beta1, beta2]"})
+    epochs: int = field(default=10, metadata={"help": "passes over the training data"})
+    batch_size: int = field(default=1, metadata={"help": "micro-batch size per device"})
+    grad_accum: int = field(default=8, metadata={"help": "micro-batches per optimizer step"})
+    warmup_ratio: float = field(default=0.03, metadata={
+        "help": "linear warmup over this fraction of the optimizer steps, then cosine"})
+    min_lr_ratio: float = field(default=0.0, metadata={"help": "the cosine ends at lr * min_lr_ratio"})
+    max_grad_norm: float = field(default=1.0, metadata={
+        "help": "gradient-norm clipping of the student and of the mixer, each to this norm; 0 disables"})
+    max_steps: int | None = field(default=None, metadata={
+        "help": "stop after this many optimizer steps (null: all epochs); the schedule still spans all epochs, so a "
+                "run stopped early resumes on the same curve"})
 
     # --- what trains: the language model (with its embeddings and lm_head) yes, the vision tower frozen ---
-    train_language_model: bool = True
-    train_vision: bool = False
-    gradient_checkpointing: bool = True  # non-reentrant, on the student
-    lora_rank: int = 0  # > 0: LoRA adapters of this rank (peft) on the language model's linear layers train instead
-    #                     of its weights (the SFT (LoRA) baseline: lambda_laid = lambda_kl = 0); merged at export
-    lora_alpha: float = 16.0  # LoRA scaling numerator (scale = lora_alpha / lora_rank)
+    train_language_model: bool = field(default=True, metadata={
+        "help": "train the language model (with its embeddings and lm_head)"})
+    train_vision: bool = field(default=False, metadata={"help": "train the vision tower"})
+    gradient_checkpointing: bool = field(default=True, metadata={
+        "help": "non-reentrant gradient checkpointing of the student"})
+    lora_rank: int = field(default=0, metadata={
+        "help": "> 0: LoRA adapters of this rank (peft) on the language model's linear layers train instead of its "
+                "weights (the SFT (LoRA) baseline: lambda_laid = lambda_kl = 0); merged at export"})
+    lora_alpha: float = field(default=16.0, metadata={
+        "help": "LoRA scaling numerator (scale = lora_alpha / lora_rank)"})
 
     # --- precision: "auto" = bf16 autocast on CUDA (fp32 master weights, bf16 teacher), fp32 on CPU ---
-    precision: str = "auto"
+    precision: str = field(default="auto", metadata={
+        "help": "auto (bf16 autocast on CUDA with fp32 master weights and a bf16 teacher; fp32 on CPU), bf16 or fp32"})
 
     # --- run bookkeeping ---
-    seed: int = 0
-    output_dir: str = "runs/laid"
-    save_every: int = 500  # optimizer steps between checkpoints (and one at the end)
-    keep_checkpoints: int = 2  # newest checkpoints kept; 0 keeps all
-    resume_from: str | None = None  # a checkpoint folder, or "latest" (the newest under output_dir/checkpoints)
-    log_every: int = 1  # optimizer steps between metrics.jsonl lines
-    trackers: list[str] = field(default_factory=list)  # accelerate trackers, e.g. ["tensorboard"]
-    num_workers: int | None = None  # DataLoader workers; None: min(4, CPUs per process // 2) (laid.loading)
-    image_cache: str = "auto"  # resized-image cache: "auto" ($LAID_CACHE_DIR/images, ~/.cache/laid), "none", a folder
+    seed: int = field(default=0, metadata={"help": "seed of the run's random numbers and of the data order"})
+    output_dir: str = field(default="runs/laid", metadata={
+        "help": "run folder (config.yaml, metrics.jsonl, checkpoints/, final/)"})
+    save_every: int = field(default=500, metadata={
+        "help": "optimizer steps between checkpoints (and one at the end)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept; 0 keeps all"})
+    resume_from: str | None = field(default=None, metadata={
+        "help": "a checkpoint folder, or latest (the newest under output_dir/checkpoints, if any); null starts afresh"})
+    log_every: int = field(default=1, metadata={"help": "optimizer steps between metrics.jsonl lines"})
+    trackers: list[str] = field(default_factory=list, metadata={
+        "help": "accelerate trackers, e.g. [tensorboard]"})
+    num_workers: int | None = field(default=None, metadata={
+        "help": "DataLoader workers; null: min(4, CPUs per process // 2), see laid.loading"})
+    image_cache: str = field(default="auto", metadata={
+        "help": "resized-image cache: auto ($LAID_CACHE_DIR/images, default ~/.cache/laid/images), none, or a folder"})
 
     # ----------------------------------------------------------------------------------------------------------
     @classmethod
@@ -110,15 +152,18 @@ class LAidConfig:
     def with_overrides(self, **overrides: Any) -> "LAidConfig":
         """A validated copy with ``overrides`` applied; strings are parsed as YAML scalars / lists for typed fields.
 
-        Unknown names raise ``ValueError`` listing the valid ones; dashes are accepted for underscores.
+        Unknown names raise ``ValueError`` naming the nearest field (or listing them all); dashes are accepted for
+        underscores.
         """
-        names = {f.name for f in dataclasses.fields(self)}
+        names = [f.name for f in dataclasses.fields(self)]
         hints = typing.get_type_hints(type(self))
         values = {}
         for key, value in overrides.items():
             name = key.replace("-", "_")
             if name not in names:
-                raise ValueError(f"unknown LAidConfig field {key!r}; valid fields: {', '.join(sorted(names))}")
+                nearest = difflib.get_close_matches(name, names, n=1)
+                hint = f"did you mean {nearest[0]!r}?" if nearest else f"valid fields: {', '.join(sorted(names))}"
+                raise ValueError(f"unknown LAidConfig field {key!r}; {hint}")
             values[name] = _coerce(name, value, hints[name])
         return dataclasses.replace(self, **values).validate()
 
@@ -131,6 +176,10 @@ class LAidConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of every field (YAML / JSON serialisable)."""
         return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        """Every field as YAML, in declaration order: the run's ``config.yaml``, which :meth:`from_yaml` reads back."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def validate(self) -> "LAidConfig":
         """Check every field; raises ``ValueError`` naming the field and what was expected. Returns self."""
@@ -188,12 +237,18 @@ def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:
-    """``value`` converted to the field type ``hint``; strings (command line) are read as YAML first."""
+    """``value`` converted to the field type ``hint``; strings (command line) are read as YAML first, except for a
+    ``str`` field, where only ``null`` (for one that may be None) is read."""
     args = typing.get_args(hint)
     optional = type(None) in args
     base = next(a for a in args if a is not type(None)) if optional else hint
     if isinstance(value, str) and base is not str:
-        value = yaml.safe_load(value)
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise ValueError(f"{name} must be a YAML value, got {value!r}") from error
+    elif optional and value == "null":
+        value = None
     if value is None:
         if optional:
             return None

@@ -27,7 +27,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import yaml
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 from torch.utils.data import DataLoader
@@ -182,7 +181,7 @@ def train(config: LAidConfig | str | Path | None = None, /, **overrides) -> dict
     metrics_path = output_dir / "metrics.jsonl"
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        (output_dir / "config.yaml").write_text(config.to_yaml())
         metrics_path.write_text(metrics_until(metrics_path, state.step))
     if config.trackers:
         accelerator.init_trackers("laid", config=config.to_dict())

@@ -14,16 +14,20 @@ def test_defaults_are_the_paper_recipe():
 
 def test_yaml_then_string_overrides(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("teacher: t\nstudent: s\nlr: 2.0e-5\nlayer_pairs: [[1, 2]]\nbeta: 0\n")
+    path.write_text("teacher: t\nstudent: s\nlr: 2.0e-5\nlayer_pairs: [[1, 2]]\nbeta: 0\nresume_from: latest\n")
     config = LAidConfig.from_yaml(path, **{"mixer-lr": "3e-4", "epochs": "2", "train_vision": "true",
-                                           "max_steps": "null", "layer_pairs": "[[0, -1], [1, -2]]"})
+                                           "max_steps": "null", "layer_pairs": "[[0, -1], [1, -2]]",
+                                           "resume_from": "null", "output_dir": "[not, a, list]"})
     assert (config.teacher, config.lr, config.beta, config.mixer_lr, config.epochs) == ("t", 2e-5, 0.0, 3e-4, 2)
-    assert config.train_vision is True and config.max_steps is None
+    assert config.train_vision is True and config.max_steps is None and config.resume_from is None
+    assert config.output_dir == "[not, a, list]"  # a str field's string is taken as it is
     assert config.layer_pairs == [[0, -1], [1, -2]]
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"lrr": 1}, "unknown LAidConfig field 'lrr'"),
+    ({"lrr": 1}, "unknown LAidConfig field 'lrr'; did you mean 'lr'?"),
+    ({"zzzzqqq": 1}, "unknown LAidConfig field 'zzzzqqq'; valid fields: adam_betas, alpha,"),
+    ({"adam_betas": "[0.9,"}, "adam_betas must be a YAML value, got '[0.9,'"),
     ({"epochs": "many"}, "epochs must be an integer"),
     ({"lr": 0}, "lr must be > 0"),
     ({"precision": "fp8"}, "precision must be one of"),
