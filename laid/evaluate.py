@@ -69,7 +69,8 @@ def haystack_entries(data: str | Path, size: int) -> list[dict]:
     return entries
 
 
-def _device(device: str | torch.device | None) -> torch.device:
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device``, or for None / "auto" cuda when available, else cpu."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -106,6 +107,18 @@ def load_for_eval(model_or_path, *, method: str, device: torch.device, attn_impl
     return model
 
 
+def prompt_inputs(processor, image_paths: list[Path], question: str):
+    """The processor's inputs for one question as the official Qwen adapter builds them: ``build_messages``, images
+    read by ``qwen_vl_utils.process_vision_info``, the chat template with the generation prompt. A BatchFeature of
+    ``input_ids`` / ``attention_mask`` [1, N], ``pixel_values`` [P, 1176], ``image_grid_thw`` [images, 3] (CPU)."""
+    from qwen_vl_utils import process_vision_info
+
+    messages = build_messages(image_paths, question)
+    images, _ = process_vision_info(messages)
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return processor(text=[text], images=images, padding=True, return_tensors="pt")
+
+
 @torch.inference_mode()
 def answer(model, processor, image_paths: list[Path], question: str, *, max_new_tokens: int = 128) -> dict:
     """Greedy answer of ``model`` to one question over ``image_paths`` (already in the order shown).
@@ -114,12 +127,7 @@ def answer(model, processor, image_paths: list[Path], question: str, *, max_new_
     apply as in a plain ``generate`` call. Returns ``{"response": str, "input_tokens": N, "output_tokens": T}``. Only this question's tensors live: the
     prompt (``input_ids`` [1, N], ``pixel_values`` [P, 1176]) and the KV cache of ``generate``.
     """
-    from qwen_vl_utils import process_vision_info
-
-    messages = build_messages(image_paths, question)
-    images, _ = process_vision_info(messages)
-    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    inputs = processor(text=[text], images=images, padding=True, return_tensors="pt").to(model.device)
+    inputs = prompt_inputs(processor, image_paths, question).to(model.device)
     n_input = inputs["input_ids"].shape[1]
     output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                             temperature=None, top_p=None, top_k=None)
@@ -200,7 +208,7 @@ def evaluate(model_or_path, data: str | Path, sizes=SIZES, method: str = "baseli
            "max_new_tokens": max_new_tokens, "options": options.get(method, {}), "sizes": sizes}
     output_dir.mkdir(parents=True, exist_ok=True)
     _check_run(output_dir, run)
-    model = load_for_eval(model_or_path, method=method, device=_device(device),
+    model = load_for_eval(model_or_path, method=method, device=resolve_device(device),
                           attn_implementation=attn_implementation, yarn_factor=yarn_factor,
                           selfextend_group=selfextend_group, selfextend_window=selfextend_window)
     metrics = {}
