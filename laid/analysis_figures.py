@@ -128,12 +128,12 @@ def spectrum_figure(models: list[dict], sizes: list[int], span: int, path: Path)
     each layer, every model side by side."""
     plt = _pyplot()
     size = sizes[-1]
-    figure, axes = plt.subplots(2, len(models), figsize=(3.2 * len(models) + 1, 8), squeeze=False,
-                                gridspec_kw={"height_ratios": [3, 1]})
+    figure = plt.figure(figsize=(3.4 * len(models) + 2, 8))
+    grid = figure.add_gridspec(2, len(models), height_ratios=[3, 1])
     table = {"span": span, "heat_map_size": size, "models": []}
     for column, model in enumerate(models):
         shares = model["sizes"][size]["spectrum"]  # [L, H, D/2]
-        axis = axes[0, column]
+        axis = figure.add_subplot(grid[0, column])
         image = axis.imshow(shares.flatten(0, 1).numpy(), aspect="auto", cmap="magma", interpolation="nearest")
         for layer in range(1, model["layers"]):
             axis.axhline(layer * model["heads"] - 0.5, color="white", linewidth=0.5)
@@ -148,14 +148,12 @@ def spectrum_figure(models: list[dict], sizes: list[int], span: int, path: Path)
                                 "sizes": {s: {"spectrum": model["sizes"][s]["spectrum"],
                                               "low_frequency_share": model["sizes"][s]["low_frequency_share"]}
                                           for s in sizes}})
-    bottom = axes[1, 0]
-    for column in range(1, len(models)):
-        axes[1, column].remove()
+    bottom = figure.add_subplot(grid[1, :])
     for model in models:
         per_layer = model["sizes"][size]["low_frequency_share"].mean(-1)
         bottom.plot(torch.linspace(0, 1, model["layers"]).numpy(), per_layer.numpy(), marker="o", label=model["name"])
     bottom.set(xlabel="relative depth (layer / last layer)", ylabel="low-frequency share",
-               title=f"share of the spectrum on pairs with wavelength > {span} positions ({size} images)")
+               title=f"low-frequency share per layer (wavelength > {span} positions, {size} images)")
     bottom.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path.with_suffix(".png"), dpi=100)
