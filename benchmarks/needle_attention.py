@@ -45,7 +45,8 @@ def main() -> None:
     analyze(list(models.values()), demo / "data" / "test", sizes=args.sizes, out_dir=analysis,
             processor=family_paths(family)["processor"], names=list(models), teacher=family_paths(family)["teacher"],
             questions=args.questions)
-    rows = [{k: v for k, v in row.items() if k != "needle"} for row in json.loads((analysis / "needle.json").read_text())]
+    needle = json.loads((analysis / "needle.json").read_text())
+    rows = [{k: v for k, v in row.items() if k != "needle"} for row in needle]  # without the per-head shares
     print("| model | " + " | ".join(f"{s} images: best head / last layer" for s in args.sizes) + " |")
     print("|---|" + "---|" * len(args.sizes))
     print("| chance | " + " | ".join(f"{1 / s:.3f}" for s in args.sizes) + " |")

@@ -38,6 +38,15 @@ def _write(path: Path, value) -> None:
     path.write_text(json.dumps(to_json(value), indent=1))
 
 
+def _save(figure, path: Path, table) -> Path:
+    """Write ``figure`` as path.png (and close it) and ``table`` as path.json; returns the PNG's path."""
+    figure.tight_layout()
+    figure.savefig(path.with_suffix(".png"), dpi=100)
+    _pyplot().close(figure)
+    _write(path.with_suffix(".json"), table)
+    return path.with_suffix(".png")
+
+
 def _pyplot():
     import matplotlib
 
@@ -89,11 +98,7 @@ def distance_figure(model: dict, sizes: list[int], path: Path) -> Path:
                      ylabel="share of attention" if column == 0 else None)
     axes[0, 0].legend(fontsize=6)
     figure.suptitle(f"{model['name']}: attention of the question rows by distance")
-    figure.tight_layout()
-    figure.savefig(path.with_suffix(".png"), dpi=100)
-    plt.close(figure)
-    _write(path.with_suffix(".json"), table)
-    return path.with_suffix(".png")
+    return _save(figure, path, table)
 
 
 def needle_figure(models: list[dict], sizes: list[int], path: Path) -> Path:
@@ -116,11 +121,7 @@ def needle_figure(models: list[dict], sizes: list[int], path: Path) -> Path:
              title="Attention on the needle image at the answer position")
     axis.set_xticks(sizes, [str(s) for s in sizes])
     axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path.with_suffix(".png"), dpi=100)
-    plt.close(figure)
-    _write(path.with_suffix(".json"), rows)
-    return path.with_suffix(".png")
+    return _save(figure, path, rows)
 
 
 def spectrum_figure(models: list[dict], sizes: list[int], span: int, path: Path) -> Path:
@@ -155,11 +156,7 @@ def spectrum_figure(models: list[dict], sizes: list[int], span: int, path: Path)
     bottom.set(xlabel="relative depth (layer / last layer)", ylabel="low-frequency share",
                title=f"low-frequency share per layer (wavelength > {span} positions, {size} images)")
     bottom.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path.with_suffix(".png"), dpi=100)
-    plt.close(figure)
-    _write(path.with_suffix(".json"), table)
-    return path.with_suffix(".png")
+    return _save(figure, path, table)
 
 
 def flow_figure(model: dict, path: Path) -> Path:
@@ -186,11 +183,7 @@ def flow_figure(model: dict, path: Path) -> Path:
             bars.set(xlim=(min(0.0, float(r2.min())), 1), ylim=(len(r2) - 0.5, -0.5), title=f"R^2 ({kind})",
                      yticks=range(len(r2)))
     figure.suptitle(f"{model['name']}: head flow from the teacher ({model['flow']['size']}-image prompts)")
-    figure.tight_layout()
-    figure.savefig(path.with_suffix(".png"), dpi=100)
-    plt.close(figure)
-    _write(path.with_suffix(".json"), {"model": model["name"], **model["flow"]})
-    return path.with_suffix(".png")
+    return _save(figure, path, {"model": model["name"], **model["flow"]})
 
 
 def numbers(models: list[dict], sizes: list[int]) -> dict:

@@ -25,6 +25,7 @@ models side by side with the numbers (``laid.analysis_figures``); ``analyze`` re
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -108,17 +109,20 @@ def _rope(model) -> tuple[torch.Tensor, tuple[int, ...]]:
     return rotary.inv_freq.float(), tuple(rotary.mrope_section)
 
 
-def profile(model, prompts: dict[int, list], *, block: int = BLOCK, backend: str = "auto") -> dict:
+def profile(model, prompts: dict[int, list], *, block: int = BLOCK, backend: str = "auto",
+            progress: str | None = None) -> dict:
     """Attention by distance, needle share and RoPE spectrum of ``model`` over ``prompts`` {size: [haystack_prompt]}.
 
     Returns {size: {"distance" [L, H, bins], "reach" [L, H], "needle" [L, H], "spectrum" [L, H, D/2] (shares),
-    "tokens": mean prompt length, "span": largest position distance}} (tensors, fp32, CPU).
+    "tokens": mean prompt length, "span": largest position distance, "seconds"}} (tensors, fp32, CPU). With
+    ``progress`` (a model name), one line per size is printed when it is done.
     """
     layers = list(range(len(decoder_layers(model))))
     inv_freq, section = _rope(model)
     result = {}
     for size, items in prompts.items():
         distance, reach, needle, spectrum, rows_seen, tokens, span = [], 0, 0, 0, 0, 0, 0
+        start = time.perf_counter()
         for inputs, needle_mask, image_mask in items:
             queries, keys, positions = capture_qk(model, layers, inputs)
             rows = torch.arange(int(image_mask.nonzero().max()) + 1, len(image_mask))
@@ -134,7 +138,11 @@ def profile(model, prompts: dict[int, list], *, block: int = BLOCK, backend: str
         bins = max(d.shape[-1] for d in distance)
         distance = sum(torch.nn.functional.pad(d, (0, bins - d.shape[-1])) for d in distance)
         result[size] = {"distance": distance / rows_seen, "reach": reach / rows_seen, "needle": needle / len(items),
-                        "spectrum": pair_shares(spectrum), "tokens": tokens / len(items), "span": span}
+                        "spectrum": pair_shares(spectrum), "tokens": tokens / len(items), "span": span,
+                        "seconds": round(time.perf_counter() - start, 1)}
+        if progress:
+            print(f"{progress}: {size} images, {len(items)} prompts of {tokens / len(items):.0f} tokens: "
+                  f"{result[size]['seconds']} s", flush=True)
     return result
 
 
@@ -185,13 +193,16 @@ def _processor(model: Path, processor: str | Path | None):
 
 def analyze(models, data: str | Path, *, sizes, out_dir: str | Path, processor: str | Path | None = None,
             names=None, teacher: str | Path | None = None, questions: int = 8, image_root: str | Path | None = None,
-            seed: int = 0, device: str | None = "auto", block: int = BLOCK, backend: str = "auto") -> dict:
+            seed: int = 0, device: str | None = "auto", block: int = BLOCK, backend: str = "auto",
+            progress: bool = False) -> dict:
     """Analyse ``models`` (model or run folders) on the VHs ``data`` (folder or JSON file) at ``sizes``; write the
     figures, their JSON and ``analysis.md`` to ``out_dir``; return the page's numbers (see the module docstring).
 
     ``processor``: the processor folder for model folders that hold none; ``names``: labels (default: folder
     names); ``teacher``: the teacher of the runs' head flow (default: the teacher their summary.json names);
-    ``questions``: prompts per size; ``image_root``: the folder image paths are relative to (default: ``data``'s).
+    ``questions``: prompts per size; ``image_root``: the folder image paths are relative to (default: ``data``'s);
+    ``block``: keys per block of the streamed attention; ``backend``: of ``laid_kernels.apply_mrope``; ``progress``:
+    print a line per model and size.
     """
     from .analysis_figures import write_figures
 
@@ -223,7 +234,8 @@ def analyze(models, data: str | Path, *, sizes, out_dir: str | Path, processor: 
         result = {"name": spec["name"], "model": str(spec["model"]), "layers": config.num_hidden_layers,
                   "heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
                   "inv_freq": inv_freq, "mrope_section": list(section),
-                  "sizes": profile(model, prompts, block=block, backend=backend), "flow": None}
+                  "sizes": profile(model, prompts, block=block, backend=backend,
+                                   progress=spec["name"] if progress else None), "flow": None}
         mixer = spec["run"] / MIXER_FILE if spec["run"] is not None else None
         if mixer is not None and mixer.is_file():
             source = teacher or json.loads((spec["run"] / "summary.json").read_text())["config"]["teacher"]

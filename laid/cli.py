@@ -189,7 +189,7 @@ def _run_analyze(args: argparse.Namespace) -> None:
 
     summary = analyze(args.models, args.data, sizes=args.sizes, out_dir=args.out, processor=args.processor,
                       names=args.names, teacher=args.teacher, questions=args.questions, image_root=args.image_root,
-                      seed=args.seed, device=args.device)
+                      seed=args.seed, device=args.device, progress=True)
     for name, numbers in summary.items():
         cells = [f"{size} images: distance {v['distance_last_layer']:.1f}, needle {v['needle_best_head']:.3f}, "
                  f"low-frequency {v['low_frequency_share']:.3f}" for size, v in numbers["sizes"].items()]
