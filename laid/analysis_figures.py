@@ -3,7 +3,8 @@
 Input: the per-model results of ``laid.analyze.analyze`` (tensors). Written to ``out_dir``:
 
 - ``distance_<model>.png`` / ``.json``: attention mass by log-distance bin, one panel column per size, rows the mean
-  over heads, the best (longest-reach) head and the median head of every layer (one line per layer);
+  over heads, the best (longest-reach) head and the median head of every layer (one line per layer), with the
+  histogram of attention spread evenly over the causal keys (dashed) for reference;
 - ``needle.png`` / ``.json``: the best head's and the last layer's mean needle share by size, every model;
 - ``spectrum.png`` / ``.json``: per model the head x frequency-pair heat map at the largest size (rows: layer-major
   heads), and the low-frequency share of each layer for every model;
@@ -86,14 +87,16 @@ def distance_figure(model: dict, sizes: list[int], path: Path) -> Path:
         views = {"mean over heads": r["distance"].mean(1), "best head": r["distance"][layer, best],
                  "median head": r["distance"][layer, median]}
         table["sizes"][size] = {"bins": bin_labels(r["distance"].shape[-1]), "tokens": r["tokens"],
+                                "uniform": r["uniform"],
                                 "distance": r["distance"], "reach": r["reach"], "best_head": best,
                                 "median_head": median, **{k.replace(" ", "_"): v for k, v in views.items()}}
         for row, (label, shares) in enumerate(views.items()):
             axis = axes[row, column]
             for index, line in enumerate(shares):
                 axis.plot(line.numpy(), color=colours[index], label=f"layer {index}")
-            ticks = range(0, shares.shape[-1], max(1, shares.shape[-1] // 6))
-            axis.set_xticks(list(ticks), [table["sizes"][size]["bins"][t] for t in ticks], fontsize=7)
+            axis.plot(r["uniform"].numpy(), "k--", linewidth=1, label="uniform over keys")
+            ticks = range(0, shares.shape[-1], max(1, shares.shape[-1] // 8))
+            axis.set_xticks(list(ticks), [table["sizes"][size]["bins"][t] for t in ticks], fontsize=7, rotation=45)
             axis.set(title=f"{size} images: {label}" if row == 0 else label, xlabel="token distance",
                      ylabel="share of attention" if column == 0 else None)
     axes[0, 0].legend(fontsize=6)

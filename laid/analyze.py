@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .attention_stats import BLOCK, attention_row_stats
+from .attention_stats import BLOCK, attention_row_stats, uniform_distance
 from .capture import QKCapture, decoder_layers, mrope_positions, resolve_layer, stop_after, unwrap
 from .data import haystack_order, load_vhs
 from .evaluate import haystack_entries, load_for_eval, prompt_inputs, resolve_device
@@ -113,7 +113,8 @@ def profile(model, prompts: dict[int, list], *, block: int = BLOCK, backend: str
             progress: str | None = None) -> dict:
     """Attention by distance, needle share and RoPE spectrum of ``model`` over ``prompts`` {size: [haystack_prompt]}.
 
-    Returns {size: {"distance" [L, H, bins], "reach" [L, H], "needle" [L, H], "spectrum" [L, H, D/2] (shares),
+    Returns {size: {"distance" [L, H, bins], "uniform" [bins] (``uniform_distance``), "reach" [L, H],
+    "needle" [L, H], "spectrum" [L, H, D/2] (shares),
     "tokens": mean prompt length, "span": largest position distance, "seconds"}} (tensors, fp32, CPU). With
     ``progress`` (a model name), one line per size is printed when it is done.
     """
@@ -121,7 +122,7 @@ def profile(model, prompts: dict[int, list], *, block: int = BLOCK, backend: str
     inv_freq, section = _rope(model)
     result = {}
     for size, items in prompts.items():
-        distance, reach, needle, spectrum, rows_seen, tokens, span = [], 0, 0, 0, 0, 0, 0
+        distance, uniform, reach, needle, spectrum, rows_seen, tokens, span = [], [], 0, 0, 0, 0, 0, 0
         start = time.perf_counter()
         for inputs, needle_mask, image_mask in items:
             queries, keys, positions = capture_qk(model, layers, inputs)
@@ -129,6 +130,7 @@ def profile(model, prompts: dict[int, list], *, block: int = BLOCK, backend: str
             stats = [attention_row_stats(q, k, positions, rows, inv_freq, section, groups=(needle_mask, image_mask),
                                          block=block, backend=backend) for q, k in zip(queries, keys)]
             distance.append(torch.stack([s.distance.sum(0) for s in stats]).cpu())  # [L, H, bins]
+            uniform.append(uniform_distance(rows).sum(0))  # [bins]
             reach = reach + torch.stack([s.reach.sum(0) for s in stats]).cpu()
             needle = needle + torch.stack([s.groups[0, -1] / s.groups[1, -1] for s in stats]).cpu()
             spectrum = spectrum + torch.stack([s.spectrum.sum(0) for s in stats]).cpu()
@@ -136,8 +138,10 @@ def profile(model, prompts: dict[int, list], *, block: int = BLOCK, backend: str
             tokens += len(image_mask)
             span = max(span, int((positions.amax(-1) - positions.amin(-1)).max()))
         bins = max(d.shape[-1] for d in distance)
-        distance = sum(torch.nn.functional.pad(d, (0, bins - d.shape[-1])) for d in distance)
-        result[size] = {"distance": distance / rows_seen, "reach": reach / rows_seen, "needle": needle / len(items),
+        distance, uniform = (sum(torch.nn.functional.pad(d, (0, bins - d.shape[-1])) for d in sums) / rows_seen
+                             for sums in (distance, uniform))
+        result[size] = {"distance": distance, "uniform": uniform, "reach": reach / rows_seen,
+                        "needle": needle / len(items),
                         "spectrum": pair_shares(spectrum), "tokens": tokens / len(items), "span": span,
                         "seconds": round(time.perf_counter() - start, 1)}
         if progress:

@@ -39,6 +39,15 @@ def distance_bin_edges(max_distance: int) -> torch.Tensor:
     return torch.tensor([2 ** k for k in range(max(max_distance, 1).bit_length())], dtype=torch.long)
 
 
+def uniform_distance(rows: torch.Tensor) -> torch.Tensor:
+    """[R, bins]: the distance histogram of attention spread evenly over each row's causal keys (d = 0 .. m), the
+    chance reference of ``RowStats.distance`` (bin k >= 1 holds min(2^k - 1, m) - 2^(k-1) + 1 of the m + 1 keys)."""
+    edges = distance_bin_edges(int(rows.max()))[None]
+    m = rows.long().cpu()[:, None]
+    counts = (torch.minimum(2 * edges - 1, m) - edges + 1).clamp_min(0)
+    return torch.cat((torch.ones_like(m), counts), 1) / (m + 1)
+
+
 @dataclass
 class RowStats:
     """The reductions of the attention of R query rows over H heads (see the module docstring for each)."""

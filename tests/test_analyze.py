@@ -13,7 +13,7 @@ from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
 from laid.analysis_figures import bin_labels, ranked_heads
 from laid.analyze import analyze, capture_qk, haystack_prompt, profile, resolve_model
-from laid.attention_stats import attention_row_stats, distance_bin_edges
+from laid.attention_stats import attention_row_stats, distance_bin_edges, uniform_distance
 from laid.cli import main
 from laid.data import synth_benchmark
 from laid.head_flow import explained_share, load_mixing, mix, pair_weights
@@ -93,10 +93,15 @@ def test_streamed_attention_by_distance_equals_the_models_dense_attention(family
         torch.testing.assert_close(stats.spectrum, torch.einsum("rhn,rhnf->rhf", p, parts.abs()), atol=1e-5, rtol=1e-4)
         profiled["distance"].append(histogram.mean(0))
         profiled["needle"].append(needle_share)
+    # The chance reference: attention spread evenly over each row's causal keys.
+    even = torch.ones(1, len(image), len(image)).tril()
+    torch.testing.assert_close(uniform_distance(rows), _dense_stats(even / even.sum(-1, keepdim=True), rows, needle,
+                                                                    image)[0][:, 0])
     # profile() reduces the same statistics over the question rows of its prompts (here one).
     result = profile(model, {3: [(inputs, needle, image)]}, block=7)[3]
     torch.testing.assert_close(result["distance"], torch.stack(profiled["distance"]), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(result["needle"], torch.stack(profiled["needle"]), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(result["uniform"], uniform_distance(rows).mean(0))
     assert result["tokens"] == len(image) and result["span"] == int((positions.amax(-1) - positions.amin(-1)).max())
 
 
