@@ -110,25 +110,34 @@ def _rope(model) -> tuple[torch.Tensor, tuple[int, ...]]:
 
 
 def profile(model, prompts: dict[int, list], *, block: int = BLOCK, backend: str = "auto",
-            progress: str | None = None) -> dict:
+            layers_per_pass: int | None = None, progress: str | None = None) -> dict:
     """Attention by distance, needle share and RoPE spectrum of ``model`` over ``prompts`` {size: [haystack_prompt]}.
 
     Returns {size: {"distance" [L, H, bins], "uniform" [bins] (``uniform_distance``), "reach" [L, H],
     "needle" [L, H], "spectrum" [L, H, D/2] (shares),
-    "tokens": mean prompt length, "span": largest position distance, "seconds"}} (tensors, fp32, CPU). With
-    ``progress`` (a model name), one line per size is printed when it is done.
+    "tokens": mean prompt length, "span": largest position distance, "seconds"}} (tensors, fp32, CPU). The Q/K of
+    ``layers_per_pass`` layers (default: all) are captured per forward, so a long prompt holds only theirs (a forward
+    per group). With ``progress`` (a model name), one line per size is printed when it is done.
     """
     layers = list(range(len(decoder_layers(model))))
+    per_pass = layers_per_pass or len(layers)
+    if per_pass < 1:
+        raise ValueError(f"layers_per_pass must be >= 1, got {layers_per_pass}")
+    passes = [layers[i:i + per_pass] for i in range(0, len(layers), per_pass)]
     inv_freq, section = _rope(model)
     result = {}
     for size, items in prompts.items():
         distance, uniform, reach, needle, spectrum, rows_seen, tokens, span = [], [], 0, 0, 0, 0, 0, 0
         start = time.perf_counter()
         for inputs, needle_mask, image_mask in items:
-            queries, keys, positions = capture_qk(model, layers, inputs)
             rows = torch.arange(int(image_mask.nonzero().max()) + 1, len(image_mask))
-            stats = [attention_row_stats(q, k, positions, rows, inv_freq, section, groups=(needle_mask, image_mask),
-                                         block=block, backend=backend) for q, k in zip(queries, keys)]
+            stats = []
+            for group in passes:
+                queries, keys, positions = capture_qk(model, group, inputs)
+                stats += [attention_row_stats(q, k, positions, rows, inv_freq, section,
+                                              groups=(needle_mask, image_mask), block=block, backend=backend)
+                          for q, k in zip(queries, keys)]
+                del queries, keys
             distance.append(torch.stack([s.distance.sum(0) for s in stats]).cpu())  # [L, H, bins]
             uniform.append(uniform_distance(rows).sum(0))  # [bins]
             reach = reach + torch.stack([s.reach.sum(0) for s in stats]).cpu()
@@ -198,15 +207,16 @@ def _processor(model: Path, processor: str | Path | None):
 def analyze(models, data: str | Path, *, sizes, out_dir: str | Path, processor: str | Path | None = None,
             names=None, teacher: str | Path | None = None, questions: int = 8, image_root: str | Path | None = None,
             seed: int = 0, device: str | None = "auto", block: int = BLOCK, backend: str = "auto",
-            progress: bool = False) -> dict:
+            layers_per_pass: int | None = None, progress: bool = False) -> dict:
     """Analyse ``models`` (model or run folders) on the VHs ``data`` (folder or JSON file) at ``sizes``; write the
     figures, their JSON and ``analysis.md`` to ``out_dir``; return the page's numbers (see the module docstring).
 
     ``processor``: the processor folder for model folders that hold none; ``names``: labels (default: folder
     names); ``teacher``: the teacher of the runs' head flow (default: the teacher their summary.json names);
     ``questions``: prompts per size; ``image_root``: the folder image paths are relative to (default: ``data``'s);
-    ``block``: keys per block of the streamed attention; ``backend``: of ``laid_kernels.apply_mrope``; ``progress``:
-    print a line per model and size.
+    ``block``: keys per block of the streamed attention; ``backend``: of ``laid_kernels.apply_mrope``;
+    ``layers_per_pass``: layers whose Q/K one forward captures (default all; fewer for long prompts of large
+    models); ``progress``: print a line per model and size.
     """
     from .analysis_figures import write_figures
 
@@ -238,7 +248,7 @@ def analyze(models, data: str | Path, *, sizes, out_dir: str | Path, processor: 
         result = {"name": spec["name"], "model": str(spec["model"]), "layers": config.num_hidden_layers,
                   "heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
                   "inv_freq": inv_freq, "mrope_section": list(section),
-                  "sizes": profile(model, prompts, block=block, backend=backend,
+                  "sizes": profile(model, prompts, block=block, backend=backend, layers_per_pass=layers_per_pass,
                                    progress=spec["name"] if progress else None), "flow": None}
         mixer = spec["run"] / MIXER_FILE if spec["run"] is not None else None
         if mixer is not None and mixer.is_file():

@@ -189,7 +189,7 @@ def _run_analyze(args: argparse.Namespace) -> None:
 
     summary = analyze(args.models, args.data, sizes=args.sizes, out_dir=args.out, processor=args.processor,
                       names=args.names, teacher=args.teacher, questions=args.questions, image_root=args.image_root,
-                      seed=args.seed, device=args.device, progress=True)
+                      seed=args.seed, device=args.device, layers_per_pass=args.layers_per_pass, progress=True)
     for name, numbers in summary.items():
         cells = [f"{size} images: distance {v['distance_last_layer']:.1f}, needle {v['needle_best_head']:.3f}, "
                  f"low-frequency {v['low_frequency_share']:.3f}" for size, v in numbers["sizes"].items()]
@@ -215,6 +215,8 @@ def add_analyze(commands) -> None:
     an.add_argument("--image-root", help="folder the image paths are relative to (default: the data's folder)")
     an.add_argument("--seed", type=int, default=0, help="seed of the haystack shuffles (as laid eval)")
     an.add_argument("--device", default="auto", help="auto: cuda when available (bf16), else cpu (fp32)")
+    an.add_argument("--layers-per-pass", type=int,
+                    help="layers whose Q/K one forward holds (default: all; e.g. 8 for 150 images of a 32B model)")
     an.set_defaults(run=_run_analyze)
 
 

@@ -103,6 +103,12 @@ def test_streamed_attention_by_distance_equals_the_models_dense_attention(family
     torch.testing.assert_close(result["needle"], torch.stack(profiled["needle"]), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(result["uniform"], uniform_distance(rows).mean(0))
     assert result["tokens"] == len(image) and result["span"] == int((positions.amax(-1) - positions.amin(-1)).max())
+    # Two forwards (layers 0-1, then 2) give the same numbers as one that holds every layer.
+    split = profile(model, {3: [(inputs, needle, image)]}, block=7, layers_per_pass=2)[3]
+    for key in ("distance", "reach", "needle", "spectrum"):
+        torch.testing.assert_close(split[key], result[key])
+    with pytest.raises(ValueError, match="layers_per_pass must be >= 1"):
+        profile(model, {}, layers_per_pass=-1)
 
 
 def test_distance_bins_are_log2_and_labelled():
