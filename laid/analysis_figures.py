@@ -16,12 +16,12 @@ Input: the per-model results of ``laid.analyze.analyze`` (tensors). Written to `
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
 
 from .attention_stats import distance_bin_edges
-from .demo import folder_name
 
 
 def to_json(value):
@@ -33,6 +33,11 @@ def to_json(value):
     if isinstance(value, (list, tuple)):
         return [to_json(v) for v in value]
     return value
+
+
+def slug(name: str) -> str:
+    """A file-name part for a model name: "LAid (40 steps)" -> "laid_40_steps"."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "model"
 
 
 def _write(path: Path, value) -> None:
@@ -179,10 +184,13 @@ def flow_figure(model: dict, path: Path) -> Path:
                                 vmin=0 if pair["frequency_mixing"] else -limit, vmax=limit)
             figure.colorbar(image, ax=axis, fraction=0.05)
             axis.set(title=f"{weight}_{kind}: student layer {pair['student_layer']} <- teacher layer "
-                           f"{pair['teacher_layer']}", xlabel="teacher head", ylabel="student head")
+                           f"{pair['teacher_layer']}", xlabel="teacher head", ylabel="student head",
+                     xticks=range(w.shape[1]), yticks=range(w.shape[0]))
             r2 = pair[f"r2_{kind}"]
             bars = axes[row, column + 1]
             bars.barh(range(len(r2)), r2.numpy(), color="tab:green")
+            for head, value in enumerate(r2.tolist()):
+                bars.text(0.02, head, f"{value:.3f}", va="center", fontsize=7)
             bars.set(xlim=(min(0.0, float(r2.min())), 1), ylim=(len(r2) - 0.5, -0.5), title=f"R^2 ({kind})",
                      yticks=range(len(r2)))
     figure.suptitle(f"{model['name']}: head flow from the teacher ({model['flow']['size']}-image prompts)")
@@ -260,11 +268,14 @@ def page(summary: dict, sizes: list[int], span: int, figures: dict) -> str:
 def write_figures(models: list[dict], sizes: list[int], span: int, out_dir: Path) -> dict:
     """Every figure (PNG + JSON) and analysis.md / analysis.json in ``out_dir``; returns the numbers."""
     figures = {"distance": {}, "flow": {}}
+    stems = [slug(m["name"]) for m in models]
+    if len(set(stems)) != len(stems):
+        raise ValueError(f"names {[m['name'] for m in models]} give the same file names {stems}: pass other names")
     for model in models:
-        slug = folder_name(model["name"])
-        figures["distance"][model["name"]] = distance_figure(model, sizes, out_dir / f"distance_{slug}").name
+        stem = slug(model["name"])
+        figures["distance"][model["name"]] = distance_figure(model, sizes, out_dir / f"distance_{stem}").name
         if model["flow"] is not None:
-            figures["flow"][model["name"]] = flow_figure(model, out_dir / f"flow_{slug}").name
+            figures["flow"][model["name"]] = flow_figure(model, out_dir / f"flow_{stem}").name
     figures["needle"] = needle_figure(models, sizes, out_dir / "needle").name
     figures["spectrum"] = spectrum_figure(models, sizes, span, out_dir / "spectrum").name
     summary = numbers(models, sizes)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
-from laid.analysis_figures import bin_labels, ranked_heads
+from laid.analysis_figures import bin_labels, ranked_heads, slug
 from laid.analyze import analyze, capture_qk, haystack_prompt, profile, resolve_model
 from laid.attention_stats import attention_row_stats, distance_bin_edges, uniform_distance
 from laid.cli import main
@@ -117,6 +117,7 @@ def test_distance_bins_are_log2_and_labelled():
     d = torch.tensor([0, 1, 2, 3, 4, 7, 8, 9])
     assert torch.bucketize(d, edges, right=True).tolist() == [0, 1, 2, 2, 3, 3, 4, 4]
     assert bin_labels(5) == ["0", "1", "2-3", "4-7", "8-15"]
+    assert slug("LAid w/o L_qk (seed 0)") == "laid_w_o_l_qk_seed_0" and slug("Base student") == "base_student"
     best, median = ranked_heads(torch.tensor([[0.5, 3.0, 1.0, 2.0], [4.0, 1.0, 2.0, 3.0]]))
     assert best.tolist() == [1, 0] and median.tolist() == [2, 2]  # the lower median of an even count
 
