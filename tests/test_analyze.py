@@ -12,7 +12,7 @@ import torch
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
 from laid.analysis_figures import bin_labels, ranked_heads, slug
-from laid.analyze import analyze, capture_qk, haystack_prompt, profile, resolve_model
+from laid.analyze import analyze, capture_qk, haystack_prompt, profile, resolve_model, size_entries
 from laid.attention_stats import attention_row_stats, distance_bin_edges, uniform_distance
 from laid.cli import main
 from laid.data import synth_benchmark
@@ -218,6 +218,10 @@ def test_analyze_errors_name_the_argument(family, tmp_path, capsys):
             analyze([family / "student"], sizes=sizes, **common)
     with pytest.raises(FileNotFoundError, match=r"size 7: .*visual_haystack_7\.json"):
         analyze([family / "student"], sizes=[7], **common)
+    one_file = family / "vhs" / "visual_haystack_3.json"  # --data may be one JSON file: sizes up to its images
+    assert len(size_entries(one_file, 3)) == len(size_entries(one_file, 2)) == 2
+    with pytest.raises(ValueError, match="sizes: .* entry 0 has fewer than 4 images"):
+        analyze([family / "student"], sizes=[4], **{**common, "data": one_file})
     with pytest.raises(FileNotFoundError, match="neither a model folder"):
         analyze([tmp_path], sizes=[1], **common)
     with pytest.raises(ValueError, match="names must be distinct"):
