@@ -73,7 +73,7 @@ def attention_row_stats(queries: torch.Tensor, keys: torch.Tensor, positions: to
     """The attention statistics of query ``rows`` of one sample, streamed over key blocks (all fp32).
 
     Args:
-        queries: [N, H, D] pre-RoPE queries of one sample (or only their ``rows``: [R, H, D]).
+        queries: [N, H, D] pre-RoPE queries of one sample.
         keys: [N, H_kv, D] pre-RoPE keys.
         positions: [3, N] M-RoPE positions (``laid.capture.mrope_positions`` of the sample).
         rows: [R] token indices of the query rows.
@@ -83,18 +83,16 @@ def attention_row_stats(queries: torch.Tensor, keys: torch.Tensor, positions: to
         backend: the ``laid_kernels.apply_mrope`` backend.
     """
     seq, kv_heads, dim = keys.shape
-    if queries.shape[0] == seq:
-        queries = queries[rows]
     heads, half = queries.shape[1], dim // 2
-    if heads % kv_heads or queries.shape[-1] != dim:
-        raise ValueError(f"queries [R, H, D] {tuple(queries.shape)} and keys [N, H_kv, D] {tuple(keys.shape)}: "
-                         f"H must be a multiple of H_kv and D must match")
+    if queries.shape[0] != seq or heads % kv_heads or queries.shape[-1] != dim:
+        raise ValueError(f"queries [N, H, D] {tuple(queries.shape)} and keys [N, H_kv, D] {tuple(keys.shape)}: "
+                         f"N and D must match and H must be a multiple of H_kv")
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
     device, rows = keys.device, rows.to(keys.device)
     kv_of_head = torch.arange(heads, device=device) // (heads // kv_heads)
     positions, inv_freq = positions.to(device), inv_freq.to(device).float()
-    q = apply_mrope(queries[None].float(), positions[:, None, rows], inv_freq, mrope_section, backend=backend)[0]
+    q = apply_mrope(queries[None, rows].float(), positions[:, None, rows], inv_freq, mrope_section, backend=backend)[0]
     edges = distance_bin_edges(int(rows.max())).to(device)
     group_masks = [g.to(device) for g in groups]
 

@@ -147,6 +147,10 @@ def test_spectrum_of_a_head_in_one_frequency_pair_is_all_there():
     assert float(low_frequency_share(expected, low)) == float(low[pair])
     with pytest.raises(ValueError, match="span"):
         low_frequency_pairs(inv_freq, span=0)
+    with pytest.raises(ValueError, match="N and D must match"):
+        attention_row_stats(queries[rows], keys, positions, rows, inv_freq, (2, 3, 3))
+    with pytest.raises(ValueError, match="block must be >= 1"):
+        attention_row_stats(queries, keys, positions, rows, inv_freq, (2, 3, 3), block=0)
 
 
 @pytest.mark.parametrize("frequency_mixing", [False, True])
