@@ -13,6 +13,7 @@ about the user's input (``ValueError``, ``FileNotFoundError``) are printed as ``
     laid train configs/tiny_cpu.yaml --print-config      (the resolved configuration as YAML; nothing runs)
     laid eval runs/laid/final --data VHs_large --image-root coco --output runs/eval/laid --name LAid
     laid report runs/eval/baseline runs/eval/laid --baseline baseline --out report
+    laid analyze TEACHER STUDENT runs/laid --data VHs_large --sizes 1 20 150 --out runs/analysis
     laid demo                      (--full for the complete grid; laid demo family --out DIR retrains the family)
 """
 
@@ -269,6 +270,42 @@ def add_report(commands) -> None:
     rep.set_defaults(run=_run_report)
 
 
+def _run_analyze(args: argparse.Namespace) -> None:
+    from .analyze import analyze
+
+    summary = analyze(args.models, args.data, sizes=args.sizes, out_dir=args.out, processor=args.processor,
+                      names=args.names, teacher=args.teacher, questions=args.questions, image_root=args.image_root,
+                      seed=args.seed, device=args.device, layers_per_pass=args.layers_per_pass, progress=True)
+    for name, numbers in summary.items():
+        cells = [f"{size} images: distance {v['distance_last_layer']:.1f}, needle {v['needle_best_head']:.3f}, "
+                 f"low-frequency {v['low_frequency_share']:.3f}" for size, v in numbers["sizes"].items()]
+        print(f"{name}: " + "; ".join(cells))
+    print(Path(args.out) / "analysis.md")
+
+
+def add_analyze(commands) -> None:
+    """``laid analyze MODEL_OR_RUN... --data DIR --sizes ... --out DIR``: attention by distance, needle share, RoPE
+    spectrum per head and head flow of Qwen2.5-VL models, as figures (PNG + JSON) and one page (analysis.md)."""
+    an = commands.add_parser("analyze", help="attention by distance, RoPE spectrum and head flow of models",
+                             description="For each model folder or 'laid train' run folder: the attention of the "
+                                         "question rows by token distance and on the needle, the RoPE frequency "
+                                         "spectrum of every head and, for runs, the head flow from the teacher.")
+    an.add_argument("models", nargs="+", help="model folders or 'laid train' run folders (final/ with mixer)")
+    an.add_argument("--data", required=True, help="folder with visual_haystack_{oracle,N,500}.json, or one VHs JSON")
+    an.add_argument("--sizes", type=int, nargs="+", required=True, help="haystack sizes (images per prompt)")
+    an.add_argument("--out", required=True, help="folder for the figures (PNG + JSON) and analysis.md")
+    an.add_argument("--processor", help="processor folder or hub id, for model folders that hold none")
+    an.add_argument("--names", nargs="+", help="labels of the models (default: their folder names)")
+    an.add_argument("--teacher", help="teacher of the runs' head flow (default: the one their summary.json names)")
+    an.add_argument("--questions", type=int, default=8, help="prompts per size")
+    an.add_argument("--image-root", help="folder the image paths are relative to (default: the data's folder)")
+    an.add_argument("--seed", type=int, default=0, help="seed of the haystack shuffles (as laid eval)")
+    an.add_argument("--device", default="auto", help="auto: cuda when available (bf16), else cpu (fp32)")
+    an.add_argument("--layers-per-pass", type=int,
+                    help="layers whose Q/K one forward holds (default: all; e.g. 8 for 150 images of a 32B model)")
+    an.set_defaults(run=_run_analyze)
+
+
 def _run_demo(args: argparse.Namespace) -> None:
     from .demo import FULL, QUICK, overridden, run_demo
 
@@ -313,7 +350,7 @@ def add_demo(commands) -> None:
     family.set_defaults(run=_run_demo_family)
 
 
-COMMANDS = (add_data, add_models, add_train, add_eval, add_report, add_demo)
+COMMANDS = (add_data, add_models, add_train, add_eval, add_report, add_analyze, add_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

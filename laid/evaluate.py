@@ -80,7 +80,8 @@ def haystack_entries(data: str | Path, size: int) -> list[dict]:
     return entries
 
 
-def _device(device: str | torch.device | None) -> torch.device:
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device``, or for None / "auto" cuda when available, else cpu."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -117,6 +118,18 @@ def load_for_eval(model_or_path, *, method: str, device: torch.device, attn_impl
     return model
 
 
+def prompt_inputs(processor, image_paths: list[Path], question: str, *,
+                  image_cache: ImageCache | None = None) -> dict[str, torch.Tensor]:
+    """The model inputs of one question as the official Qwen adapter builds them: ``build_messages``, every image read
+    as ``qwen_vl_utils.process_vision_info`` reads it (through ``image_cache`` when given), the chat template with
+    the generation prompt, then the processor's output (``laid.prompt_inputs.encode_prompt``): ``input_ids`` /
+    ``attention_mask`` / ``mm_token_type_ids`` [1, N], ``pixel_values`` [P, 1176], ``image_grid_thw`` [images, 3]."""
+    messages = build_messages(image_paths, question)
+    images = [(image_cache or ImageCache(None)).load(item) for item in messages[0]["content"] if "image" in item]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return encode_prompt(processor, text, images)
+
+
 def question_indices(n_entries: int, limit: int | None, *, seed: int, size: int) -> list[int]:
     """The entries asked at ``size``: all of them, or a seeded random ``limit`` of them (drawn without replacement
     by ``numpy.random.default_rng([seed, size])``), in file order."""
@@ -145,10 +158,8 @@ class HaystackPrompts(torch.utils.data.Dataset):
     def __getitem__(self, k: int) -> dict:
         size, index, entry = self.jobs[k]
         order = haystack_order(entry, seed=self.seed, index=index, max_images=size)
-        messages = build_messages([self.image_root / p for p in order], entry["conversations"][0]["value"])
-        images = [self.image_cache.load(item) for item in messages[0]["content"] if "image" in item]
-        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        inputs = encode_prompt(self.processor, text, images)
+        inputs = prompt_inputs(self.processor, [self.image_root / p for p in order], entry["conversations"][0]["value"],
+                               image_cache=self.image_cache)
         return {"size": size, "index": index, "order": order, "inputs": inputs}
 
 
@@ -277,7 +288,7 @@ def evaluate(model_or_path, data: str | Path, sizes=SIZES, method: str = "baseli
                                         f"found (paths are relative to image_root {str(image_root)!r})")
 
     if pending:
-        device = state.device if state.num_processes > 1 and device in (None, "auto") else _device(device)
+        device = state.device if state.num_processes > 1 and device in (None, "auto") else resolve_device(device)
         model = load_for_eval(model_or_path, method=method, device=device,
                               attn_implementation=attn_implementation, yarn_factor=yarn_factor,
                               selfextend_group=selfextend_group, selfextend_window=selfextend_window)
