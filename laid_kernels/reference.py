@@ -79,6 +79,46 @@ def mix_heads(w: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return torch.cat((mixed_real, mixed_imag), dim=-1)
 
 
+def mixing_statistics(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor | None = None,
+                      frequency: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sufficient statistics of the weighted least-squares fit of the mix (fp64 / complex128, no gradient).
+
+    student [B, N, Hs, D], teacher [B, N, Ht, D], weight [B, N] (w_n, 0 on padding; default 1). Head mixing:
+    (cross [Hs, Ht] = sum_n w_n Q_s Q_t^T, gram [Ht, Ht] = sum_n w_n Q_t Q_t^T), summed over channels too.
+    Frequency mixing: with z_f = x_f + i x_{f + D/2}, per frequency pair f (Hermitian transposes)
+    (cross [D/2, Hs, Ht] = sum_n w_n z_s z_t^H, gram [D/2, Ht, Ht] = sum_n w_n z_t z_t^H). Rotation-invariant, so
+    computed on the unrotated rows.
+    """
+    student, teacher = student.detach().double(), teacher.detach().double()
+    if weight is not None:
+        keep = weight != 0
+        root = weight[keep].double().sqrt()[:, None, None]
+        student, teacher = student[keep] * root, teacher[keep] * root  # [T, H, D]
+    if not frequency:
+        return (torch.einsum("...id,...jd->ij", student, teacher), torch.einsum("...id,...jd->ij", teacher, teacher))
+    z_s = torch.complex(*student.chunk(2, dim=-1))  # [..., Hs, D/2]
+    z_t = torch.complex(*teacher.chunk(2, dim=-1))
+    return (torch.einsum("...if,...jf->fij", z_s, z_t.conj()), torch.einsum("...if,...jf->fij", z_t, z_t.conj()))
+
+
+def fit_mixing(cross: torch.Tensor, gram: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
+    """The ridge least-squares mix W = cross (gram + eps I)^-1 from :func:`mixing_statistics` (fp64).
+
+    eps = ridge * mean(diag(gram)) (per frequency pair for frequency mixing): a ridge relative to the teacher's
+    scale, so that the fit is well posed when teacher heads are collinear. Returns head mixing [Hs, Ht] for real
+    statistics, frequency mixing [Hs, Ht, D/2, 2] (real, imaginary) for complex ones. Under normalize="student" the
+    fitted mix (ridge 0) minimises L_qk, whose value is then 1 - R^2 of each head, averaged.
+    """
+    diagonal = gram.diagonal(dim1=-2, dim2=-1).real
+    eps = ridge * diagonal.mean(dim=-1).clamp_min(torch.finfo(torch.float64).tiny)
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    # W (gram + eps I) = cross  <=>  (gram + eps I)^T W^T = cross^T
+    solution = torch.linalg.solve((gram + eps[..., None, None] * eye).mT, cross.mT).mT
+    if not solution.is_complex():
+        return solution
+    return torch.view_as_real(solution.permute(1, 2, 0).contiguous())  # [D/2, Hs, Ht] -> [Hs, Ht, D/2, 2]
+
+
 def qk_align_loss(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor,
                   w_q: torch.Tensor, w_k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
                   mrope_section: Sequence[int], *, token_weight: torch.Tensor | None = None,
