@@ -194,6 +194,8 @@ struct Side {
   const float* mixing;
   int64_t hs, ht;
   bool frequency;
+  const Rows* rotated_student;  // debug outputs (null: not written): the rotated rows as the kernel uses them
+  const Rows* rotated_teacher;
 };
 
 // Per-thread scratch.
@@ -222,6 +224,7 @@ void chunk_side(const Side& side, const float* weight, int64_t first, int64_t co
       std::fill(x, x + stride, 0.0f);
       if (t < count && weight[first + t] != 0.0f) {
         load_row(side.teacher.row(first + t, j), side.teacher.type, x, dim, cos_t, sin_t);
+        if (side.rotated_teacher) std::memcpy(side.rotated_teacher->row(first + t, j), x, dim * sizeof(float));
       }
     }
   }
@@ -249,6 +252,7 @@ void chunk_side(const Side& side, const float* weight, int64_t first, int64_t co
         continue;
       }
       load_row(side.student.row(first + t, i), side.student.type, row, dim, cos_t, sin_t);
+      if (side.rotated_student) std::memcpy(side.rotated_student->row(first + t, i), row, dim * sizeof(float));
       float diff_norm = 0.0f, tgt_norm = 0.0f, energy = 0.0f;
 #pragma omp simd reduction(+ : diff_norm, tgt_norm, energy)
       for (int64_t e = 0; e < dim; ++e) {
@@ -283,7 +287,8 @@ float lane_sum(v16 v) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_align(
     const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t, const at::Tensor& k_t,
     const at::Tensor& w_q, const at::Tensor& w_k, const at::Tensor& positions, const at::Tensor& inv_freq,
-    int64_t s0, int64_t s1, const at::Tensor& weight, bool rope, bool frequency, double grad_scale) {
+    int64_t s0, int64_t s1, const at::Tensor& weight, bool rope, bool frequency, double grad_scale,
+    const c10::optional<at::TensorList>& rotated) {
   for (const at::Tensor* x : {&q_s, &k_s, &q_t, &k_t}) {
     TORCH_CHECK(x->dim() == 4 && x->stride(3) == 1, "qk_align: inputs must be [B, N, H, D], last dim contiguous");
   }
@@ -298,9 +303,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_align(
   };
   at::Tensor grad_q_s = empty_output(q_s.sizes(), grad_options(q_s));
   at::Tensor grad_k_s = empty_output(k_s.sizes(), grad_options(k_s));
+  std::vector<Rows> debug;  // rotated q_s, q_t, k_s, k_t: fp32 contiguous, like the inputs
+  if (rotated.has_value()) {
+    TORCH_CHECK(rotated->size() == 4, "qk_align: rotated must hold 4 tensors (q_s, q_t, k_s, k_t)");
+    int index = 0;
+    for (const at::Tensor* x : {&q_s, &q_t, &k_s, &k_t}) {
+      const at::Tensor& r = (*rotated)[index++];
+      TORCH_CHECK(r.sizes() == x->sizes() && r.is_contiguous() && r.scalar_type() == at::kFloat,
+                  "qk_align: rotated tensors must be contiguous fp32 with the inputs' shapes");
+      debug.emplace_back(r);
+    }
+  }
+  const bool dump = !debug.empty();
   const Side sides[2] = {
-      {Rows(q_s), Rows(q_t), Rows(grad_q_s), w_q.data_ptr<float>(), q_s.size(2), q_t.size(2), frequency},
-      {Rows(k_s), Rows(k_t), Rows(grad_k_s), w_k.data_ptr<float>(), k_s.size(2), k_t.size(2), frequency}};
+      {Rows(q_s), Rows(q_t), Rows(grad_q_s), w_q.data_ptr<float>(), q_s.size(2), q_t.size(2), frequency,
+       dump ? &debug[0] : nullptr, dump ? &debug[1] : nullptr},
+      {Rows(k_s), Rows(k_t), Rows(grad_k_s), w_k.data_ptr<float>(), k_s.size(2), k_t.size(2), frequency,
+       dump ? &debug[2] : nullptr, dump ? &debug[3] : nullptr}};
   const Rope rotation(positions, inv_freq, s0, s1);
   const float* w = weight.data_ptr<float>();
   const int64_t tokens = q_s.size(0) * q_s.size(1), dim = q_s.size(3), half = dim / 2;

@@ -23,6 +23,8 @@ from .data import TASKS
 PRECISIONS = ("auto", "bf16", "fp32")
 ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
 MIXER_INITS = ("lstsq", "uniform", "nearest")
+QK_NORMALIZES = ("student", "target", "none")
+MIXINGS = ("head", "frequency")
 KERNEL_BACKENDS = ("auto", "triton", "cpu", "reference")
 
 
@@ -54,6 +56,8 @@ class LAidConfig:
     lambda_kl: float = 1.0
     tau: float = 1.0  # KL temperature
     lambda_sft: float = 1.0
+    qk_normalize: str = "student"  # L_qk: "student" (share of the student's Q/K energy the mix leaves unexplained), "target" (version 1), "none"
+    mixing: str = "head"  # teacher-head mixing W: "head" ([Hs, Ht], the paper's) or "frequency" (complex per RoPE pair, [Hs, Ht, D/2, 2])
     mixer_init: str = "lstsq"  # "lstsq" (ridge least squares on the first batch), "uniform", "nearest"
     mixer_ridge: float = 1e-3  # lstsq ridge, relative to the mean diagonal of the teacher Gram matrix
     kernel_backend: str = "auto"  # laid_kernels backend for the losses
@@ -136,6 +140,8 @@ class LAidConfig:
         _choice("precision", self.precision, PRECISIONS)
         _choice("attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
         _choice("mixer_init", self.mixer_init, MIXER_INITS)
+        _choice("qk_normalize", self.qk_normalize, QK_NORMALIZES)
+        _choice("mixing", self.mixing, MIXINGS)
         _choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
         _choice("task", self.task, TASKS)
         for name in ("teacher", "student") if self.needs_teacher else ("student",):

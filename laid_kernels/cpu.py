@@ -147,6 +147,35 @@ def _apply_mrope_cpu(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.T
     return mrope_cpu(x, positions, inv_freq, list(section), False)
 
 
+def _qk_align_kernel(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section, weight, rope, rotated=None):
+    """torch.ops.laid_cpu.qk_align with the mixing in the kernel's layout; returns (head sums [Hs + Hs_kv, 3] fp64,
+    G_q, G_k, dE/dw_q, dE/dw_k) with the gradients of W in w_q's / w_k's layout."""
+    frequency = mixing_form(w_q) == "frequency"
+
+    def kernel_layout(w):  # frequency mixing [H_s, H_t, D/2, 2] -> [2, H_s, H_t, D/2] (real parts, imaginary parts)
+        w = w.float()
+        return (w.permute(3, 0, 1, 2) if frequency else w).contiguous()
+
+    sums, grad_q, grad_k, dw_q, dw_k = library().qk_align(
+        _rows(q_s), _rows(k_s), _rows(q_t), _rows(k_t), kernel_layout(w_q), kernel_layout(w_k), positions,
+        inv_freq.float().contiguous(), section[0], section[1], weight, rope, frequency, 2.0, rotated)
+    if frequency:
+        dw_q, dw_k = dw_q.permute(1, 2, 3, 0), dw_k.permute(1, 2, 3, 0)
+    return sums, grad_q, grad_k, dw_q, dw_k
+
+
+def qk_align_rotated_rows(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor,
+                          w_q: torch.Tensor, w_k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+                          section: Sequence[int], valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The rotated rows R x of q_s, q_t, k_s, k_t (fp32, the inputs' shapes; 0 on padding) exactly as the fused
+    L_qk kernel computes and uses them: a debug output for the tests, because the loss cannot see the rotation."""
+    batch, seq = q_s.shape[:2]
+    weight = reference.token_weights(valid, None, batch, seq, q_s.device).contiguous()
+    rotated = [torch.zeros(x.shape) for x in (q_s, q_t, k_s, k_t)]
+    _qk_align_kernel(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section, weight, True, rotated)
+    return dict(zip(("q_s", "q_t", "k_s", "k_t"), rotated))
+
+
 @torch.library.custom_op("laid_kernels::qk_align_cpu", mutates_args=())
 def qk_align_cpu(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor, w_q: torch.Tensor,
                  w_k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, section: list[int],
@@ -156,18 +185,9 @@ def qk_align_cpu(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: t
     """(loss, alpha, beta, G_q, G_k, grad_w_q, grad_w_k) by the C++ kernel, as ``laid_kernels::qk_align_triton``
     returns them (see ``laid_kernels.qk_align.finish_loss``). Shapes as in ``qk_align_loss``."""
     batch, seq = q_s.shape[:2]
-    frequency = mixing_form(w_q) == "frequency"
     weight = reference.token_weights(valid, token_weight, batch, seq, q_s.device).contiguous()  # [B, N] fp32
-
-    def kernel_layout(w):  # frequency mixing [H_s, H_t, D/2, 2] -> [2, H_s, H_t, D/2] (real parts, imaginary parts)
-        w = w.float()
-        return (w.permute(3, 0, 1, 2) if frequency else w).contiguous()
-
-    sums, grad_q, grad_k, dw_q, dw_k = library().qk_align(
-        _rows(q_s), _rows(k_s), _rows(q_t), _rows(k_t), kernel_layout(w_q), kernel_layout(w_k), positions,
-        inv_freq.float().contiguous(), section[0], section[1], weight, rope, frequency, 2.0)
-    if frequency:
-        dw_q, dw_k = dw_q.permute(1, 2, 3, 0), dw_k.permute(1, 2, 3, 0)
+    sums, grad_q, grad_k, dw_q, dw_k = _qk_align_kernel(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section,
+                                                        weight, rope)
     hs = q_s.shape[2]
     loss, alpha, beta, dw_q, dw_k = finish_loss(sums[:hs], sums[hs:], weight.double().sum(), dw_q, dw_k,
                                                 q_s.shape[3], normalize)
