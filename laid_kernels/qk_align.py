@@ -182,11 +182,11 @@ def qk_align_kernel(xs_ptr, xt_ptr, w_ptr, pos_ptr, inv_freq_ptr, tw_ptr, valid_
 
     tl.store(dw_ptr + pid * hs * ht + i * ht + j_col, dw, mask=w_mask)
     heads = tl.arange(0, HS_PAD)
-    row = sums_ptr + pid * (HEAD_SUMS * hs + 1)
+    row = sums_ptr + pid * (3 * hs + 1)  # HEAD_SUMS = 3 per head, then the weight (a jit kernel reads no globals)
     tl.store(row + heads, squared_error, mask=heads < hs)
     tl.store(row + hs + heads, energy, mask=heads < hs)
     tl.store(row + 2 * hs + heads, target_norm, mask=heads < hs)
-    tl.store(row + HEAD_SUMS * hs, weight_sum)
+    tl.store(row + 3 * hs, weight_sum)
 
 
 @triton.jit

@@ -1,6 +1,7 @@
 """Every Triton kernel of apply_mrope and qk_align_loss compiles ahead of time for sm_80 (A100) and sm_90 (H100),
 with the block sizes and warps it launches with for the 7B-student / 32B-teacher shapes (q heads 28 / 40, kv heads
-4 / 8, head_dim 128), without register spills, and with accurate (libdevice) cos / sin.
+4 / 8, head_dim 128; qk_align also with the trainer's flags: 54K tokens, no token weights), the backward's rescaling
+kernel included, without register spills, and with accurate (libdevice) cos / sin.
 
 The launches come from each module's ``aot_launches``, built by the same code that launches on the GPU (meta tensors
 stand in for the inputs), and are compiled in a subprocess without TRITON_INTERPRET (laid_kernels.aot).
@@ -19,14 +20,19 @@ from laid_kernels.aot import compile_in_subprocess, why_cannot_compile
 
 ARCHS = (80, 90)
 SHAPES = {"heads": [28, 4, 40, 8], "tokens": 512, "head_dim": 128, "section": [16, 24, 24], "dtype": "bfloat16"}
+TRAINER = {**SHAPES, "tokens": 54_000, "token_weight": False}  # the trainer's flags: ~150 images, no token weights
 
 
 pytestmark = pytest.mark.skipif(why_cannot_compile() is not None, reason=str(why_cannot_compile()))
 
 
-@pytest.fixture(scope="module", params=["laid_kernels.mrope:aot_launches", "laid_kernels.qk_align:aot_launches"])
+@pytest.fixture(scope="module", params=[("laid_kernels.mrope:aot_launches", SHAPES),
+                                        ("laid_kernels.qk_align:aot_launches", SHAPES),
+                                        ("laid_kernels.qk_align:aot_launches", TRAINER)],
+                ids=["mrope", "qk_align", "qk_align-trainer"])
 def compiled(request):
-    return compile_in_subprocess(request.param, SHAPES, ARCHS)
+    factory, shapes = request.param
+    return compile_in_subprocess(factory, shapes, ARCHS)
 
 
 def test_every_launch_compiles_for_both_archs(compiled):

@@ -159,16 +159,18 @@ def test_benchmark_script_small_run(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "memory_150img.py"), "--images", "1", "2",
                            "--quick", "--out", str(tmp_path)], capture_output=True, text=True, cwd=REPO, env=env)
     assert done.returncode == 0, done.stderr[-4000:]
-    assert "| images |" in done.stdout and "roofline" in done.stdout
+    assert "| images |" in done.stdout and "floor" in done.stdout and "vs compiled" in done.stdout
     result = json.loads((tmp_path / "memory_150img_cpu_7b.json").read_text())
     assert (tmp_path / "memory_150img_cpu_7b.png").stat().st_size > 0
     records = {(r["images"], r["variant"]): r for r in result["records"]}
-    assert set(records) == {(1, "reference"), (1, "fused"), (2, "reference"), (2, "fused")}
+    assert set(records) == {(n, v) for n in (1, 2) for v in ("reference", "compiled", "fused")}
+    assert records[(1, "compiled")]["compile_s"] > 0 and records[(1, "compiled")]["backend"] == "reference"
     one, two = records[(1, "fused")], records[(2, "fused")]
     assert one["backend"] == "cpu" and records[(1, "reference")]["backend"] == "reference"
     # 357 visual tokens per image (+ 2 delimiters and a "Picture k: " prefix) on top of the same chat text.
     assert two["tokens"] - one["tokens"] >= 359
     assert one["input_bytes"] > 0 and one["grad_bytes"] > 0 and one["time_s"] > 0 and one["roofline_s"] > 0
+    assert one["floor_s"] > one["fresh_gradients_s"] > 0 and result["loss"] == {"normalize": "student", "mixing": "head"}
     assert result["rates"]["copy_bytes_per_s"] > 0 and result["rates"]["matmul_flop_per_s"] > 0
 
 
