@@ -10,6 +10,7 @@ stand in for the inputs), and are compiled in a subprocess without TRITON_INTERP
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -59,9 +60,12 @@ def test_accurate_cos_sin(compiled):
 
 def test_compile_report_script_small_run(tmp_path):
     """benchmarks/compile_report.py end to end on 64 interpreted tokens, so that the script cannot rot."""
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "compile_report.py"
+    repo = Path(__file__).resolve().parent.parent
+    script = repo / "benchmarks" / "compile_report.py"
+    # This checkout's laid_kernels, not an installed copy (the script's own folder comes first on sys.path).
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, str(script), "--tokens", "64", "--out", str(tmp_path)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads((tmp_path / "compile_report.json").read_text())
     assert {row["arch"] for row in report["compile"]} == {"sm_80", "sm_90"}

@@ -50,6 +50,24 @@ def test_qk_align_bit_identical_for_any_thread_count():
 
 
 @needs_cpu_backend
+def test_qk_align_frequency_mixing_bit_identical_for_any_thread_count():
+    # 2 x 2100 tokens: two units of 4096 tokens (frequency mixing reduces its dC partials per unit).
+    inputs = make_inputs((4, 2, 6, 3), batch=2, seq=2100, dim=16, section=(2, 3, 3), dtype=torch.bfloat16,
+                         mixing="frequency")
+    runs = [_with_threads(n, lambda: loss_and_grads(inputs, 0.73, backend="cpu")) for n in (1, 2, 3)]
+    first_loss, first_grads = runs[0]
+    for loss, grads in runs[1:]:
+        assert torch.equal(loss, first_loss)
+        for name, grad in grads.items():
+            assert torch.equal(grad, first_grads[name]), name
+    torch_loss, torch_grads = loss_and_grads(inputs, 0.73, backend="reference")
+    exact_loss, exact_grads = loss_and_grads(as_double(inputs), 0.73, backend="reference")
+    assert_within_pytorch_error("loss", first_loss, torch_loss, exact_loss, VALUE_FACTOR)
+    for name, grad in first_grads.items():
+        assert_within_pytorch_error(f"d{name}", grad, torch_grads[name], exact_grads[name], GRAD_FACTOR)
+
+
+@needs_cpu_backend
 def test_apply_mrope_bit_identical_for_any_thread_count():
     inputs = make_inputs((28, 4, 40, 8), batch=2, seq=300, dtype=torch.bfloat16)
     args = (inputs["q_s"], inputs["positions"], inputs["inv_freq"], inputs["mrope_section"])
