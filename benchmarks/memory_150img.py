@@ -13,8 +13,8 @@ and records:
   inputs exist; on CUDA
   ``torch.cuda.max_memory_allocated`` minus the allocation after the inputs; both after a warm-up step on 8 tokens
   (one-time set-up). Reported with and without the gradients the step must return (dq_s, dk_s, dW).
-- time of the step (fused: median of ``--repeats`` runs, the first one measured for memory; reference and compiled
-  reference: one run, after the compilation for the compiled one).
+- time of the step (fused and compiled reference: median of ``--repeats`` runs, the first one measured for memory,
+  after the compilation for the compiled one; eager reference: one run).
 
 It also measures this machine's copy bandwidth (bytes read + written per second by a large tensor copy) and fp32
 matrix-multiply rate (a 2048^3 ``torch.mm``), and prints the roofline floor of the fused step: the larger of

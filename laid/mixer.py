@@ -85,14 +85,14 @@ class HeadMixer(nn.Module):
     def init_uniform(self) -> None:
         """Every student head starts as the mean of the teacher heads: W = 1 / Ht."""
         for w in (self.w_q, self.w_k):
-            self._set_real(w, torch.full(w.shape[:3], 1.0 / w.shape[2]))
+            self._set_real(w, torch.full(w.shape[:3], 1.0 / w.shape[2], device=w.device))
 
     @torch.no_grad()
     def init_nearest(self) -> None:
         """Student head i copies teacher head floor(i * Ht / Hs) (a one-hot row)."""
         for w in (self.w_q, self.w_k):
             pairs, student, teacher = w.shape[:3]
-            one_hot = torch.zeros(pairs, student, teacher)
+            one_hot = torch.zeros(pairs, student, teacher, device=w.device)
             one_hot[:, torch.arange(student), torch.arange(student) * teacher // student] = 1.0
             self._set_real(w, one_hot)
 
