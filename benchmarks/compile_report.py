@@ -6,10 +6,11 @@
 2. The kernels run under the Triton interpreter on a 7B/32B-shaped input of a few hundred tokens, with the block sizes
    of the GPU launch, while benchmarks/bytecount.py counts the bytes of every unmasked load / store lane. That is
    compared with the minimal traffic: every input read once, every returned gradient written once.
-   For qk_align_loss the host-side torch ops are added analytically: the reduction of the per-program partials, and
-   the backward's scaling of the saved gradients by grad_output / S (one read and one write of dq_s, dk_s, dW), which
-   is reported separately because it cannot be fused into the one pass (S is known only at its end, grad_output only
-   in backward).
+   For qk_align_loss (the defaults of objective version 2: normalize="student", head mixing) the host-side torch ops
+   of the forward are added analytically (the reduction of the per-program partials), and the backward's rescaling
+   kernel (dL/dx_s,i = alpha_i G_i + beta_i w_n x_s,i: one read and one write of dq_s, dk_s and, for "student", one
+   read of q_s, k_s) is counted under the interpreter too and reported separately, because it cannot be fused
+   into the one pass (the per-head sums are known only at its end, grad_output only in backward).
 
 GPU times below are predictions (bytes / 3.0e12 B/s, an H100's bandwidth), never measurements.
 
@@ -59,7 +60,8 @@ def rope_inputs(seq: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def qk_align_traffic(seq: int) -> dict:
-    """Counted and minimal bytes of qk_align_loss's fused pass on one [1, seq] sample with a valid mask."""
+    """Counted and minimal bytes of qk_align_loss's fused pass and of its backward rescaling (normalize="student") on
+    one [1, seq] sample with a valid mask."""
     g = torch.Generator().manual_seed(0)
     hs, hs_kv, ht, ht_kv = HEADS
     q_s, k_s = projection_view(seq, hs, g), projection_view(seq, hs_kv, g)
@@ -67,25 +69,33 @@ def qk_align_traffic(seq: int) -> dict:
     w_q, w_k = torch.randn(hs, ht, generator=g), torch.randn(hs_kv, ht_kv, generator=g)
     positions, inv_freq = rope_inputs(seq)
     valid = torch.ones(1, seq, dtype=torch.bool)
+    weight = valid.float()
     named = dict(q_s=q_s, k_s=k_s, q_t=q_t, k_t=k_t, w_q=w_q, w_k=w_k, positions=positions, inv_freq=inv_freq,
-                 valid=valid)
-    launches, partials = [], []
+                 valid=valid, weight=weight)
+    launches, rescales, partials = [], [], []
     for x_s, x_t, w, part in ((q_s, q_t, w_q, "q"), (k_s, k_t, w_k, "k")):
         grad, dw, sums = qk_align._outputs(x_s, w)
-        named.update({f"d{part}_s": grad, f"dw_{part} partials": dw, f"sums_{part}": sums})
+        alpha, beta = torch.rand(x_s.shape[2], generator=g), torch.rand(x_s.shape[2], generator=g)
+        named.update({f"d{part}_s": grad, f"dw_{part} partials": dw, f"sums_{part}": sums, f"alpha_{part}": alpha,
+                      f"beta_{part}": beta})
         launches.append(qk_align.qk_align_launch(x_s, x_t, w, positions, inv_freq, SECTION, None, valid, True, grad,
                                                  dw, sums, f"qk_align/{part}", block_f=qk_align.BLOCK_F))
+        rescales.append(qk_align.qk_rescale_launch(grad, x_s, weight, alpha, beta, f"qk_align/rescale/{part}"))
         partials.append((dw, sums))
     with ByteCounter(named) as counter:
         for launch in launches:
             launch.run()
-    # Host side of the forward: dw.sum(0) and sums.double().sum(0) read the partials and write [Hs, Ht] / [3].
-    reduction = sum(nbytes(dw, sums) + dw[0].numel() * 4 + 3 * 8 for dw, sums in partials)
+    with ByteCounter(named) as backward:
+        for launch in rescales:
+            launch.run()
+    # Host side of the forward: dw.sum(0) and sums.double().sum(0) read the partials and write [Hs, Ht] / [3 Hs + 1].
+    reduction = sum(nbytes(dw, sums) + dw[0].numel() * 4 + sums[0].numel() * 8 for dw, sums in partials)
     gradients = nbytes(q_s, k_s, w_q, w_k)  # dq_s, dk_s, dw_q, dw_k have the inputs' shapes and dtypes
     minimal = nbytes(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, valid) + gradients
     return dict(tokens=seq, loads=dict(counter.loads), stores=dict(counter.stores), kernel=counter.total(),
                 reduction=reduction, fused=counter.total() + reduction, minimal=minimal,
-                backward_scaling=2 * gradients, programs=launches[0].grid[0])
+                backward_loads=dict(backward.loads), backward_stores=dict(backward.stores),
+                backward_scaling=backward.total() + 2 * nbytes(w_q, w_k), programs=launches[0].grid[0])
 
 
 def mrope_traffic(seq: int) -> dict:
@@ -102,12 +112,17 @@ def mrope_traffic(seq: int) -> dict:
 
 
 def compile_rows() -> list[dict]:
+    """Every launch compiled for sm_80 and sm_90: both ops at 512 tokens with token weights, and qk_align as the
+    trainer launches it (about 54K tokens, a valid mask, no token weights)."""
     shapes = {"heads": list(HEADS), "tokens": 512, "head_dim": HEAD_DIM, "section": list(SECTION),
               "dtype": "bfloat16"}
+    trainer = {**shapes, "tokens": PREDICT_TOKENS, "token_weight": False}
     rows = []
-    for factory in ("laid_kernels.mrope:aot_launches", "laid_kernels.qk_align:aot_launches"):
-        for r in compile_in_subprocess(factory, shapes, (80, 90)):
-            rows.append(dict(name=r.name, arch=f"sm_{r.arch}", warps=r.num_warps, registers=r.registers,
+    for factory, kwargs, label in (("laid_kernels.mrope:aot_launches", shapes, ""),
+                                   ("laid_kernels.qk_align:aot_launches", shapes, ""),
+                                   ("laid_kernels.qk_align:aot_launches", trainer, " (trainer: 54K tokens, no weights)")):
+        for r in compile_in_subprocess(factory, kwargs, (80, 90)):
+            rows.append(dict(name=r.name + label, arch=f"sm_{r.arch}", warps=r.num_warps, registers=r.registers,
                              shared=r.shared_bytes, local=r.local_bytes, stack=r.stack_bytes,
                              spill_stores=r.spill_store_bytes, spill_loads=r.spill_load_bytes,
                              constexprs={k: v for k, v in r.constexprs.items() if k.isupper()},
@@ -138,14 +153,17 @@ def markdown(rows: list[dict], qk: dict, mrope: dict) -> str:
 
     row("apply_mrope forward (q, 28 heads)", mrope["kernel"], mrope["minimal"], mrope["tokens"])
     row("qk_align fused loss + gradients (kernel + partial-sum reduction)", qk["fused"], qk["minimal"], n)
-    row("qk_align backward scaling of the saved gradients (grad_output / S), alone", qk["backward_scaling"],
+    row("qk_align backward rescaling (alpha_i G + beta_i w x_s, normalize='student'), alone", qk["backward_scaling"],
         qk["minimal"], n)
     row("qk_align forward + backward in all", qk["fused"] + qk["backward_scaling"], qk["minimal"], n)
     lines += ["", f"Fused pass: {fused_ratio:.3f} x minimal (target <= 1.10); with the backward's scaling: "
               f"{with_backward:.3f} x.", "",
               "qk_align bytes by tensor (loads / stores): " + ", ".join(
                   f"{k} {v:,}" for k, v in sorted(qk["loads"].items())) + " / " + ", ".join(
-                  f"{k} {v:,}" for k, v in sorted(qk["stores"].items()))]
+                  f"{k} {v:,}" for k, v in sorted(qk["stores"].items())),
+              "", "qk_align backward bytes by tensor (loads / stores): " + ", ".join(
+                  f"{k} {v:,}" for k, v in sorted(qk["backward_loads"].items())) + " / " + ", ".join(
+                  f"{k} {v:,}" for k, v in sorted(qk["backward_stores"].items()))]
     return "\n".join(lines)
 
 
@@ -156,7 +174,7 @@ def plot(rows: list[dict], qk: dict, mrope: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
-    labels = ["mrope fwd", "qk_align fused", "qk_align fused\n+ bwd scaling"]
+    labels = ["mrope fwd", "qk_align fused", "qk_align fused\n+ bwd rescaling"]
     counted = [mrope["kernel"] / mrope["tokens"], qk["fused"] / qk["tokens"],
                (qk["fused"] + qk["backward_scaling"]) / qk["tokens"]]
     minimal = [mrope["minimal"] / mrope["tokens"], qk["minimal"] / qk["tokens"], qk["minimal"] / qk["tokens"]]

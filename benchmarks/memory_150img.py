@@ -4,21 +4,25 @@ For each number of images (default 1, 10, 50, 100, 150; 357 visual tokens per im
 7B-student / 32B-teacher head counts (q 28 vs 40, kv 4 vs 8; ``--student 3b``: 16 vs 40, 2 vs 8), bf16 inputs laid
 out as q_proj / k_proj outputs, D = 128 and real M-RoPE positions (transformers' ``get_rope_index`` on the token
 layout of such a prompt, with a tiny Qwen2.5-VL config from ``laid.tiny``: nothing is downloaded), it runs the
-plain PyTorch reference and the fused backend of the device (the C++ backend on CPU, Triton on CUDA), each in its
-own fresh process, and records:
+loss with the defaults of objective version 2 (normalize="student", head mixing) as three variants, each in its own
+fresh process: the plain PyTorch reference (eager), the reference under ``torch.compile`` (its compilation, on the
+first full-size call, is timed apart) and the fused backend of the device (the C++ backend on CPU, Triton on CUDA),
+and records:
 
 - extra memory: on CPU the process's peak resident memory during the step minus its resident memory once the
   inputs exist; on CUDA
   ``torch.cuda.max_memory_allocated`` minus the allocation after the inputs; both after a warm-up step on 8 tokens
   (one-time set-up). Reported with and without the gradients the step must return (dq_s, dk_s, dW).
-- time of the step (fused: median of ``--repeats`` runs, the first one measured for memory; reference: one run).
+- time of the step (fused and compiled reference: median of ``--repeats`` runs, the first one measured for memory,
+  after the compilation for the compiled one; eager reference: one run).
 
 It also measures this machine's copy bandwidth (bytes read + written per second by a large tensor copy) and fp32
 matrix-multiply rate (a 2048^3 ``torch.mm``), and prints the roofline floor of the fused step: the larger of
 (inputs read once + gradients written once) / bandwidth and (the head mixing and its dW product,
-4 (Hs Ht + Hs_kv Ht_kv) D FLOPs per token) / matmul rate. Beside it: the time this machine needs to write the
-gradients' bytes into freshly allocated memory (page faults and zeroing by the operating system), a cost every
-implementation that returns new gradient tensors pays and that the copy bandwidth does not include.
+4 (Hs Ht + Hs_kv Ht_kv) D FLOPs per token) / matmul rate; and the floor the fused step is held to: that compute
+time plus the time this machine needs to write the gradients' bytes into freshly allocated memory (page faults and
+zeroing by the operating system), a cost every implementation that returns new gradient tensors pays and that the
+copy bandwidth does not include.
 
 Outputs: a table on stdout (also as Markdown for benchmarks/RESULTS.md), ``<out>/memory_150img_<device>_<student>.json``
 and a plot ``.png`` beside it. ``--quick`` (for the test suite): one run per variant, small calibration sizes.
@@ -48,7 +52,7 @@ import torch
 from workload import (HEAD_DIM, SECTION, STUDENTS, TEACHER, inv_freq, proc_status_bytes, reset_peak_rss,
                       vhs_prompt)
 
-VARIANTS = ("reference", "fused")
+VARIANTS = ("reference", "compiled", "fused")  # eager reference, torch.compile of the reference, fused backend
 
 
 def worker(variant: str, student: str, positions_path: str, repeats: int) -> dict:
@@ -56,7 +60,10 @@ def worker(variant: str, student: str, positions_path: str, repeats: int) -> dic
     import laid_kernels
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    backend = "reference" if variant == "reference" else ("triton" if device.type == "cuda" else "cpu")
+    backend = "reference" if variant != "fused" else ("triton" if device.type == "cuda" else "cpu")
+    # The compiled variant: torch.compile of the reference's definition (static shapes: one compilation per size).
+    loss_fn = (torch.compile(laid_kernels.reference.qk_align_loss, dynamic=False) if variant == "compiled"
+               else lambda *args: laid_kernels.qk_align_loss(*args, backend=backend))
     hs, hs_kv = STUDENTS[student]
     ht, ht_kv = TEACHER
     bf16 = dict(dtype=torch.bfloat16, device=device)
@@ -80,8 +87,8 @@ def worker(variant: str, student: str, positions_path: str, repeats: int) -> dic
         for name in ("q_s", "k_s", "w_q", "w_k"):
             x[name].grad = None
         start = time.perf_counter()
-        loss = laid_kernels.qk_align_loss(x["q_s"], x["k_s"], x["q_t"], x["k_t"], x["w_q"], x["w_k"],
-                                          x["positions"], x["inv_freq"], SECTION, backend=backend)
+        loss = loss_fn(x["q_s"], x["k_s"], x["q_t"], x["k_t"], x["w_q"], x["w_k"], x["positions"], x["inv_freq"],
+                       SECTION)
         loss.backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -92,6 +99,8 @@ def worker(variant: str, student: str, positions_path: str, repeats: int) -> dic
     # imported modules, dispatcher caches, the thread pool) is not memory of the step.
     step(inputs(positions[..., :8].contiguous()))
     x = inputs(positions)
+    # The compiled reference compiles for this size on its first call: timed apart, not measured for memory.
+    compile_s = step(x) if variant == "compiled" else None
     seq = positions.shape[-1]
     input_bytes = sum(t.nbytes for t in x.values())
     gc.collect()
@@ -112,7 +121,7 @@ def worker(variant: str, student: str, positions_path: str, repeats: int) -> dic
     return dict(variant=variant, backend=backend, device=device.type, student=student, tokens=seq,
                 input_bytes=input_bytes, grad_bytes=grad_bytes, extra_bytes=peak - baseline,
                 extra_beyond_grads_bytes=peak - baseline - grad_bytes, time_s=statistics.median(times),
-                times_s=times, threads=torch.get_num_threads())
+                times_s=times, threads=torch.get_num_threads(), compile_s=compile_s)
 
 
 def machine_rates(quick: bool) -> dict:
@@ -158,6 +167,15 @@ def fresh_gradients_s(record: dict, rates: dict) -> float:
     return record["grad_bytes"] / rates["first_touch_bytes_per_s"]
 
 
+def floor_s(record: dict, rates: dict) -> float:
+    """The floor the fused step is held to (within 2x): the mixing FLOPs at this machine's measured fp32 matmul
+    rate plus the first touch of the returned gradients' fresh memory."""
+    hs, hs_kv = STUDENTS[record["student"]]
+    ht, ht_kv = TEACHER
+    flops = 4 * (hs * ht + hs_kv * ht_kv) * HEAD_DIM * record["tokens"]
+    return flops / rates["matmul_flop_per_s"] + fresh_gradients_s(record, rates)
+
+
 def machine_description() -> str:
     cpu = platform.processor()
     try:
@@ -174,6 +192,7 @@ def run(images: list[int], student: str, repeats: int, quick: bool, out: Path) -
     import laid_kernels
 
     out.mkdir(parents=True, exist_ok=True)
+    load_start = os.getloadavg()
     rates = machine_rates(quick)
     # The workers import laid_kernels from where this process found it (an installed package or a checkout).
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
@@ -194,10 +213,12 @@ def run(images: list[int], student: str, repeats: int, quick: bool, out: Path) -
                 if variant == "fused":
                     record["roofline_s"] = roofline_s(record, rates)
                     record["fresh_gradients_s"] = fresh_gradients_s(record, rates)
+                    record["floor_s"] = floor_s(record, rates)
                 records.append(record)
     result = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   machine=machine_description(), student=student, rates=rates, records=records,
-                  load_average=os.getloadavg())
+                  load_average_start=load_start, load_average=os.getloadavg(),
+                  loss=dict(normalize="student", mixing="head"))
     stem = out / f"memory_150img_{records[0]['device']}_{student}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
     plot(result, stem.with_suffix(".png"))
@@ -208,26 +229,30 @@ def table(result: dict) -> str:
     """The results as a Markdown table, one row per image count."""
     by = {(r["images"], r["variant"]): r for r in result["records"]}
     gib = 2 ** 30
-    lines = ["| images | tokens | inputs GiB | ref extra GiB | ref time s | fused extra GiB (beyond grads) "
-             "| fused extra beyond grads / inputs | fused time s, median (first) | speed-up | roofline s "
-             "| fused / roofline | first touch of the gradients s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| images | tokens | inputs GiB | ref extra GiB | ref time s | compiled ref time s (compile s) "
+             "| fused extra GiB (beyond grads) | fused extra beyond grads / inputs | fused time s, median (first) "
+             "| vs eager | vs compiled | floor s | fused / floor | roofline s | first touch of the gradients s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for count in sorted({r["images"] for r in result["records"]}):
-        ref, fused = by[(count, "reference")], by[(count, "fused")]
+        ref, compiled, fused = by[(count, "reference")], by[(count, "compiled")], by[(count, "fused")]
         lines.append(
             f"| {count} | {fused['tokens']} | {fused['input_bytes'] / gib:.3f} "
             f"| {ref['extra_bytes'] / gib:.3f} | {ref['time_s']:.3f} "
+            f"| {compiled['time_s']:.3f} ({compiled['compile_s']:.1f}) "
             f"| {fused['extra_bytes'] / gib:.3f} ({fused['extra_beyond_grads_bytes'] / gib:.4f}) "
             f"| {fused['extra_beyond_grads_bytes'] / fused['input_bytes']:.2%} | {fused['time_s']:.3f} "
             f"({fused['times_s'][0]:.3f}) "
-            f"| {ref['time_s'] / fused['time_s']:.1f}x | {fused['roofline_s']:.3f} "
-            f"| {fused['time_s'] / fused['roofline_s']:.2f}x | {fused['fresh_gradients_s']:.3f} |")
+            f"| {ref['time_s'] / fused['time_s']:.1f}x | {compiled['time_s'] / fused['time_s']:.1f}x "
+            f"| {fused['floor_s']:.3f} | {fused['time_s'] / fused['floor_s']:.2f}x | {fused['roofline_s']:.3f} "
+            f"| {fused['fresh_gradients_s']:.3f} |")
     rates = result["rates"]
-    lines.append(f"\n{result['date']}, {result['machine']}, student {result['student']} against the 32B teacher; "
+    lines.append(f"\n{result['date']}, {result['machine']}, student {result['student']} against the 32B teacher, "
+                 f"L_qk normalize={result['loss']['normalize']!r}, {result['loss']['mixing']} mixing; "
                  f"copy bandwidth {rates['copy_bytes_per_s'] / 1e9:.1f} GB/s (read + write), fp32 matmul "
                  f"{rates['matmul_flop_per_s'] / 1e9:.1f} GFLOP/s, first-touch write of fresh memory "
-                 f"{rates['first_touch_bytes_per_s'] / 1e9:.2f} GB/s; load average at the end "
-                 f"{result['load_average'][0]:.1f} (other processes share the cores).")
+                 f"{rates['first_touch_bytes_per_s'] / 1e9:.2f} GB/s; load average at the start "
+                 f"{result['load_average_start'][0]:.1f}, at the end {result['load_average'][0]:.1f} (other "
+                 f"processes share the cores).")
     return "\n".join(lines)
 
 
@@ -245,7 +270,7 @@ def plot(result: dict, path: Path) -> None:
         timing.plot(images, [r["time_s"] for r in rows], "o-", label=f"{variant} ({rows[0]['backend']})")
         if variant == "fused":
             memory.plot(images, [r["grad_bytes"] / 2 ** 30 for r in rows], "k:", label="returned gradients")
-            timing.plot(images, [r["roofline_s"] for r in rows], "k--", label="roofline floor (fused)")
+            timing.plot(images, [r["floor_s"] for r in rows], "k--", label="floor: matmul FLOPs + first touch")
     memory.set(xlabel="images", ylabel="extra memory beyond inputs (GiB)", title="Peak memory of L_qk fwd+bwd")
     timing.set(xlabel="images", ylabel="seconds", title="Time of L_qk fwd+bwd", yscale="log")
     for ax in (memory, timing):

@@ -29,6 +29,8 @@ from .data import TASKS
 PRECISIONS = ("auto", "bf16", "fp32")
 ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
 MIXER_INITS = ("lstsq", "uniform", "nearest")
+QK_NORMALIZES = ("student", "target", "none")
+MIXINGS = ("head", "frequency")
 KERNEL_BACKENDS = ("auto", "triton", "cpu", "reference")
 
 
@@ -77,6 +79,12 @@ class LAidConfig:
     tau: float = field(default=1.0, metadata={"help": "temperature of L_KL"})
     lambda_sft: float = field(default=1.0, metadata={
         "help": "weight of L_SFT, the cross-entropy of the answer tokens"})
+    qk_normalize: str = field(default="student", metadata={
+        "help": "L_qk normaliser: student (the share of each student head's Q/K energy its teacher mix leaves "
+                "unexplained, version 2), target (version 1) or none"})
+    mixing: str = field(default="head", metadata={
+        "help": "teacher-head mixing W: head ([Hs, Ht], the paper's) or frequency (a complex weight per RoPE "
+                "frequency pair, [Hs, Ht, D/2, 2])"})
     mixer_init: str = field(default="lstsq", metadata={
         "help": "initial head mixing: lstsq (ridge least squares on the first batch), uniform or nearest"})
     mixer_ridge: float = field(default=1e-3, metadata={
@@ -186,6 +194,8 @@ class LAidConfig:
         _choice("precision", self.precision, PRECISIONS)
         _choice("attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
         _choice("mixer_init", self.mixer_init, MIXER_INITS)
+        _choice("qk_normalize", self.qk_normalize, QK_NORMALIZES)
+        _choice("mixing", self.mixing, MIXINGS)
         _choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
         _choice("task", self.task, TASKS)
         for name in ("teacher", "student") if self.needs_teacher else ("student",):

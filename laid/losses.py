@@ -5,8 +5,9 @@
 :class:`LAidObjective` runs the frozen teacher (no gradient; stopped right after its last aligned layer when
 lambda_kl = 0) and the student with :class:`laid.capture.QKCapture` hooks on the aligned layers, then computes
 
-- L_qk: ``laid_kernels.qk_align_loss`` per aligned pair (mean over pairs), weighted by ``qk_weight`` (1; 0 ablates
-  it and skips it);
+- L_qk: ``laid_kernels.qk_align_loss`` per aligned pair (mean over pairs) with ``qk_normalize`` ("student": the
+  unexplained share of the student's Q/K energy) and the mixer's head or frequency mixing, weighted by ``qk_weight``
+  (1; 0 ablates it and skips it);
 - L_attn: ``laid_kernels.attn_match_loss`` per pair with progress p = step / total steps (mean over pairs);
 - L_KL: tau^2 KL(teacher || student) at the answer positions, both logit vectors cut to the shared tokenizer
   vocabulary first, so models with different (padded) vocabulary sizes work together;
@@ -146,7 +147,8 @@ class LAidObjective:
                         self.teacher_capture.queries[slot], self.teacher_capture.keys[slot],
                         self.mixer.w_q[pair], self.mixer.w_k[pair], positions, inv_freq, self.mrope_section)
                 if config.qk_weight > 0:
-                    qk.append(laid_kernels.qk_align_loss(*args, valid=valid, backend=config.kernel_backend))
+                    qk.append(laid_kernels.qk_align_loss(*args, valid=valid, normalize=config.qk_normalize,
+                                                         backend=config.kernel_backend))
                 if config.beta > 0:
                     attn.append(laid_kernels.attn_match_loss(*args, query_mask, progress=progress,
                                                              alpha=config.alpha, valid=valid,
@@ -184,8 +186,8 @@ class LAidObjective:
         valid = batch["attention_mask"].bool()
         student, teacher = self.student_capture, self.teacher_capture
         for pair, slot in enumerate(self.teacher_slot):
-            query_stats = HeadMixer.lstsq_statistics(student.queries[pair], teacher.queries[slot], valid)
-            key_stats = HeadMixer.lstsq_statistics(student.keys[pair], teacher.keys[slot], valid)
+            query_stats = self.mixer.lstsq_statistics(student.queries[pair], teacher.queries[slot], valid)
+            key_stats = self.mixer.lstsq_statistics(student.keys[pair], teacher.keys[slot], valid)
             self.mixer.init_lstsq(pair, query_stats, key_stats, ridge=self.config.mixer_ridge)
 
     def remove_hooks(self) -> None:

@@ -4,12 +4,15 @@ For each of the P aligned layer pairs:
 
 - ``w_q[p]`` [Hs, Ht]: student query head i is aligned to sum_j w_q[p, i, j] * teacher query head j;
 - ``w_k[p]`` [Hs_kv, Ht_kv]: the same for key heads;
+- with ``mixing="frequency"``, w_q[p] [Hs, Ht, D/2, 2] and w_k[p] [Hs_kv, Ht_kv, D/2, 2] instead: one complex weight
+  (real, imaginary) per head pair and RoPE frequency pair (``laid_kernels.qk_align_loss``'s frequency mixing);
 - ``gain(p)`` [Hs, D/2] = softplus(gain_raw[p]) > 0: scales the student's query channel pair (f, f + D/2) of head i
   inside the student's forward (see ``laid.capture``); initialised to exactly 1 and folded into the student's
   q_proj at export (:func:`fold_gain`), so the exported checkpoint is a plain Qwen2.5-VL model.
 
-Initialisations of W (``initialise``): "lstsq" (ridge least squares of the student's heads on the teacher's, on the
-first batch), "uniform" (1 / Ht), "nearest" (head i to teacher head floor(i * Ht / Hs)).
+Initialisations of W: "lstsq" (ridge least squares of the student's heads on the teacher's, on the first batch; for
+frequency mixing the complex fit per frequency pair), "uniform" (1 / Ht), "nearest" (head i to teacher head
+floor(i * Ht / Hs)); frequency mixing starts with real weights (imaginary parts 0) for the last two.
 
 Example:
     >>> mixer = HeadMixer(pairs=1, student_heads=28, student_kv_heads=4, teacher_heads=40, teacher_kv_heads=8,
@@ -28,22 +31,34 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from laid_kernels import reference
+
 # softplus(GAIN_RAW_ONE) == 1 exactly enough in fp32: log(e - 1).
 GAIN_RAW_ONE = math.log(math.e - 1.0)
+MIXINGS = ("head", "frequency")
 
 
 class HeadMixer(nn.Module):
-    """W_q [P, Hs, Ht], W_k [P, Hs_kv, Ht_kv] and gain_raw [P, Hs, D/2] for P aligned layer pairs (fp32)."""
+    """W_q, W_k and gain_raw [P, Hs, D/2] for P aligned layer pairs (fp32).
+
+    mixing "head": W_q [P, Hs, Ht], W_k [P, Hs_kv, Ht_kv]; "frequency": W_q [P, Hs, Ht, D/2, 2],
+    W_k [P, Hs_kv, Ht_kv, D/2, 2] (complex weights, last axis real / imaginary).
+    """
 
     def __init__(self, pairs: int, student_heads: int, student_kv_heads: int, teacher_heads: int,
-                 teacher_kv_heads: int, head_dim: int):
+                 teacher_kv_heads: int, head_dim: int, mixing: str = "head"):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"head_dim must be even (RoPE pairs channels f and f + D/2), got {head_dim}")
+        if mixing not in MIXINGS:
+            raise ValueError(f"mixing must be one of {MIXINGS}, got {mixing!r}")
+        self.mixing = mixing
         self.shape = dict(pairs=pairs, student_heads=student_heads, student_kv_heads=student_kv_heads,
                           teacher_heads=teacher_heads, teacher_kv_heads=teacher_kv_heads, head_dim=head_dim)
-        self.w_q = nn.Parameter(torch.full((pairs, student_heads, teacher_heads), 1.0 / teacher_heads))
-        self.w_k = nn.Parameter(torch.full((pairs, student_kv_heads, teacher_kv_heads), 1.0 / teacher_kv_heads))
+        per_frequency = (head_dim // 2, 2) if mixing == "frequency" else ()
+        self.w_q = nn.Parameter(torch.zeros(pairs, student_heads, teacher_heads, *per_frequency))
+        self.w_k = nn.Parameter(torch.zeros(pairs, student_kv_heads, teacher_kv_heads, *per_frequency))
+        self.init_uniform()
         self.gain_raw = nn.Parameter(torch.full((pairs, student_heads, head_dim // 2), GAIN_RAW_ONE))
 
     def gain(self, pair: int) -> torch.Tensor:
@@ -57,48 +72,52 @@ class HeadMixer(nn.Module):
 
     # ---------------------------------------------------------------------------------------------- initialisation
     @torch.no_grad()
+    def _set_real(self, w: torch.Tensor, real: torch.Tensor) -> None:
+        """w := real weights [P, H_s, H_t] (frequency mixing: the same real weight for every frequency pair, imaginary
+        parts 0)."""
+        if self.mixing == "head":
+            w.copy_(real)
+        else:
+            w.zero_()
+            w[..., 0] = real[..., None]
+
+    @torch.no_grad()
     def init_uniform(self) -> None:
         """Every student head starts as the mean of the teacher heads: W = 1 / Ht."""
-        self.w_q.fill_(1.0 / self.w_q.shape[-1])
-        self.w_k.fill_(1.0 / self.w_k.shape[-1])
+        for w in (self.w_q, self.w_k):
+            self._set_real(w, torch.full(w.shape[:3], 1.0 / w.shape[2], device=w.device))
 
     @torch.no_grad()
     def init_nearest(self) -> None:
         """Student head i copies teacher head floor(i * Ht / Hs) (a one-hot row)."""
         for w in (self.w_q, self.w_k):
-            student, teacher = w.shape[1], w.shape[2]
-            w.zero_()
-            w[:, torch.arange(student), torch.arange(student) * teacher // student] = 1.0
+            pairs, student, teacher = w.shape[:3]
+            one_hot = torch.zeros(pairs, student, teacher, device=w.device)
+            one_hot[:, torch.arange(student), torch.arange(student) * teacher // student] = 1.0
+            self._set_real(w, one_hot)
 
-    @staticmethod
-    def lstsq_statistics(student: torch.Tensor, teacher: torch.Tensor,
+    def lstsq_statistics(self, student: torch.Tensor, teacher: torch.Tensor,
                          valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sufficient statistics of the ridge fit, summed over valid tokens and channels (fp64).
+        """Sufficient statistics of the ridge fit over valid tokens (``laid_kernels.reference.mixing_statistics``).
 
-        student [B, N, Hs, D], teacher [B, N, Ht, D], valid [B, N] bool or None.
-        Returns (cross [Hs, Ht] = sum Q_s Q_t^T, gram [Ht, Ht] = sum Q_t Q_t^T).
+        student [B, N, Hs, D], teacher [B, N, Ht, D], valid [B, N] bool or None. Head mixing: (cross [Hs, Ht]
+        = sum Q_s Q_t^T, gram [Ht, Ht] = sum Q_t Q_t^T) in fp64; frequency mixing: per frequency pair, complex
+        (cross [D/2, Hs, Ht] = sum z_s z_t^H, gram [D/2, Ht, Ht] = sum z_t z_t^H).
         """
-        if valid is not None:
-            student, teacher = student[valid.bool()], teacher[valid.bool()]  # [T, H, D]
-        student, teacher = student.detach().double(), teacher.detach().double()
-        cross = torch.einsum("...id,...jd->ij", student, teacher)
-        gram = torch.einsum("...id,...jd->ij", teacher, teacher)
-        return cross, gram
+        weight = None if valid is None else valid.bool().to(torch.float64)
+        return reference.mixing_statistics(student, teacher, weight, frequency=self.mixing == "frequency")
 
     @torch.no_grad()
     def init_lstsq(self, pair: int, query_stats: tuple[torch.Tensor, torch.Tensor],
                    key_stats: tuple[torch.Tensor, torch.Tensor], ridge: float = 1e-3) -> None:
-        """W = cross (gram + eps I)^-1 for queries and keys of ``pair`` (from :meth:`lstsq_statistics`).
+        """W = cross (gram + eps I)^-1 for queries and keys of ``pair`` (from :meth:`lstsq_statistics`; per
+        frequency pair for frequency mixing, ``laid_kernels.reference.fit_mixing``).
 
         eps = ridge * mean(diag(gram)): a ridge relative to the teacher's scale, so the fit is well posed even
         when the teacher heads are collinear on the first batch.
         """
         for w, (cross, gram) in ((self.w_q, query_stats), (self.w_k, key_stats)):
-            eps = ridge * gram.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
-            eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-            # gram is symmetric: W^T = (gram + eps I)^-1 cross^T.
-            solution = torch.linalg.solve(gram + eps * eye, cross.T).T
-            w[pair].copy_(solution.to(w.dtype))
+            w[pair].copy_(reference.fit_mixing(cross, gram, ridge).to(w.dtype))
 
     # ------------------------------------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> None:
@@ -106,16 +125,17 @@ class HeadMixer(nn.Module):
         tensors = {"w_q": self.w_q, "w_k": self.w_k, "gain_raw": self.gain_raw,
                    "gain": F.softplus(self.gain_raw)}
         save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(path),
-                  metadata={k: str(v) for k, v in self.shape.items()})
+                  metadata={**{k: str(v) for k, v in self.shape.items()}, "mixing": self.mixing})
 
     @classmethod
     def load(cls, path: str | Path) -> "HeadMixer":
-        """Read a mixer written by :meth:`save`."""
+        """Read a mixer written by :meth:`save` (files without a "mixing" entry are head mixing)."""
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as handle:
-            shape = {k: int(v) for k, v in handle.metadata().items()}
-        mixer = cls(**shape)
+            metadata = dict(handle.metadata())
+        mixing = metadata.pop("mixing", "head")
+        mixer = cls(**{k: int(v) for k, v in metadata.items()}, mixing=mixing)
         tensors = load_file(str(path))
         mixer.load_state_dict({k: tensors[k] for k in ("w_q", "w_k", "gain_raw")})
         return mixer

@@ -92,16 +92,21 @@ def check_images(entries: list[dict], image_root: Path, data: str) -> None:
                                         f"(image paths are relative to image_root {str(image_root)!r})")
 
 
-# L_qk (normalised by the mixed targets) of a least-squares head mixing is about (1 - R^2) / R^2, R^2 the share of the
-# student's Q/K that the teacher heads' mix explains: 1 at one half, 10 at 9 %.
-QK_DOMINATES = 10.0
+# Where L_qk at the first step says that the teacher's mix explains too little of the student for L_qk and L_attn to
+# help (in laid demo such runs made the student worse, see the README). Under normalize="student" L_qk of the
+# least-squares mix is 1 - R^2, R^2 the share of the student's Q/K energy the mix explains: warn above 0.9 (R^2 < 10%).
+# Under version 1's "target" it is about (1 - R^2) / R^2: warn above 10 (R^2 < 9%). "none" has no such meaning.
+QK_UNEXPLAINED = {"student": 0.9, "target": 10.0}
 
 
-def _qk_warning(qk: float) -> str:
+def _qk_warning(qk: float, normalize: str) -> str:
+    explained = 1.0 - qk if normalize == "student" else 1.0 / (1.0 + qk)
+    meaning = ("L_qk = 1 - R^2 for a least-squares mixing" if normalize == "student"
+               else "L_qk is about (1 - R^2) / R^2 for a least-squares mixing under qk_normalize='target'")
     return (f"warning: L_qk = {qk:.3g} at the first step: the teacher heads' mix explains only about "
-            f"{100 / (1 + qk):.2g}% of the student's queries and keys (L_qk is about (1 - R^2) / R^2 for a "
-            f"least-squares mixing), so L_qk dominates the objective and L_attn's target, the attention of these "
-            f"small mixed heads, is nearly uniform; in laid demo this made the student worse (see the README)")
+            f"{100 * max(explained, 0.0):.2g}% of the student's queries and keys ({meaning}), so L_attn's target, "
+            f"the attention of heads that do not explain the student, transfers little; in laid demo such runs made "
+            f"the student worse (see the README)")
 
 
 def train(config: LAidConfig | str | Path | None = None, /, **overrides) -> dict:
@@ -147,7 +152,8 @@ def train(config: LAidConfig | str | Path | None = None, /, **overrides) -> dict
     if config.lambda_laid > 0:
         s_cfg, t_cfg = text_config(student), text_config(teacher)
         mixer = HeadMixer(len(config.layer_pairs), s_cfg.num_attention_heads, s_cfg.num_key_value_heads,
-                          t_cfg.num_attention_heads, t_cfg.num_key_value_heads, head_dim(s_cfg)).to(device)
+                          t_cfg.num_attention_heads, t_cfg.num_key_value_heads, head_dim(s_cfg),
+                          mixing=config.mixing).to(device)
     adam = dict(betas=tuple(config.adam_betas), weight_decay=config.weight_decay)
     optimizers = [torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=config.lr, **adam)]
     if mixer is not None:
@@ -195,6 +201,7 @@ def train(config: LAidConfig | str | Path | None = None, /, **overrides) -> dict
 
     # --- the loop ----------------------------------------------------------------------------------------------
     bar = tqdm(total=last_step, initial=state.step, disable=not accelerator.is_local_main_process, desc="laid")
+    initial_qk = None  # L_qk at step 1 (1 - R^2 of the fitted mix under qk_normalize="student"); None when resumed
     last_metrics: dict = {}
     while state.step < last_step:
         loader.set_epoch(state.epoch)
@@ -239,14 +246,21 @@ def train(config: LAidConfig | str | Path | None = None, /, **overrides) -> dict
                             "tokens_per_s": tokens / (time.perf_counter() - start),
                             "data_wait_share": waited / (time.perf_counter() - start),
                             "peak_mem_gb": peak_memory_gb(device)}
+            if state.step == 1 and "qk" in reduced:
+                # The mix was fitted on the first batch: under "student" this is 1 - R^2 of that fit (up to the ridge
+                # and the other micro-batches of the step).
+                initial_qk = reduced["qk"]
+                last_metrics["qk_initial"] = initial_qk
+                accelerator.print(f"L_qk at step 1: {initial_qk:.4g} (qk_normalize={config.qk_normalize!r}, "
+                                  f"mixing={config.mixing!r}, mixer_init={config.mixer_init!r})")
+                if initial_qk > QK_UNEXPLAINED.get(config.qk_normalize, float("inf")):
+                    accelerator.print(_qk_warning(initial_qk, config.qk_normalize))
             if state.step % config.log_every == 0 or state.step == last_step:
                 if accelerator.is_main_process:
                     with metrics_path.open("a") as handle:
                         handle.write(json.dumps(last_metrics) + "\n")
                 if config.trackers:
                     accelerator.log(last_metrics, step=state.step)
-            if state.step == 1 and reduced.get("qk", 0.0) > QK_DOMINATES:
-                accelerator.print(_qk_warning(reduced["qk"]))
             bar.set_postfix({k: f"{v:.4g}" for k, v in last_metrics.items()
                              if k in ("loss", "qk", "attn", "kl", "sft", "tokens_per_s", "peak_mem_gb")})
             bar.update(1)
@@ -261,7 +275,7 @@ def train(config: LAidConfig | str | Path | None = None, /, **overrides) -> dict
     objective.remove_hooks()
     if config.lora_rank:
         merge_lora(accelerator.unwrap_model(student))  # the export is a plain model with the adapters folded in
-    summary = {"steps": state.step, "total_steps": total_steps, "epochs_done": state.epoch,
+    summary = {"steps": state.step, "total_steps": total_steps, "epochs_done": state.epoch, "qk_initial": initial_qk,
                "student_layers": student_layers, "gain_folded": True, "final_metrics": last_metrics,
                "config": config.to_dict()}
     export(accelerator, student, processor, mixer, student_layers, output_dir / "final", summary)

@@ -11,10 +11,11 @@ CPU's instruction-set flags and of the torch version. Without a compiler (or nin
 Ops (the C++ kernels are ``torch.ops.laid_cpu.*``, wrapped here as custom ops with autograd):
 
 - ``laid_kernels::mrope_cpu``: R x or R^T x for x [B, N, H, D]; its gradient is the opposite rotation.
-- ``laid_kernels::qk_align_cpu``: one pass over q_s, k_s, q_t, k_t that returns the loss and the gradients of its
-  numerator (same outputs as ``laid_kernels::qk_align_triton``); the backward scales them by
-  grad_output / denominator in place (the saved gradients are used once, so no second copy of dq_s / dk_s exists;
-  a second backward through the same graph raises torch's in-place modification error).
+- ``laid_kernels::qk_align_cpu``: one pass over q_s, k_s, q_t, k_t (head or frequency mixing) that returns the loss,
+  the per-head coefficients and the gradients of the squared error (same outputs as
+  ``laid_kernels::qk_align_triton``, see ``laid_kernels.qk_align.finish_loss``); the backward rescales them per head
+  in place by ``laid_kernels::qk_rescale_cpu`` (the saved gradients are used once, so no second copy of dq_s / dk_s
+  exists; a second backward through the same graph raises torch's in-place modification error).
 
 Inputs are read through their strides (any strides with a contiguous last dimension; others are copied first);
 results are bit-identical whatever the number of threads (fixed token blocks, partial sums reduced in block order).
@@ -36,7 +37,8 @@ import torch
 
 from . import backends, reference
 from .mrope import mrope_fake, mrope_setup_context, rotation_backward
-from .qk_align import finish_loss, qk_align_backward, qk_align_fake, qk_align_setup_context
+from .qk_align import finish_loss, qk_align_backward_with, qk_align_fake, qk_align_setup_context
+from .validation import mixing_form
 
 # The sources: top-level csrc/ in a checkout (laid_kernels/csrc is a symlink to it), copied into installed wheels.
 SOURCE_DIR = Path(__file__).parent / "csrc"
@@ -145,29 +147,72 @@ def _apply_mrope_cpu(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.T
     return mrope_cpu(x, positions, inv_freq, list(section), False)
 
 
+def _qk_align_kernel(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section, weight, rope, rotated=None):
+    """torch.ops.laid_cpu.qk_align with the mixing in the kernel's layout; returns (head sums [Hs + Hs_kv, 3] fp64,
+    G_q, G_k, dE/dw_q, dE/dw_k) with the gradients of W in w_q's / w_k's layout."""
+    frequency = mixing_form(w_q) == "frequency"
+
+    def kernel_layout(w):  # frequency mixing [H_s, H_t, D/2, 2] -> [2, H_s, H_t, D/2] (real parts, imaginary parts)
+        w = w.float()
+        return (w.permute(3, 0, 1, 2) if frequency else w).contiguous()
+
+    sums, grad_q, grad_k, dw_q, dw_k = library().qk_align(
+        _rows(q_s), _rows(k_s), _rows(q_t), _rows(k_t), kernel_layout(w_q), kernel_layout(w_k), positions,
+        inv_freq.float().contiguous(), section[0], section[1], weight, rope, frequency, 2.0, rotated)
+    if frequency:
+        dw_q, dw_k = dw_q.permute(1, 2, 3, 0), dw_k.permute(1, 2, 3, 0)
+    return sums, grad_q, grad_k, dw_q, dw_k
+
+
+def qk_align_rotated_rows(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor,
+                          w_q: torch.Tensor, w_k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+                          section: Sequence[int], valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The rotated rows R x of q_s, q_t, k_s, k_t (fp32, the inputs' shapes; 0 on padding) exactly as the fused
+    L_qk kernel computes and uses them: a debug output for the tests, because the loss cannot see the rotation."""
+    batch, seq = q_s.shape[:2]
+    weight = reference.token_weights(valid, None, batch, seq, q_s.device).contiguous()
+    rotated = [torch.zeros(x.shape) for x in (q_s, q_t, k_s, k_t)]
+    _qk_align_kernel(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section, weight, True, rotated)
+    return dict(zip(("q_s", "q_t", "k_s", "k_t"), rotated))
+
+
 @torch.library.custom_op("laid_kernels::qk_align_cpu", mutates_args=())
 def qk_align_cpu(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor, w_q: torch.Tensor,
                  w_k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, section: list[int],
                  token_weight: torch.Tensor | None, valid: torch.Tensor | None, normalize: str,
                  rope: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                      torch.Tensor]:
-    """(loss, 1 / denominator, grad_q_s, grad_k_s, grad_w_q, grad_w_k) by the C++ kernel; the four gradients are
-    those of the numerator (d loss = grad * grad_output / denominator). Shapes as in ``qk_align_loss``."""
+                                      torch.Tensor, torch.Tensor]:
+    """(loss, alpha, beta, G_q, G_k, grad_w_q, grad_w_k) by the C++ kernel, as ``laid_kernels::qk_align_triton``
+    returns them (see ``laid_kernels.qk_align.finish_loss``). Shapes as in ``qk_align_loss``."""
     batch, seq = q_s.shape[:2]
     weight = reference.token_weights(valid, token_weight, batch, seq, q_s.device).contiguous()  # [B, N] fp32
-    numerator, target_norm, grad_q, grad_k, dw_q, dw_k = library().qk_align(
-        _rows(q_s), _rows(k_s), _rows(q_t), _rows(k_t), w_q.float().contiguous(), w_k.float().contiguous(),
-        positions, inv_freq.float().contiguous(), section[0], section[1], weight, rope, 2.0)
-    loss, inv_denominator = finish_loss(numerator, target_norm, weight.double().sum(), q_s, k_s, normalize)
-    return loss, inv_denominator, grad_q, grad_k, dw_q.to(w_q.dtype), dw_k.to(w_k.dtype)
+    sums, grad_q, grad_k, dw_q, dw_k = _qk_align_kernel(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section,
+                                                        weight, rope)
+    hs = q_s.shape[2]
+    loss, alpha, beta, dw_q, dw_k = finish_loss(sums[:hs], sums[hs:], weight.double().sum(), dw_q, dw_k,
+                                                q_s.shape[3], normalize)
+    return loss, alpha, beta, grad_q, grad_k, dw_q.to(w_q.dtype).contiguous(), dw_k.to(w_k.dtype).contiguous()
+
+
+@torch.library.custom_op("laid_kernels::qk_rescale_cpu", mutates_args=("grad",))
+def qk_rescale_cpu(grad: torch.Tensor, x_s: torch.Tensor | None, weight: torch.Tensor | None, alpha: torch.Tensor,
+                   beta: torch.Tensor) -> None:
+    """grad [B, N, H, D] = alpha_i grad + beta_i w_n x_s (x_s None: alpha_i grad) in place, by the C++ kernel."""
+    library().qk_align_rescale(grad, None if x_s is None else _rows(x_s), weight, alpha.contiguous(),
+                               beta.contiguous())
+
+
+@qk_rescale_cpu.register_fake
+def _qk_rescale_fake(grad, x_s, weight, alpha, beta):
+    return None
 
 
 qk_align_cpu.register_fake(qk_align_fake)
-qk_align_cpu.register_autograd(qk_align_backward, setup_context=qk_align_setup_context)
+qk_align_cpu.register_autograd(qk_align_backward_with(qk_rescale_cpu), setup_context=qk_align_setup_context)
 
 
 def _qk_align_loss_cpu(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section, *, token_weight=None,
-                       valid=None, normalize="target", rope=True):
+                       valid=None, normalize="student", rope=True):
     return qk_align_cpu(q_s, k_s, q_t.detach(), k_t.detach(), w_q, w_k, positions, inv_freq, list(section),
                         token_weight, valid, normalize, rope)[0]
 

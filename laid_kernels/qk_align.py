@@ -1,25 +1,28 @@
 """``qk_align_loss``: L_qk, head-level Q/K alignment of a student to mixed teacher heads (shared/laid-spec.md).
 
-Fused Triton implementation: the query part (q_s, q_t, w_q) and the key part (k_s, k_t, w_k) have the same
-structure, x_s [B, N, Hs, D] against W [Hs, Ht] times x_t [B, N, Ht, D], and are two launches of one kernel. A
-persistent grid of :func:`num_programs` programs (a function of the token count only, never of the device, so the
-result is bit-reproducible) strides over the tokens. Per token it loads the first-half and second-half channel
-blocks of both sides through their strides, rotates them in registers (angles from positions and inv_freq), forms
-the target W @ (R x_t) with ``tl.dot`` (heads padded to a power of two >= 16, masked), and accumulates the weighted
-squared error, the target norm S and the token weight, plus the partial gradient of W [Hs, Ht] per program. In the
-same pass it writes the unscaled gradient with respect to x_s, R^T (2 w (R x_s - target)), in the input dtype. No
-rotated or mixed [B, N, H, D] tensor exists. Padding tokens (weight 0) are not read; their gradient is written as 0.
+Fused Triton implementation (head mixing; frequency mixing is not implemented in Triton and raises): the query
+part (q_s, q_t, w_q) and the key part (k_s, k_t, w_k) have the same structure, x_s [B, N, Hs, D] against
+W [Hs, Ht] times x_t [B, N, Ht, D], and are two launches of one kernel. A persistent grid of :func:`num_programs`
+programs (a function of the token count only, never of the device, so the result is bit-reproducible) strides over
+the tokens. Per token it loads the first-half and second-half channel blocks of both sides through their strides,
+rotates them in registers (angles from positions and inv_freq), forms the target W @ (R x_t) with ``tl.dot`` (heads
+padded to a power of two >= 16, masked), and accumulates per student head the weighted squared error E_i, the
+student energy S_i and the target norm T_i, the token weight, and the partial gradient of W [Hs, Ht] per program.
+In the same pass it writes G = dE_i / dx_s = R^T (2 w (R x_s - target)), in the input dtype (fp32 for fp16 inputs:
+G overflows fp16 long before the scaled gradient does). No rotated or mixed [B, N, H, D] tensor exists. Padding
+tokens (weight 0) are not read; their gradient is written as 0.
 
-The loss is numerator / denominator, and the denominator (S for ``normalize="target"``) is only known after the pass
-while grad_output is only known in backward, so backward scales the saved gradients in place by grad_output /
-denominator: one extra read and write of dq_s and dk_s (counted separately in benchmarks/compile_report.py). The saved gradient
-is therefore rounded to the input dtype twice (at most about 1.5 ulp instead of 0.5 for bf16 / fp16 inputs; the tests'
-3x rule covers it), and for fp16 inputs the unscaled gradient 2 w (R x_s - target) overflows beyond 65504 (inputs
-of about 1e4). The per-program partial sums are reduced on the host by ``torch.sum`` over a fixed-size dimension
-(deterministic).
+Every normalisation makes the gradient a per-head combination dL/dx_s,i = alpha_i G_i + beta_i w_n x_s,i
+(:func:`finish_loss`): "target" and "none" have one alpha and beta = 0; "student" (L = mean_i E_i / S_i per side,
+halved) has alpha_i = 1 / (2 H S_i) and beta_i = -2 alpha_i E_i / S_i (the derivative through S_i). The sums are
+only known after the pass and grad_output only in backward, so the backward rescales G in place by a second
+kernel (:func:`qk_rescale_kernel`): one read and one write of dq_s and dk_s, plus one read of q_s and k_s for
+"student" (counted separately in benchmarks/compile_report.py). The saved gradient is therefore rounded to the
+input dtype twice (at most about 1.5 ulp instead of 0.5 for bf16 inputs; the tests' 3x rule covers it). The
+per-program partial sums are reduced on the host by ``torch.sum`` over a fixed-size dimension (deterministic).
 
-Registered as the custom op ``laid_kernels::qk_align_triton`` (fake implementation and autograd included), so
-torch.compile can trace a training step through it.
+Registered as the custom ops ``laid_kernels::qk_align_triton`` and ``laid_kernels::qk_rescale_triton`` (fake
+implementations and autograd included), so torch.compile can trace a training step through them.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from . import backends, reference
 from .aot import Launch
 from .rope_triton import load_positions, mrope_cos_sin, rotate_pair, unrotate_pair
 from .triton_support import tl, triton
-from .validation import check_qk_align_args
+from .validation import check_qk_align_args, mixing_form
 
 OP = "qk_align_loss"
 
@@ -40,7 +43,7 @@ OP = "qk_align_loss"
 def qk_align_loss(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor, w_q: torch.Tensor,
                   w_k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, mrope_section: Sequence[int],
                   *, token_weight: torch.Tensor | None = None, valid: torch.Tensor | None = None,
-                  normalize: str = "target", rope: bool = True, backend: str = "auto") -> torch.Tensor:
+                  normalize: str = "student", rope: bool = True, backend: str = "auto") -> torch.Tensor:
     """L_qk of the spec, an fp32 scalar; differentiable with respect to q_s, k_s, w_q and w_k.
 
     Args:
@@ -48,12 +51,15 @@ def qk_align_loss(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: 
         k_s: [B, N, Hs_kv, D] student keys before RoPE.
         q_t: [B, N, Ht, D] teacher queries (a constant: no gradient).
         k_t: [B, N, Ht_kv, D] teacher keys (a constant: no gradient).
-        w_q: [Hs, Ht] query head mixing; w_k: [Hs_kv, Ht_kv] key head mixing.
+        w_q, w_k: the mixing, chosen by shape: head mixing w_q [Hs, Ht], w_k [Hs_kv, Ht_kv]; or frequency mixing
+            w_q [Hs, Ht, D/2, 2], w_k [Hs_kv, Ht_kv, D/2, 2] (complex weights per RoPE frequency pair, last axis
+            real / imaginary; channels f and f + D/2 are the real and imaginary parts).
         positions: [3, B, N] or [B, N] int M-RoPE positions; inv_freq: [D/2]; mrope_section: (s0, s1, s2).
         token_weight: optional [B, N] float per-token weight w_n (default 1).
         valid: optional [B, N] bool attention mask; padding contributes nothing.
-        normalize: "target" (relative error: divided by the stop-gradient squared norm of the mixed teacher
-            targets) or "none" (weighted mean over elements).
+        normalize: "student" (default: mean over student heads of E_i / S_i, the share of each head's energy its
+            teacher mix does not explain, queries and keys averaged), "target" (version 1: divided by the
+            stop-gradient squared norm of the mixed teacher targets) or "none" (weighted mean over elements).
         rope: rotate both sides by M-RoPE first (the paper's equation; equal to rope=False up to rounding).
         backend: "auto", "triton", "cpu" or "reference" (see ``laid_kernels.backends``).
 
@@ -61,7 +67,7 @@ def qk_align_loss(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: 
         A 0-dim fp32 tensor.
 
     Example:
-        >>> loss = qk_align_loss(q_s, k_s, q_t, k_t, mixer.w_q, mixer.w_k, position_ids, inv_freq, (16, 24, 24),
+        >>> loss = qk_align_loss(q_s, k_s, q_t, k_t, mixer.w_q[0], mixer.w_k[0], position_ids, inv_freq, (16, 24, 24),
         ...                      valid=attention_mask.bool())
         >>> loss.backward()
     """
@@ -86,7 +92,7 @@ INTERPRETER_BLOCK_F = 64
 NUM_WARPS = 4
 MIN_TOKENS_PER_PROGRAM = 32  # keeps the [programs, Hs, Ht] partial-dW traffic below ~1% of the input traffic
 MAX_PROGRAMS = 1024
-N_SUMS = 3  # per-program partial sums: weighted squared error, weighted target norm, token weight
+HEAD_SUMS = 3  # per-program, per-student-head partial sums: E_i (squared error), S_i (student energy), T_i (target)
 
 
 @triton.jit
@@ -101,10 +107,11 @@ def qk_align_kernel(xs_ptr, xt_ptr, w_ptr, pos_ptr, inv_freq_ptr, tw_ptr, valid_
     """One part of L_qk for the tokens pid, pid + P, ... (P programs), BLOCK_F channel pairs at a time.
 
     xs: [B, N, hs, 2 * HALF] student, xt: [B, N, ht, 2 * HALF] teacher, w: [hs, ht], pos: [3, B, N], all strided;
-    tw / valid: optional [B, N] token weight / mask. Writes grad: contiguous [B, N, hs, 2 * HALF] (unscaled
-    gradient of the weighted squared error), dw: [P, hs, ht] partial gradient of W, sums: [P, 3] (weighted squared
-    error, weighted target norm, token weight). The channel-block loop is outside the token loop so that each
-    iteration holds only [H_PAD, BLOCK_F] tiles (no register spills) while inv_freq is read once per block.
+    tw / valid: optional [B, N] token weight / mask. Writes grad: contiguous [B, N, hs, 2 * HALF] (G, the gradient
+    of E_i with respect to x_s), dw: [P, hs, ht] partial gradient of sum_i E_i with respect to W, sums:
+    [P, 3 * hs + 1] (per head: E_i, then S_i, then T_i; then the token weight). The channel-block loop is outside the
+    token loop so that each iteration holds only [H_PAD, BLOCK_F] tiles (no register spills) while inv_freq is read
+    once per block.
     """
     pid = tl.program_id(0)
     i = tl.arange(0, HS_PAD)[:, None]
@@ -114,8 +121,9 @@ def qk_align_kernel(xs_ptr, xt_ptr, w_ptr, pos_ptr, inv_freq_ptr, tw_ptr, valid_
     w = tl.load(w_ptr + i * stride_wi + j_col * stride_wj, mask=w_mask, other=0).to(tl.float32)
 
     dw = tl.zeros((HS_PAD, HT_PAD), dtype=tl.float32)
-    squared_error = 0.0
-    target_norm = 0.0
+    squared_error = tl.zeros((HS_PAD,), dtype=tl.float32)
+    energy = tl.zeros((HS_PAD,), dtype=tl.float32)
+    target_norm = tl.zeros((HS_PAD,), dtype=tl.float32)
     weight_sum = 0.0
     s_heads = i * stride_sh
     t_heads = j * stride_th
@@ -157,8 +165,9 @@ def qk_align_kernel(xs_ptr, xt_ptr, w_ptr, pos_ptr, inv_freq_ptr, tw_ptr, valid_
             target_hi = tl.dot(w, t_hi, input_precision=INPUT_PRECISION)
             diff_lo = s_lo - target_lo
             diff_hi = s_hi - target_hi
-            squared_error += weight * (tl.sum(diff_lo * diff_lo) + tl.sum(diff_hi * diff_hi))
-            target_norm += weight * (tl.sum(target_lo * target_lo) + tl.sum(target_hi * target_hi))
+            squared_error += weight * tl.sum(diff_lo * diff_lo + diff_hi * diff_hi, axis=1)
+            energy += weight * tl.sum(s_lo * s_lo + s_hi * s_hi, axis=1)
+            target_norm += weight * tl.sum(target_lo * target_lo + target_hi * target_hi, axis=1)
             weight_sum += tl.where(f0 == 0, weight, 0.0)
 
             grad_lo = (2.0 * weight) * diff_lo
@@ -172,9 +181,38 @@ def qk_align_kernel(xs_ptr, xt_ptr, w_ptr, pos_ptr, inv_freq_ptr, tw_ptr, valid_
             tl.store(g_token + f + HALF, grad_hi.to(grad_ptr.dtype.element_ty), mask=g_mask)
 
     tl.store(dw_ptr + pid * hs * ht + i * ht + j_col, dw, mask=w_mask)
-    tl.store(sums_ptr + pid * 3, squared_error)
-    tl.store(sums_ptr + pid * 3 + 1, target_norm)
-    tl.store(sums_ptr + pid * 3 + 2, weight_sum)
+    heads = tl.arange(0, HS_PAD)
+    row = sums_ptr + pid * (3 * hs + 1)  # HEAD_SUMS = 3 per head, then the weight (a jit kernel reads no globals)
+    tl.store(row + heads, squared_error, mask=heads < hs)
+    tl.store(row + hs + heads, energy, mask=heads < hs)
+    tl.store(row + 2 * hs + heads, target_norm, mask=heads < hs)
+    tl.store(row + 3 * hs, weight_sum)
+
+
+@triton.jit
+def qk_rescale_kernel(grad_ptr, xs_ptr, weight_ptr, alpha_ptr, beta_ptr, seq, hs,
+                      stride_sb, stride_sn, stride_sh, stride_sd,
+                      DIM: tl.constexpr, DIM_PAD: tl.constexpr, HS_PAD: tl.constexpr, HAS_X: tl.constexpr):
+    """grad[b, n, i] = alpha[i] * grad[b, n, i] + beta[i] * weight[b, n] * xs[b, n, i] in place, for the token of
+    this program (all heads). grad: contiguous [B, N, hs, DIM]; xs: [B, N, hs, DIM] strided (read only if HAS_X);
+    weight: contiguous [B, N] fp32; alpha, beta: [hs] fp32. Arithmetic in fp32, one rounding to grad's dtype."""
+    token = tl.program_id(0).to(tl.int64)
+    b = token // seq
+    n = token - b * seq
+    i = tl.arange(0, HS_PAD)[:, None]
+    d = tl.arange(0, DIM_PAD)[None, :]
+    mask = (i < hs) & (d < DIM)
+    alpha = tl.load(alpha_ptr + i, mask=i < hs, other=0)
+    offsets = token * hs * DIM + i * DIM + d
+    result = alpha * tl.load(grad_ptr + offsets, mask=mask, other=0).to(tl.float32)
+    if HAS_X:
+        weight = tl.load(weight_ptr + token)
+        beta = tl.load(beta_ptr + i, mask=i < hs, other=0)
+        hs_live = tl.where(weight != 0.0, hs, 0)  # padding (weight 0): x is not read
+        x = tl.load(xs_ptr + b * stride_sb + n * stride_sn + i * stride_sh + d * stride_sd,
+                    mask=(i < hs_live) & (d < DIM), other=0).to(tl.float32)
+        result += (beta * weight) * x
+    tl.store(grad_ptr + offsets, result.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 def num_programs(n_tokens: int) -> int:
@@ -193,9 +231,9 @@ def qk_align_launch(x_s: torch.Tensor, x_t: torch.Tensor, w: torch.Tensor, posit
     """The launch of one part (queries or keys) of L_qk. Works on meta tensors (for ahead-of-time compilation).
 
     x_s [B, N, Hs, D], x_t [B, N, Ht, D], w [Hs, Ht], positions [3, B, N], inv_freq [D/2], weight / valid
-    [B, N] or None. Outputs: grad contiguous [B, N, Hs, D] (x_s's dtype), dw [P, Hs, Ht] fp32, sums [P, 3] fp32,
-    P = ``num_programs(B * N)``. block_f: channel pairs per iteration (default: BLOCK_F on a GPU or meta tensors,
-    INTERPRETER_BLOCK_F on CPU tensors).
+    [B, N] or None. Outputs (:func:`_outputs`): grad contiguous [B, N, Hs, D], dw [P, Hs, Ht] fp32, sums
+    [P, 3 * Hs + 1] fp32, P = ``num_programs(B * N)``. block_f: channel pairs per iteration (default: BLOCK_F on a
+    GPU or meta tensors, INTERPRETER_BLOCK_F on CPU tensors).
     """
     batch, seq, hs, dim = x_s.shape
     ht = x_t.shape[2]
@@ -218,12 +256,75 @@ def qk_align_launch(x_s: torch.Tensor, x_t: torch.Tensor, w: torch.Tensor, posit
         num_warps=NUM_WARPS)
 
 
+def qk_rescale_launch(grad: torch.Tensor, x_s: torch.Tensor | None, weight: torch.Tensor, alpha: torch.Tensor,
+                      beta: torch.Tensor | None, name: str) -> Launch:
+    """The backward's in-place rescaling of one part's G (:func:`qk_rescale_kernel`), one program per token.
+    grad contiguous [B, N, Hs, D]; x_s [B, N, Hs, D] or None (then beta is unused); weight contiguous [B, N] fp32;
+    alpha, beta [Hs] fp32. Works on meta tensors."""
+    batch, seq, hs, dim = grad.shape
+    strides = x_s.stride() if x_s is not None else (0, 0, 0, 0)
+    return Launch(
+        name=name, kernel=qk_rescale_kernel, grid=(batch * seq,),
+        args=(grad, grad if x_s is None else x_s, weight, alpha, alpha if beta is None else beta, seq, hs, *strides),
+        constexprs=dict(DIM=dim, DIM_PAD=triton.next_power_of_2(dim), HS_PAD=triton.next_power_of_2(hs),
+                        HAS_X=x_s is not None),
+        num_warps=NUM_WARPS)
+
+
+def grad_dtype(x_s: torch.Tensor) -> torch.dtype:
+    """dtype of the saved gradient G of x_s: x_s's dtype, except fp32 for fp16 (G = 2 w (R x_s - target) overflows
+    fp16's 65504 for inputs of about 3e4, while the scaled gradient is finite)."""
+    return torch.float32 if x_s.dtype == torch.float16 else x_s.dtype
+
+
 def _outputs(x_s: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Empty (grad [B, N, Hs, D] in x_s's dtype, dw partials [P, Hs, Ht] fp32, sums [P, 3] fp32) for one part."""
+    """Empty (G [B, N, Hs, D] in :func:`grad_dtype`, dw partials [P, Hs, Ht] fp32, sums [P, 3 Hs + 1] fp32) for one
+    part."""
     programs = num_programs(x_s.shape[0] * x_s.shape[1])
-    return (torch.empty(x_s.shape, dtype=x_s.dtype, device=x_s.device),
+    return (torch.empty(x_s.shape, dtype=grad_dtype(x_s), device=x_s.device),
             torch.empty((programs, *w.shape), dtype=torch.float32, device=x_s.device),
-            torch.empty((programs, N_SUMS), dtype=torch.float32, device=x_s.device))
+            torch.empty((programs, HEAD_SUMS * x_s.shape[2] + 1), dtype=torch.float32, device=x_s.device))
+
+
+def finish_loss(sums_q: torch.Tensor, sums_k: torch.Tensor, weight_sum: torch.Tensor, dw_q: torch.Tensor,
+                dw_k: torch.Tensor, dim: int, normalize: str
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, alpha, beta, grad_w_q, grad_w_k) from a fused pass's per-head sums, shared by every fused backend.
+
+    sums_q [Hs, 3], sums_k [Hs_kv, 3]: per student head (E_i, S_i, T_i), any float dtype (fp64 from the backends);
+    weight_sum: 0-dim, sum of w_n; dw_q / dw_k: dE / dW (shapes of w_q / w_k, fp32); dim: head_dim.
+    The gradient of the loss is dL/dx_s,i = alpha_i G_i + beta_i w_n x_s,i (G = dE_i / dx_s) and
+    dL/dW[i] = alpha_i dE / dW[i]. Returns the loss (0-dim fp32), alpha and beta ([Hs + Hs_kv] fp32, queries then
+    keys) and the gradients of W (fp32, the shapes of dw_q / dw_k). Denominators are clamped at fp32 tiny exactly as
+    the reference does (a clamped S_i passes no gradient: beta_i = 0).
+    """
+    tiny = torch.finfo(torch.float32).tiny
+    sums = torch.cat((sums_q, sums_k)).double()
+    error, energy, target = sums.unbind(dim=1)
+    hs, hs_kv = sums_q.shape[0], sums_k.shape[0]
+    if normalize == "student":
+        heads = torch.cat((torch.full((hs,), float(hs)), torch.full((hs_kv,), float(hs_kv)))).to(sums)
+        clamped = energy.clamp_min(tiny)
+        alpha = 1.0 / (2.0 * heads * clamped)
+        loss = (alpha * error).sum()
+        beta = torch.where(energy > tiny, -2.0 * alpha * error / clamped, 0.0)
+    else:
+        denominator = target.sum() if normalize == "target" else weight_sum.double() * (hs + hs_kv) * dim
+        alpha = (1.0 / denominator.clamp_min(tiny)).expand(hs + hs_kv)
+        loss = error.sum() * alpha[0]
+        beta = torch.zeros_like(alpha)
+    alpha, beta = alpha.float(), beta.float()
+    row_q = alpha[:hs].view(-1, *[1] * (dw_q.dim() - 1))
+    row_k = alpha[hs:].view(-1, *[1] * (dw_k.dim() - 1))
+    return loss.float(), alpha, beta, dw_q * row_q, dw_k * row_k
+
+
+def check_triton_form(w_q: torch.Tensor) -> None:
+    """The Triton kernels implement head mixing only: a clear error for frequency mixing (never another form)."""
+    if mixing_form(w_q) == "frequency":
+        raise NotImplementedError(
+            "qk_align_loss: backend='triton' implements head mixing (w_q [Hs, Ht]) only; frequency mixing (w_q "
+            f"{list(w_q.shape)} = [Hs, Ht, D/2, 2]) runs on backend='cpu' (CPU tensors) or backend='reference'")
 
 
 @torch.library.custom_op("laid_kernels::qk_align_triton", mutates_args=())
@@ -231,9 +332,10 @@ def qk_align_triton(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t
                     w_k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, section: list[int],
                     token_weight: torch.Tensor | None, valid: torch.Tensor | None, normalize: str,
                     rope: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                         torch.Tensor]:
-    """(loss, 1 / denominator, grad_q_s, grad_k_s, grad_w_q, grad_w_k) by the fused kernel; the four gradients are
-    those of the numerator (d loss = grad * grad_output / denominator). Shapes as in :func:`qk_align_loss`."""
+                                         torch.Tensor, torch.Tensor]:
+    """(loss, alpha, beta, G_q, G_k, grad_w_q, grad_w_k) by the fused kernel (see :func:`finish_loss`): the
+    gradients of the loss are dL/dx_s = grad_output (alpha_i G_i + beta_i w_n x_s,i) and grad_output grad_w.
+    Shapes as in :func:`qk_align_loss`; alpha, beta [Hs + Hs_kv] fp32."""
     parts = []
     for x_s, x_t, w, name in ((q_s, q_t, w_q, "qk_align/query"), (k_s, k_t, w_k, "qk_align/key")):
         grad, dw, sums = _outputs(x_s, w)
@@ -242,82 +344,113 @@ def qk_align_triton(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t
                             name).run()
         else:
             dw.zero_(), sums.zero_()
-        parts.append((grad, dw.sum(0).to(w.dtype), sums.double().sum(0)))
-    (grad_q, dw_q, sums_q), (grad_k, dw_k, sums_k) = parts
-    loss, inv_denominator = finish_loss(sums_q[0] + sums_k[0], sums_q[1] + sums_k[1], sums_q[2], q_s, k_s,
-                                        normalize)
-    return (loss, inv_denominator, grad_q, grad_k, dw_q, dw_k)
-
-
-def finish_loss(numerator: torch.Tensor, target_norm: torch.Tensor, weight_sum: torch.Tensor, q_s: torch.Tensor,
-                k_s: torch.Tensor, normalize: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, 1 / denominator), both 0-dim fp32, from the fused pass's sums (0-dim, any float dtype): the
-    denominator is S = target_norm for normalize="target", else weight_sum * (Hs + Hs_kv) * D, clamped at fp32 tiny
-    exactly as the reference does."""
-    if normalize == "target":
-        denominator = target_norm
-    else:
-        denominator = weight_sum * (q_s.shape[2] + k_s.shape[2]) * q_s.shape[3]
-    inv_denominator = (1.0 / denominator.clamp_min(torch.finfo(torch.float32).tiny)).float()
-    return numerator.float() * inv_denominator, inv_denominator
+        sums = sums.double().sum(0)
+        hs = x_s.shape[2]
+        parts.append((grad, dw.sum(0), sums[:HEAD_SUMS * hs].view(HEAD_SUMS, hs).T, sums[-1]))
+    (grad_q, dw_q, sums_q, weight_sum), (grad_k, dw_k, sums_k, _) = parts
+    loss, alpha, beta, dw_q, dw_k = finish_loss(sums_q, sums_k, weight_sum, dw_q, dw_k, q_s.shape[3], normalize)
+    return loss, alpha, beta, grad_q, grad_k, dw_q.to(w_q.dtype), dw_k.to(w_k.dtype)
 
 
 @qk_align_triton.register_fake
-def qk_align_fake(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section, token_weight, valid,
-                          normalize, rope):
+def qk_align_fake(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section, token_weight, valid, normalize, rope):
     scalar = q_s.new_empty((), dtype=torch.float32)
-    return (scalar, scalar.clone(), torch.empty(q_s.shape, dtype=q_s.dtype, device=q_s.device),
-            torch.empty(k_s.shape, dtype=k_s.dtype, device=k_s.device), torch.empty_like(w_q),
+    heads = q_s.new_empty((q_s.shape[2] + k_s.shape[2],), dtype=torch.float32)
+    return (scalar, heads, heads.clone(), torch.empty(q_s.shape, dtype=grad_dtype(q_s), device=q_s.device),
+            torch.empty(k_s.shape, dtype=grad_dtype(k_s), device=k_s.device), torch.empty_like(w_q),
             torch.empty_like(w_k))
 
 
 def qk_align_setup_context(ctx, inputs, output):
-    """Autograd context of every backend's qk_align custom op: saves 1 / denominator and the four gradients."""
-    ctx.save_for_backward(*output[1:])
+    """Autograd context of every backend's qk_align custom op: saves alpha, beta, G and grad_w, and, for
+    normalize="student" (beta != 0), the student inputs and the token weights the backward's rescaling reads."""
+    q_s, k_s, _, _, _, _, _, _, _, token_weight, valid, normalize, _ = inputs
+    ctx.dtypes = (q_s.dtype, k_s.dtype)
+    ctx.student = normalize == "student"
+    ctx.save_for_backward(*output[1:], *((q_s, k_s, token_weight, valid) if ctx.student else ()))
     # Only the loss receives a gradient: without this, autograd would pass zero tensors the size of dq_s and dk_s
     # for the other outputs (doubling the gradients' memory).
     ctx.set_materialize_grads(False)
 
 
-def qk_align_backward(ctx, grad_loss, *unused_grads):
-    inv_denominator, grad_q, grad_k, dw_q, dw_k = ctx.saved_tensors
-    scale = grad_loss.float() * inv_denominator
-    # In place, so that no second gradient-sized tensor exists (the spec's memory contract). A second backward
-    # through the same graph (retain_graph=True) then fails autograd's saved-tensor version check instead of
-    # scaling twice. A 0-dim fp32 factor multiplies in fp32 and rounds once to the gradient's dtype.
-    return (grad_q.mul_(scale), grad_k.mul_(scale), None, None,
-            dw_q * scale, dw_k * scale, None, None, None, None, None, None, None)
+def qk_align_backward_with(rescale):
+    """The autograd backward of a backend's qk_align op, given its in-place rescaling op
+    ``rescale(grad, x_s | None, weight, alpha, beta)`` (grad = alpha_i grad + beta_i w_n x_s, in place)."""
+
+    def backward(ctx, grad_loss, *unused_grads):
+        alpha, beta, grad_q, grad_k, dw_q, dw_k, *students = ctx.saved_tensors
+        scale = grad_loss.float()
+        alpha, beta = alpha * scale, beta * scale
+        hs = grad_q.shape[2]
+        weight = None
+        if ctx.student:
+            token_weight, valid = students[2:]
+            batch, seq = grad_q.shape[:2]
+            weight = reference.token_weights(valid, token_weight, batch, seq, grad_q.device).contiguous()
+        grads = []
+        # In place, so that no second gradient-sized tensor exists (the spec's memory contract; fp16 inputs, whose G
+        # is fp32, get one conversion after the scaling). A second backward through the same graph
+        # (retain_graph=True) then fails autograd's saved-tensor version check instead of scaling twice.
+        for grad, x_s, a, b, dtype in ((grad_q, students[0] if students else None, alpha[:hs], beta[:hs],
+                                        ctx.dtypes[0]),
+                                       (grad_k, students[1] if students else None, alpha[hs:], beta[hs:],
+                                        ctx.dtypes[1])):
+            if grad.numel():
+                rescale(grad, x_s, weight, a, b)
+            grads.append(grad.to(dtype))
+        return (grads[0], grads[1], None, None, dw_q * scale, dw_k * scale, None, None, None, None, None, None, None)
+
+    return backward
 
 
-qk_align_triton.register_autograd(qk_align_backward, setup_context=qk_align_setup_context)
+@torch.library.custom_op("laid_kernels::qk_rescale_triton", mutates_args=("grad",))
+def qk_rescale_triton(grad: torch.Tensor, x_s: torch.Tensor | None, weight: torch.Tensor | None,
+                      alpha: torch.Tensor, beta: torch.Tensor) -> None:
+    """grad [B, N, H, D] = alpha_i grad + beta_i w_n x_s (x_s None: alpha_i grad) in place, by the Triton kernel."""
+    if weight is None:
+        weight = alpha  # never read (HAS_X False)
+    qk_rescale_launch(grad, x_s, weight, alpha.contiguous(), beta.contiguous(), "qk_align/rescale").run()
+
+
+@qk_rescale_triton.register_fake
+def _qk_rescale_fake(grad, x_s, weight, alpha, beta):
+    return None
+
+
+qk_align_triton.register_autograd(qk_align_backward_with(qk_rescale_triton), setup_context=qk_align_setup_context)
 
 
 def _qk_align_loss_triton(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section, *, token_weight=None,
-                          valid=None, normalize="target", rope=True):
+                          valid=None, normalize="student", rope=True):
+    check_triton_form(w_q)
     return qk_align_triton(q_s, k_s, q_t.detach(), k_t.detach(), w_q, w_k, positions, inv_freq, list(section),
                            token_weight, valid, normalize, rope)[0]
 
 
 def aot_launches(heads: Sequence[int] = (28, 4, 40, 8), tokens: int = 512, head_dim: int = 128,
-                 section: Sequence[int] = (16, 24, 24), dtype: str = "bfloat16") -> list[Launch]:
-    """The two launches qk_align_loss makes for student heads (Hs, Hs_kv) = heads[:2] against teacher heads
-    (Ht, Ht_kv) = heads[2:], on meta tensors laid out as q_proj / k_proj outputs, with a valid mask and token
-    weights; for ahead-of-time compilation (``laid_kernels.aot``)."""
+                 section: Sequence[int] = (16, 24, 24), dtype: str = "bfloat16",
+                 token_weight: bool = True) -> list[Launch]:
+    """The launches qk_align_loss makes for student heads (Hs, Hs_kv) = heads[:2] against teacher heads
+    (Ht, Ht_kv) = heads[2:], on meta tensors laid out as q_proj / k_proj outputs, with a valid mask and (unless
+    token_weight is False, as in the trainer) token weights: the fused pass of both parts, then the backward's
+    rescaling of both parts for normalize="student"; for ahead-of-time compilation (``laid_kernels.aot``)."""
     hs, hs_kv, ht, ht_kv = heads
     meta = dict(device="meta", dtype=getattr(torch, dtype))
     positions = torch.empty(3, 1, tokens, dtype=torch.int64, device="meta")
     inv_freq = torch.empty(head_dim // 2, dtype=torch.float32, device="meta")
     weight = torch.empty(1, tokens, device="meta")
     valid = torch.empty(1, tokens, dtype=torch.bool, device="meta")
-    launches = []
+    launches, rescales = [], []
     for h_s, h_t, name in ((hs, ht, "qk_align/query"), (hs_kv, ht_kv, "qk_align/key")):
         x_s = torch.empty(1, tokens, h_s * head_dim, **meta).view(1, tokens, h_s, head_dim)
         x_t = torch.empty(1, tokens, h_t * head_dim, **meta).view(1, tokens, h_t, head_dim)
         w = torch.empty(h_s, h_t, device="meta")
         grad, dw, sums = _outputs(x_s, w)
-        launches.append(qk_align_launch(x_s, x_t, w, positions, inv_freq, section, weight, valid, True, grad, dw,
-                                        sums, f"{name}/Hs={h_s},Ht={h_t}"))
-    return launches
+        launches.append(qk_align_launch(x_s, x_t, w, positions, inv_freq, section, weight if token_weight else None,
+                                        valid, True, grad, dw, sums, f"{name}/Hs={h_s},Ht={h_t}"))
+        alpha = torch.empty(h_s, device="meta")
+        rescales.append(qk_rescale_launch(grad, x_s, weight, alpha, alpha.clone(), f"qk_align/rescale/Hs={h_s}"))
+    return launches + rescales
 
 
 backends.register(OP, "reference", reference.qk_align_loss)

@@ -8,6 +8,7 @@ the logits). Differentiable by autograd. Notation and shapes follow ``shared/lai
 - positions [3, B, N] (rows t, h, w) or [B, N] integer M-RoPE positions; inv_freq [D/2]; mrope_section (s0, s1, s2)
   with s0 + s1 + s2 = D/2.
 - w_q [Hs, Ht], w_k [Hs_kv, Ht_kv]: head mixing; student head i is aligned to sum_j w_q[i, j] * teacher head j.
+  qk_align_loss also takes frequency mixing w_q [Hs, Ht, D/2, 2], w_k [Hs_kv, Ht_kv, D/2, 2] (see :func:`mix_heads`).
 - query_mask [B, N] bool: the query rows of attention matching; valid [B, N] bool: the attention mask.
 """
 
@@ -63,19 +64,79 @@ def token_weights(valid: torch.Tensor | None, token_weight: torch.Tensor | None,
     return weight if valid is None else weight * valid.bool()
 
 
+def mix_heads(w: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """The mixed teacher target [B, N, Hs, D] of teacher rows ``teacher`` [B, N, Ht, D] (in ``w``'s dtype).
+
+    Head mixing, w [Hs, Ht]: m_i = sum_j w[i, j] teacher_j. Frequency mixing, w [Hs, Ht, D/2, 2]: channels f and
+    f + D/2 are the real and imaginary parts of z_f, and m_i,f = sum_j C[i, j, f] z_j,f with C = w[..., 0] + i w[..., 1].
+    """
+    if w.dim() == 2:
+        return torch.einsum("ij,bnjd->bnid", w, teacher)
+    real, imag = teacher.chunk(2, dim=-1)  # [B, N, Ht, D/2] each
+    c_real, c_imag = w[..., 0], w[..., 1]  # [Hs, Ht, D/2]
+    mixed_real = torch.einsum("ijf,bnjf->bnif", c_real, real) - torch.einsum("ijf,bnjf->bnif", c_imag, imag)
+    mixed_imag = torch.einsum("ijf,bnjf->bnif", c_real, imag) + torch.einsum("ijf,bnjf->bnif", c_imag, real)
+    return torch.cat((mixed_real, mixed_imag), dim=-1)
+
+
+def mixing_statistics(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor | None = None,
+                      frequency: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sufficient statistics of the weighted least-squares fit of the mix (fp64 / complex128, no gradient).
+
+    student [B, N, Hs, D], teacher [B, N, Ht, D], weight [B, N] (w_n, 0 on padding; default 1). Head mixing:
+    (cross [Hs, Ht] = sum_n w_n Q_s Q_t^T, gram [Ht, Ht] = sum_n w_n Q_t Q_t^T), summed over channels too.
+    Frequency mixing: with z_f = x_f + i x_{f + D/2}, per frequency pair f (Hermitian transposes)
+    (cross [D/2, Hs, Ht] = sum_n w_n z_s z_t^H, gram [D/2, Ht, Ht] = sum_n w_n z_t z_t^H). Rotation-invariant, so
+    computed on the unrotated rows.
+    """
+    student, teacher = student.detach().double(), teacher.detach().double()
+    if weight is not None:
+        keep = weight != 0
+        root = weight[keep].double().sqrt()[:, None, None]
+        student, teacher = student[keep] * root, teacher[keep] * root  # [T, H, D]
+    if not frequency:
+        return (torch.einsum("...id,...jd->ij", student, teacher), torch.einsum("...id,...jd->ij", teacher, teacher))
+    z_s = torch.complex(*student.chunk(2, dim=-1))  # [..., Hs, D/2]
+    z_t = torch.complex(*teacher.chunk(2, dim=-1))
+    return (torch.einsum("...if,...jf->fij", z_s, z_t.conj()), torch.einsum("...if,...jf->fij", z_t, z_t.conj()))
+
+
+def fit_mixing(cross: torch.Tensor, gram: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
+    """The ridge least-squares mix W = cross (gram + eps I)^-1 from :func:`mixing_statistics` (fp64).
+
+    eps = ridge * mean(diag(gram)) (per frequency pair for frequency mixing): a ridge relative to the teacher's
+    scale, so that the fit is well posed when teacher heads are collinear. Returns head mixing [Hs, Ht] for real
+    statistics, frequency mixing [Hs, Ht, D/2, 2] (real, imaginary) for complex ones. Under normalize="student" the
+    fitted mix (ridge 0) minimises L_qk, whose value is then 1 - R^2 of each head, averaged.
+    """
+    diagonal = gram.diagonal(dim1=-2, dim2=-1).real
+    eps = ridge * diagonal.mean(dim=-1).clamp_min(torch.finfo(torch.float64).tiny)
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    # W (gram + eps I) = cross  <=>  (gram + eps I)^T W^T = cross^T
+    solution = torch.linalg.solve((gram + eps[..., None, None] * eye).mT, cross.mT).mT
+    if not solution.is_complex():
+        return solution
+    return torch.view_as_real(solution.permute(1, 2, 0).contiguous())  # [D/2, Hs, Ht] -> [Hs, Ht, D/2, 2]
+
+
 def qk_align_loss(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor,
                   w_q: torch.Tensor, w_k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
                   mrope_section: Sequence[int], *, token_weight: torch.Tensor | None = None,
-                  valid: torch.Tensor | None = None, normalize: str = "target", rope: bool = True) -> torch.Tensor:
-    """L_qk, the head-level Q/K alignment loss (fp32 scalar).
+                  valid: torch.Tensor | None = None, normalize: str = "student", rope: bool = True) -> torch.Tensor:
+    """L_qk, the head-level Q/K alignment loss (fp32 scalar; fp64 for fp64 inputs).
 
-    numerator = sum_n w_n [ sum_i ||R q_s,i - sum_j w_q[i,j] R q_t,j||^2 + sum_h ||R k_s,h - sum_j w_k[h,j] R k_t,j||^2 ]
+    Per student head i of one side (queries: x_s = q_s, x_t = q_t, W = w_q; keys: k_s, k_t, w_k), with
+    m_i = the mix of teacher heads by W (:func:`mix_heads`: head mixing W [Hs, Ht] or frequency mixing
+    W [Hs, Ht, D/2, 2]) and w_n = token_weight (default 1) on valid tokens, 0 on padding:
 
-    normalize="target" divides by S = sum_n w_n (||mixed query target||^2 + ||mixed key target||^2), without
-    gradient (a relative error: about 1 unaligned, 0 aligned); normalize="none" divides by
-    sum_n w_n * (Hs + Hs_kv) * D (the weighted mean over elements). w_n is token_weight (default 1) on valid
-    tokens, 0 on padding. The teacher's q_t / k_t receive no gradient. rope=False skips the rotation (equal up to
-    rounding, since the rotation is orthogonal and shared by all heads of a token).
+        E_i = sum_n w_n ||R x_s,i - R m_i||^2      S_i = sum_n w_n ||x_s,i||^2      T_i = sum_n w_n ||m_i||^2
+
+    normalize="student" (default): L = (mean_i E_i / S_i over query heads + mean_h E_h / S_h over kv heads) / 2,
+    the gradient flowing through S_i too (scale-invariant: 1 - R^2 of each head at the least-squares W);
+    "target": sum of E over both sides / stop-gradient sum of T; "none": sum of E / (sum_n w_n (Hs + Hs_kv) D).
+    Every denominator is clamped at fp32 tiny. The teacher's q_t / k_t receive no gradient. rope=False skips the
+    rotation (equal up to rounding: the rotation is orthogonal, shared by all heads of a token, and commutes with
+    both mixings).
     """
     positions, section = check_qk_align_args(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, mrope_section,
                                              token_weight, valid, normalize)
@@ -83,22 +144,26 @@ def qk_align_loss(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: 
     hs_kv, device = k_s.shape[2], q_s.device
     weight = token_weights(valid, token_weight, batch, seq, device)
     cos, sin = mrope_cos_sin(positions, inv_freq, section)
+    tiny = torch.finfo(torch.float32).tiny
 
-    numerator = torch.zeros((), device=device)
-    target_norm = torch.zeros((), device=device)
+    errors, energies, target_norms = [], [], []  # per side: [H_student] each
     for student, teacher, mixing in ((q_s, q_t, w_q), (k_s, k_t, w_k)):
         student, teacher, mixing = (upcast(x, student, teacher, mixing) for x in (student, teacher.detach(), mixing))
+        side_weight = weight.to(student.dtype)[:, :, None]  # [B, N, 1]
+        target = mix_heads(mixing, teacher)  # [B, N, H_student, D]
+        energies.append((side_weight * student.square().sum(dim=-1)).sum(dim=(0, 1)))
+        target_norms.append((side_weight * target.detach().square().sum(dim=-1)).sum(dim=(0, 1)))
         if rope:
-            student, teacher = rotate(student, cos, sin), rotate(teacher, cos, sin)
-        target = torch.einsum("ij,bnjd->bnid", mixing, teacher)  # [B, N, H_student, D]
-        numerator = numerator + (weight * (student - target).square().sum(dim=(2, 3))).sum()
-        target_norm = target_norm + (weight * target.detach().square().sum(dim=(2, 3))).sum()
+            student, target = rotate(student, cos, sin), rotate(target, cos, sin)
+        errors.append((side_weight * (student - target).square().sum(dim=-1)).sum(dim=(0, 1)))
+    if normalize == "student":
+        return sum((error / energy.clamp_min(tiny)).mean() for error, energy in zip(errors, energies)) / 2
+    numerator = errors[0].sum() + errors[1].sum()
     if normalize == "target":
-        denominator = target_norm
+        denominator = target_norms[0].sum() + target_norms[1].sum()
     else:
         denominator = weight.sum() * (hs + hs_kv) * dim
-    return numerator / denominator.clamp_min(torch.finfo(torch.float32).tiny)
-
+    return numerator / denominator.clamp_min(tiny)
 
 
 def distance_log_weight(distance: torch.Tensor, alpha: float, progress: float,

@@ -13,7 +13,7 @@ import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # float64: gradcheck of the references
 INT_DTYPES = (torch.int64, torch.int32)
-NORMALIZE_MODES = ("target", "none")
+NORMALIZE_MODES = ("student", "target", "none")  # L_qk normalisations (shared/laid-spec.md)
 
 
 def _shape(t: torch.Tensor) -> list[int]:
@@ -94,18 +94,39 @@ def check_token_weight(op: str, token_weight: torch.Tensor | None, batch: int, s
         raise ValueError(f"{op}: token_weight must have shape [B, N] = [{batch}, {seq}], got {_shape(token_weight)}")
 
 
-def check_mixing(op: str, name: str, w: torch.Tensor, student_heads: int, teacher_heads: int) -> None:
-    """Require a floating mixing matrix of shape [student_heads, teacher_heads]."""
+def check_mixing(op: str, name: str, w: torch.Tensor, student_heads: int, teacher_heads: int,
+                 head_dim: int | None = None) -> None:
+    """Require a floating mixing tensor: head mixing [student_heads, teacher_heads], or, when ``head_dim`` is given,
+    also frequency mixing [student_heads, teacher_heads, head_dim / 2, 2] (complex weights as real, imaginary)."""
+    head = f"[{student_heads}, {teacher_heads}]"
+    frequency = None if head_dim is None else f"[{student_heads}, {teacher_heads}, {head_dim // 2}, 2]"
+    expected = head if frequency is None else f"{head} (head mixing) or {frequency} (frequency mixing)"
     if not isinstance(w, torch.Tensor) or not w.is_floating_point():
-        raise TypeError(f"{op}: {name} must be a floating tensor [{student_heads}, {teacher_heads}]")
+        raise TypeError(f"{op}: {name} must be a floating tensor {expected}")
+    if w.dim() == 4 and frequency is not None:
+        if w.shape[:2] != (student_heads, teacher_heads) or w.shape[3] != 2:
+            raise ValueError(f"{op}: {name} (frequency mixing) must have shape [student heads, teacher heads, D/2, 2] "
+                             f"= {frequency}, got {_shape(w)}")
+        if w.shape[2] != head_dim // 2:
+            raise ValueError(f"{op}: {name} (frequency mixing) has {w.shape[2]} frequency pairs but head_dim "
+                             f"{head_dim} has D/2 = {head_dim // 2}; expected {frequency}")
+        return
     if w.shape != (student_heads, teacher_heads):
-        raise ValueError(f"{op}: {name} must have shape [student heads, teacher heads] = "
-                         f"[{student_heads}, {teacher_heads}], got {_shape(w)}")
+        raise ValueError(f"{op}: {name} must have shape [student heads, teacher heads] = {expected}, "
+                         f"got {_shape(w)}")
+
+
+def mixing_form(w_q: torch.Tensor) -> str:
+    """"head" for head mixing W [Hs, Ht], "frequency" for frequency mixing C [Hs, Ht, D/2, 2] (already checked)."""
+    return "frequency" if w_q.dim() == 4 else "head"
 
 
 def check_student_teacher(op: str, q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor,
-                          w_q: torch.Tensor, w_k: torch.Tensor) -> tuple[int, int, int, int, int, int, int]:
-    """Check the four Q/K tensors and both mixing matrices; return ``(B, N, Hs, Hs_kv, Ht, Ht_kv, D)``."""
+                          w_q: torch.Tensor, w_k: torch.Tensor,
+                          frequency_mixing: bool = False) -> tuple[int, int, int, int, int, int, int]:
+    """Check the four Q/K tensors and both mixing tensors; return ``(B, N, Hs, Hs_kv, Ht, Ht_kv, D)``.
+
+    frequency_mixing: also accept w_q [Hs, Ht, D/2, 2] and w_k [Hs_kv, Ht_kv, D/2, 2] (both of one form)."""
     check_float_tensor(op, "q_s", q_s, 4, "[B, N, Hs, D]")
     batch, seq, hs, dim = q_s.shape
     for name, x, layout in (("k_s", k_s, "[B, N, Hs_kv, D]"), ("q_t", q_t, "[B, N, Ht, D]"),
@@ -120,8 +141,12 @@ def check_student_teacher(op: str, q_s: torch.Tensor, k_s: torch.Tensor, q_t: to
     if dim % 2:
         raise ValueError(f"{op}: head_dim must be even, got {dim}")
     hs_kv, ht, ht_kv = k_s.shape[2], q_t.shape[2], k_t.shape[2]
-    check_mixing(op, "w_q", w_q, hs, ht)
-    check_mixing(op, "w_k", w_k, hs_kv, ht_kv)
+    mixing_dim = dim if frequency_mixing else None
+    check_mixing(op, "w_q", w_q, hs, ht, mixing_dim)
+    check_mixing(op, "w_k", w_k, hs_kv, ht_kv, mixing_dim)
+    if w_q.dim() != w_k.dim():
+        raise ValueError(f"{op}: w_q {_shape(w_q)} and w_k {_shape(w_k)} must use the same mixing (both head mixing "
+                         "[H_student, H_teacher] or both frequency mixing [H_student, H_teacher, D/2, 2])")
     return batch, seq, hs, hs_kv, ht, ht_kv, dim
 
 
@@ -154,7 +179,7 @@ def check_qk_align_args(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor,
                         valid: torch.Tensor | None, normalize: str) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """All checks of ``qk_align_loss``; returns ``(positions3 [3, B, N], section)``."""
     op = "qk_align_loss"
-    batch, seq, _, _, _, _, dim = check_student_teacher(op, q_s, k_s, q_t, k_t, w_q, w_k)
+    batch, seq, _, _, _, _, dim = check_student_teacher(op, q_s, k_s, q_t, k_t, w_q, w_k, frequency_mixing=True)
     positions, section = check_rope_inputs(op, positions, inv_freq, mrope_section, batch, seq, dim)
     check_token_weight(op, token_weight, batch, seq)
     check_token_mask(op, "valid", valid, batch, seq)

@@ -1,6 +1,7 @@
 """Every Triton kernel of apply_mrope and qk_align_loss compiles ahead of time for sm_80 (A100) and sm_90 (H100),
 with the block sizes and warps it launches with for the 7B-student / 32B-teacher shapes (q heads 28 / 40, kv heads
-4 / 8, head_dim 128), without register spills, and with accurate (libdevice) cos / sin.
+4 / 8, head_dim 128; qk_align also with the trainer's flags: 54K tokens, no token weights), the backward's rescaling
+kernel included, without register spills, and with accurate (libdevice) cos / sin.
 
 The launches come from each module's ``aot_launches``, built by the same code that launches on the GPU (meta tensors
 stand in for the inputs), and are compiled in a subprocess without TRITON_INTERPRET (laid_kernels.aot).
@@ -9,6 +10,7 @@ stand in for the inputs), and are compiled in a subprocess without TRITON_INTERP
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,14 +21,19 @@ from laid_kernels.aot import compile_in_subprocess, why_cannot_compile
 
 ARCHS = (80, 90)
 SHAPES = {"heads": [28, 4, 40, 8], "tokens": 512, "head_dim": 128, "section": [16, 24, 24], "dtype": "bfloat16"}
+TRAINER = {**SHAPES, "tokens": 54_000, "token_weight": False}  # the trainer's flags: ~150 images, no token weights
 
 
 pytestmark = pytest.mark.skipif(why_cannot_compile() is not None, reason=str(why_cannot_compile()))
 
 
-@pytest.fixture(scope="module", params=["laid_kernels.mrope:aot_launches", "laid_kernels.qk_align:aot_launches"])
+@pytest.fixture(scope="module", params=[("laid_kernels.mrope:aot_launches", SHAPES),
+                                        ("laid_kernels.qk_align:aot_launches", SHAPES),
+                                        ("laid_kernels.qk_align:aot_launches", TRAINER)],
+                ids=["mrope", "qk_align", "qk_align-trainer"])
 def compiled(request):
-    return compile_in_subprocess(request.param, SHAPES, ARCHS)
+    factory, shapes = request.param
+    return compile_in_subprocess(factory, shapes, ARCHS)
 
 
 def test_every_launch_compiles_for_both_archs(compiled):
@@ -53,9 +60,12 @@ def test_accurate_cos_sin(compiled):
 
 def test_compile_report_script_small_run(tmp_path):
     """benchmarks/compile_report.py end to end on 64 interpreted tokens, so that the script cannot rot."""
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "compile_report.py"
+    repo = Path(__file__).resolve().parent.parent
+    script = repo / "benchmarks" / "compile_report.py"
+    # This checkout's laid_kernels, not an installed copy (the script's own folder comes first on sys.path).
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, str(script), "--tokens", "64", "--out", str(tmp_path)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads((tmp_path / "compile_report.json").read_text())
     assert {row["arch"] for row in report["compile"]} == {"sm_80", "sm_90"}

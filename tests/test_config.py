@@ -10,6 +10,7 @@ def test_defaults_are_the_paper_recipe():
     assert (config.teacher, config.student) == ("Qwen/Qwen2.5-VL-32B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct")
     assert (config.lr, config.mixer_lr, config.epochs, config.batch_size, config.grad_accum) == (1e-5, 1e-4, 10, 1, 8)
     assert config.layer_pairs == [[-1, -1]] and config.train_language_model and not config.train_vision
+    assert (config.qk_normalize, config.mixing) == ("student", "head")  # objective version 2, the paper's mixing
 
 
 def test_yaml_then_string_overrides(tmp_path):
@@ -33,6 +34,8 @@ def test_yaml_then_string_overrides(tmp_path):
     ({"precision": "fp8"}, "precision must be one of"),
     ({"layer_pairs": [[1]]}, "layer_pairs must be a non-empty list"),
     ({"mixer_init": "random"}, "mixer_init must be one of"),
+    ({"qk_normalize": "mean"}, "qk_normalize must be one of ('student', 'target', 'none')"),
+    ({"mixing": "complex"}, "mixing must be one of ('head', 'frequency')"),
     ({"lambda_laid": 0, "lambda_kl": 0, "lambda_sft": 0}, "the loss is empty"),
     ({"min_pixels": 100, "max_pixels": 10}, "max_pixels (10) must be >= min_pixels (100)"),
 ])

@@ -50,6 +50,24 @@ def test_qk_align_bit_identical_for_any_thread_count():
 
 
 @needs_cpu_backend
+def test_qk_align_frequency_mixing_bit_identical_for_any_thread_count():
+    # 2 x 2100 tokens: two units of 4096 tokens (frequency mixing reduces its dC partials per unit).
+    inputs = make_inputs((4, 2, 6, 3), batch=2, seq=2100, dim=16, section=(2, 3, 3), dtype=torch.bfloat16,
+                         mixing="frequency")
+    runs = [_with_threads(n, lambda: loss_and_grads(inputs, 0.73, backend="cpu")) for n in (1, 2, 3)]
+    first_loss, first_grads = runs[0]
+    for loss, grads in runs[1:]:
+        assert torch.equal(loss, first_loss)
+        for name, grad in grads.items():
+            assert torch.equal(grad, first_grads[name]), name
+    torch_loss, torch_grads = loss_and_grads(inputs, 0.73, backend="reference")
+    exact_loss, exact_grads = loss_and_grads(as_double(inputs), 0.73, backend="reference")
+    assert_within_pytorch_error("loss", first_loss, torch_loss, exact_loss, VALUE_FACTOR)
+    for name, grad in first_grads.items():
+        assert_within_pytorch_error(f"d{name}", grad, torch_grads[name], exact_grads[name], GRAD_FACTOR)
+
+
+@needs_cpu_backend
 def test_apply_mrope_bit_identical_for_any_thread_count():
     inputs = make_inputs((28, 4, 40, 8), batch=2, seq=300, dtype=torch.bfloat16)
     args = (inputs["q_s"], inputs["positions"], inputs["inv_freq"], inputs["mrope_section"])
@@ -159,16 +177,18 @@ def test_benchmark_script_small_run(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "memory_150img.py"), "--images", "1", "2",
                            "--quick", "--out", str(tmp_path)], capture_output=True, text=True, cwd=REPO, env=env)
     assert done.returncode == 0, done.stderr[-4000:]
-    assert "| images |" in done.stdout and "roofline" in done.stdout
+    assert "| images |" in done.stdout and "floor" in done.stdout and "vs compiled" in done.stdout
     result = json.loads((tmp_path / "memory_150img_cpu_7b.json").read_text())
     assert (tmp_path / "memory_150img_cpu_7b.png").stat().st_size > 0
     records = {(r["images"], r["variant"]): r for r in result["records"]}
-    assert set(records) == {(1, "reference"), (1, "fused"), (2, "reference"), (2, "fused")}
+    assert set(records) == {(n, v) for n in (1, 2) for v in ("reference", "compiled", "fused")}
+    assert records[(1, "compiled")]["compile_s"] > 0 and records[(1, "compiled")]["backend"] == "reference"
     one, two = records[(1, "fused")], records[(2, "fused")]
     assert one["backend"] == "cpu" and records[(1, "reference")]["backend"] == "reference"
     # 357 visual tokens per image (+ 2 delimiters and a "Picture k: " prefix) on top of the same chat text.
     assert two["tokens"] - one["tokens"] >= 359
     assert one["input_bytes"] > 0 and one["grad_bytes"] > 0 and one["time_s"] > 0 and one["roofline_s"] > 0
+    assert one["floor_s"] > one["fresh_gradients_s"] > 0 and result["loss"] == {"normalize": "student", "mixing": "head"}
     assert result["rates"]["copy_bytes_per_s"] > 0 and result["rates"]["matmul_flop_per_s"] > 0
 
 

@@ -23,13 +23,14 @@ SMALL_SECTION = (8, 12, 12)  # head_dim 64
 
 
 def make_inputs(heads=(16, 2, 40, 8), batch=2, seq=131, dim=128, section=QWEN_SECTION, dtype=torch.float32,
-                padded=True, weighted=True, seed=0, scale=1.0):
+                padded=True, weighted=True, seed=0, scale=1.0, mixing="head"):
     """Inputs shaped as captured from q_proj / k_proj: each x is a [B, N, H, D] view of a wider projection output
     (the student's q and k are slices of one fused projection, so their strides are not contiguous ones).
 
     Positions: text, then two image grids of different sizes (t constant, h / w varying), then text, with long-context
     offsets (about 50K) so that the angles are large. Padding: sample 1 loses its last 9 tokens (left padding
-    elsewhere is the same case for this loss). Token weights: uniform in [0.5, 1.5).
+    elsewhere is the same case for this loss). Token weights: uniform in [0.5, 1.5). mixing: "head" (w [Hs, Ht]) or
+    "frequency" (w [Hs, Ht, D/2, 2], complex weights per frequency pair).
     """
     hs, hs_kv, ht, ht_kv = heads
     g = torch.Generator().manual_seed(seed)
@@ -42,8 +43,9 @@ def make_inputs(heads=(16, 2, 40, 8), batch=2, seq=131, dim=128, section=QWEN_SE
     k_s = student[..., hs * dim:].view(batch, seq, hs_kv, dim)
     q_t = rand(batch, seq, ht * dim).view(batch, seq, ht, dim)
     k_t = rand(batch, seq, ht_kv * dim).view(batch, seq, ht_kv, dim)
-    w_q = torch.randn(hs, ht, generator=g) / math.sqrt(ht)
-    w_k = torch.randn(hs_kv, ht_kv, generator=g) / math.sqrt(ht_kv)
+    per_frequency = (dim // 2, 2) if mixing == "frequency" else ()
+    w_q = torch.randn(hs, ht, *per_frequency, generator=g) / math.sqrt(ht * (1 + len(per_frequency)))
+    w_k = torch.randn(hs_kv, ht_kv, *per_frequency, generator=g) / math.sqrt(ht_kv * (1 + len(per_frequency)))
 
     positions = torch.arange(seq).repeat(3, batch, 1) + 50_000
     for start, rows, cols in ((seq // 8, 3, 4), (seq // 2, 2, 5)):
@@ -80,7 +82,7 @@ def as_double(inputs):
 
 # (heads (Hs, Hs_kv, Ht, Ht_kv), batch, seq, dim, section, dtype, normalize, padded, weighted): the 3B and 7B
 # students against the 32B teacher, odd N (131, 1), head dims 128 and 64 (and two small ones), fp32 and bf16, both
-# normalisations.
+# version-1 normalisations. Each case runs in its own form and in the version-2 forms of FORMS.
 CASES = [
     ((28, 4, 40, 8), 2, 131, 128, QWEN_SECTION, torch.bfloat16, "target", True, True),
     ((16, 2, 40, 8), 2, 131, 128, QWEN_SECTION, torch.float32, "none", True, False),
@@ -91,12 +93,23 @@ CASES = [
     ((4, 2, 8, 4), 2, 7, 16, (2, 3, 3), torch.float32, "target", True, True),  # the tiny test models' head_dim
     ((4, 2, 8, 4), 2, 7, 80, (10, 15, 15), torch.bfloat16, "none", True, True),  # D/2 not a power of two
 ]
+# (normalize, mixing): None keeps the case's own normalize (version 1) with head mixing.
+FORMS = [None, ("student", "head"), ("student", "frequency"), ("target", "frequency")]
+
+
+def supports(backend, mixing):
+    """Whether ``backend`` implements ``mixing`` (Triton: head mixing only; it raises for frequency mixing)."""
+    return not (backend == "triton" and mixing == "frequency")
 
 
 @pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("form", FORMS, ids=["v1", "student-head", "student-frequency", "target-frequency"])
 @pytest.mark.parametrize("heads,batch,seq,dim,section,dtype,normalize,padded,weighted", CASES)
-def test_matches_reference(backend, heads, batch, seq, dim, section, dtype, normalize, padded, weighted):
-    inputs = make_inputs(heads, batch, seq, dim, section, dtype, padded, weighted)
+def test_matches_reference(backend, form, heads, batch, seq, dim, section, dtype, normalize, padded, weighted):
+    normalize, mixing = form or (normalize, "head")
+    if not supports(backend, mixing):
+        pytest.skip(f"{backend} does not implement {mixing} mixing (test_triton_refuses_frequency_mixing)")
+    inputs = make_inputs(heads, batch, seq, dim, section, dtype, padded, weighted, mixing=mixing)
     grad_output = 0.73
     loss, grads = loss_and_grads(inputs, grad_output, normalize=normalize, backend=backend)
     torch_loss, torch_grads = loss_and_grads(inputs, grad_output, normalize=normalize, backend="reference")
@@ -106,6 +119,14 @@ def test_matches_reference(backend, heads, batch, seq, dim, section, dtype, norm
     for name, grad in grads.items():
         assert grad.dtype == inputs[name].dtype, name
         assert_within_pytorch_error(f"d{name}", grad, torch_grads[name], exact_grads[name], GRAD_FACTOR)
+
+
+@pytest.mark.skipif("triton" not in FUSED, reason="Triton interpreter not available")
+def test_triton_refuses_frequency_mixing():
+    """Triton implements head mixing only: frequency mixing is a clear error, never another definition."""
+    inputs = make_inputs((4, 2, 6, 3), batch=1, seq=4, dim=16, section=(2, 3, 3), mixing="frequency")
+    with pytest.raises(NotImplementedError, match=r"triton.*frequency mixing.*\[4, 6, 8, 2\]"):
+        loss_and_grads(inputs, 1.0, backend="triton")
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -135,7 +156,7 @@ def test_bitwise_deterministic(backend):
         assert torch.equal(first[1][name], second[1][name]), name
 
 
-@pytest.mark.parametrize("normalize", ["target", "none"])
+@pytest.mark.parametrize("normalize", ["student", "target", "none"])
 def test_triton_gpu_block_size_under_interpreter(monkeypatch, normalize):
     """The interpreter normally runs all channel pairs in one block; run the block size the GPU launches with
     (several channel blocks per token) against the reference too."""
@@ -151,11 +172,18 @@ def test_triton_gpu_block_size_under_interpreter(monkeypatch, normalize):
         assert_within_pytorch_error(f"d{name}", grad, torch_grads[name], exact_grads[name], GRAD_FACTOR)
 
 
+ALL_FORMS = [("student", "head"), ("student", "frequency"), ("target", "head"), ("target", "frequency"),
+             ("none", "head"), ("none", "frequency")]
+
+
 @pytest.mark.parametrize("backend", ["reference", *FUSED])
-@pytest.mark.parametrize("normalize", ["target", "none"])
-def test_rotation_invariance(backend, normalize):
-    """The rotation is orthogonal and shared by all heads of a token: rope=True equals rope=False up to rounding."""
-    inputs = make_inputs((16, 2, 40, 8), batch=2, seq=12, dim=64, section=SMALL_SECTION)
+@pytest.mark.parametrize("normalize,mixing", ALL_FORMS)
+def test_rotation_invariance(backend, normalize, mixing):
+    """The rotation is orthogonal, shared by all heads of a token and commutes with both mixings: rope=True equals
+    rope=False up to rounding."""
+    if not supports(backend, mixing):
+        pytest.skip(f"{backend} does not implement {mixing} mixing")
+    inputs = make_inputs((16, 2, 40, 8), batch=2, seq=12, dim=64, section=SMALL_SECTION, mixing=mixing)
     rotated, rotated_grads = loss_and_grads(inputs, 1.0, normalize=normalize, backend=backend)
     plain, plain_grads = loss_and_grads(inputs, 1.0, normalize=normalize, rope=False, backend=backend)
     torch.testing.assert_close(rotated, plain, rtol=1e-5, atol=0)
@@ -198,12 +226,83 @@ def test_large_finite_inputs_give_finite_loss(backend, dtype):
     assert all(torch.isfinite(g).all() for g in grads.values())
 
 
-@pytest.mark.parametrize("normalize", ["target", "none"])
-def test_reference_gradcheck_float64(normalize):
-    """The reference's autograd gradient is the derivative of its value. With normalize="target" the denominator
-    S depends on W but is a stop-gradient by definition, so there only q_s and k_s are checked."""
-    inputs = as_double(make_inputs((3, 1, 4, 2), batch=2, seq=3, dim=8, section=(1, 1, 2)))
-    names = ("q_s", "k_s", "w_q", "w_k") if normalize == "none" else ("q_s", "k_s")
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("normalize", ["student", "target", "none"])
+def test_fp16_inputs_near_the_fp16_range_give_the_references_finite_gradients(backend, normalize):
+    """|q_s| about 5e4 in fp16: the unscaled gradient 2 w (R x_s - target) would overflow fp16 (65504), the scaled
+    one does not. The fused backends keep it in fp32 until it is scaled, so they match the reference."""
+    inputs = make_inputs((16, 2, 40, 8), batch=1, seq=5, dim=64, section=SMALL_SECTION, dtype=torch.float16,
+                         scale=1.2e4)
+    assert 4e4 < inputs["q_s"].float().abs().max() < 65504
+    for name in ("w_q", "w_k"):
+        inputs[name] = torch.full_like(inputs[name], 1.0 / inputs[name].shape[1])
+    loss, grads = loss_and_grads(inputs, 1.0, normalize=normalize, backend=backend)
+    torch_loss, torch_grads = loss_and_grads(inputs, 1.0, normalize=normalize, backend="reference")
+    exact_loss, exact_grads = loss_and_grads(as_double(inputs), 1.0, normalize=normalize, backend="reference")
+    assert_within_pytorch_error("loss", loss, torch_loss, exact_loss, VALUE_FACTOR)
+    for name, grad in grads.items():
+        assert grad.dtype == inputs[name].dtype and torch.isfinite(torch_grads[name]).all(), name
+        assert_within_pytorch_error(f"d{name}", grad, torch_grads[name], exact_grads[name], GRAD_FACTOR)
+
+
+def test_triton_rotated_rows_are_the_mrope_rows(monkeypatch):
+    """The loss cannot see the rotation (it is orthogonal and shared by both sides), so the rows the Triton kernel
+    rotates are checked directly: every call of the shared rotation helper inside the fused pass is recorded and
+    compared with apply_mrope of the reference."""
+    if "triton" not in FUSED:
+        pytest.skip("Triton interpreter not available")
+    inputs = make_inputs((4, 2, 6, 3), batch=2, seq=20, dim=64, section=SMALL_SECTION, padded=False)
+    positions = inputs["positions"]
+    assert (positions[0] != positions[1]).any() and (positions[1] != positions[2]).any()  # the image grids
+    original, seen = qk_align_module.rotate_pair, []
+
+    def recording(lo, hi, cos, sin):
+        rotated = original(lo, hi, cos, sin)
+        seen.append([x.handle.data.copy() for x in rotated])
+        return rotated
+
+    monkeypatch.setattr(qk_align_module, "rotate_pair", recording)
+    loss_and_grads(inputs, 1.0, backend="triton")
+    tokens, half = 2 * 20, 32
+    programs = qk_align_module.num_programs(tokens)
+    order = [token for pid in range(programs) for token in range(pid, tokens, programs)]  # the interpreter's order
+    assert programs > 1 and len(seen) == 2 * 2 * tokens  # one channel block: student then teacher, per token
+    calls = iter(seen)
+    for name_s, name_t in (("q_s", "q_t"), ("k_s", "k_t")):
+        expected = {name: reference.apply_mrope(inputs[name], positions, inputs["inv_freq"],
+                                                SMALL_SECTION).reshape(tokens, -1, 2 * half)
+                    for name in (name_s, name_t)}
+        for token in order:
+            for name in (name_s, name_t):
+                lo, hi = next(calls)
+                heads = expected[name].shape[1]
+                torch.testing.assert_close(torch.from_numpy(lo[:heads]), expected[name][token, :, :half])
+                torch.testing.assert_close(torch.from_numpy(hi[:heads]), expected[name][token, :, half:])
+
+
+@pytest.mark.skipif("cpu" not in FUSED, reason="native CPU backend not available")
+def test_cpu_rotated_rows_are_the_mrope_rows():
+    """The C++ kernel's rotated rows (its debug output) are the reference's apply_mrope rows, padding excluded."""
+    from laid_kernels import cpu
+
+    inputs = make_inputs((4, 2, 6, 3), batch=2, seq=70, dim=64, section=SMALL_SECTION)  # 140 tokens: 3 blocks
+    assert (inputs["positions"][0] != inputs["positions"][1]).any()  # the image grids
+    rotated = cpu.qk_align_rotated_rows(*(inputs[k] for k in ("q_s", "k_s", "q_t", "k_t", "w_q", "w_k", "positions",
+                                                               "inv_freq", "mrope_section")), valid=inputs["valid"])
+    valid = inputs["valid"]
+    for name, rows in rotated.items():
+        expected = reference.apply_mrope(inputs[name], inputs["positions"], inputs["inv_freq"], SMALL_SECTION)
+        torch.testing.assert_close(rows[valid], expected[valid])
+        assert torch.all(rows[~valid] == 0), name
+
+
+@pytest.mark.parametrize("normalize,mixing", ALL_FORMS)
+def test_reference_gradcheck_float64(normalize, mixing):
+    """The reference's autograd gradient is the derivative of its value (for "student" through S_i as well). With
+    normalize="target" the denominator depends on W but is a stop-gradient by definition, so there only q_s and
+    k_s are checked."""
+    inputs = as_double(make_inputs((3, 1, 4, 2), batch=2, seq=3, dim=8, section=(1, 1, 2), mixing=mixing))
+    names = ("q_s", "k_s") if normalize == "target" else ("q_s", "k_s", "w_q", "w_k")
     leaves = [inputs[n].detach().clone().requires_grad_() for n in names]
 
     def loss(*xs):
@@ -213,6 +312,124 @@ def test_reference_gradcheck_float64(normalize):
                                        token_weight=args["token_weight"], valid=args["valid"], normalize=normalize)
 
     assert torch.autograd.gradcheck(loss, leaves)
+
+
+def refit(inputs, mixing):
+    """inputs with w_q, w_k replaced by their exact (ridge 0) weighted least-squares fit (fp32)."""
+    weight = reference.token_weights(inputs["valid"], inputs["token_weight"], *inputs["q_s"].shape[:2], "cpu")
+    fitted = {}
+    for w, student, teacher in (("w_q", "q_s", "q_t"), ("w_k", "k_s", "k_t")):
+        stats = reference.mixing_statistics(inputs[student], inputs[teacher], weight, mixing == "frequency")
+        fitted[w] = reference.fit_mixing(*stats).float()
+    return {**inputs, **fitted}
+
+
+def small_inputs(mixing, seed=0, **changes):
+    """Few heads, head_dim 16, enough tokens (2 x 40) for a well-posed least-squares fit per frequency pair; the
+    student is half explained by its teacher (x_s = mix of x_t by the inputs' W + noise of the same size)."""
+    inputs = make_inputs((4, 2, 3, 2), batch=2, seq=40, dim=16, section=(2, 3, 3), seed=seed, mixing=mixing)
+    for student, teacher, w in (("q_s", "q_t", "w_q"), ("k_s", "k_t", "w_k")):
+        inputs[student] = inputs[student] + reference.mix_heads(inputs[w], inputs[teacher])
+    return {**inputs, **changes}
+
+
+def head_norm(x):
+    """||x_i|| per head of x [B, N, H, D], over tokens and channels: [H]."""
+    return x.square().sum(dim=(0, 1, 3)).sqrt()
+
+
+@pytest.mark.parametrize("backend", ["reference", *FUSED])
+@pytest.mark.parametrize("mixing", ["head", "frequency"])
+def test_student_normalisation_at_the_fit_is_scale_invariant_and_orthogonal(backend, mixing):
+    """At the least-squares W, normalize="student" is 1 - R^2 per head: unchanged when q_s is scaled by 10 (W
+    refitted), and its gradient is orthogonal to q_s (and k_s) per head: sum_n <dL/dx_s,i(n), x_s,i(n)> = 0."""
+    if not supports(backend, mixing):
+        pytest.skip(f"{backend} does not implement {mixing} mixing")
+    inputs = refit(small_inputs(mixing), mixing)
+    loss, grads = loss_and_grads(inputs, 1.0, backend=backend)
+    scaled = refit({**inputs, "q_s": inputs["q_s"] * 10}, mixing)
+    torch.testing.assert_close(loss_and_grads(scaled, 1.0, backend=backend)[0], loss, rtol=1e-5, atol=0)
+    assert 0.0 < loss < 1.0
+    for name in ("q_s", "k_s"):
+        x, grad = inputs[name].double(), grads[name].double()
+        radial = (grad * x).sum(dim=(0, 1, 3))  # [H]
+        scale = head_norm(grad) * head_norm(x)
+        assert (radial.abs() <= 1e-5 * scale).all(), (name, radial, scale)
+    # Control: the same projection with W fixed away from the fit is far from 0.
+    off = {**inputs, "w_q": inputs["w_q"] * 0.5}
+    grad = loss_and_grads(off, 1.0, backend=backend)[1]["q_s"].double()
+    radial = (grad * inputs["q_s"].double()).sum(dim=(0, 1, 3))
+    assert (radial.abs() > 1e-3 * head_norm(grad) * head_norm(inputs["q_s"].double())).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", *FUSED])
+@pytest.mark.parametrize("mixing", ["head", "frequency"])
+def test_shrinking_the_student_raises_the_student_normalised_loss(backend, mixing):
+    """With W fixed, E_i / S_i = ||x - m / c||^2 / ||x||^2 for x scaled by c: shrinking never helps (version 1's
+    "target" normalisation, for comparison, falls when the student is halved)."""
+    if not supports(backend, mixing):
+        pytest.skip(f"{backend} does not implement {mixing} mixing")
+    inputs = refit(small_inputs(mixing), mixing)
+    losses = [loss_and_grads({**inputs, "q_s": inputs["q_s"] * c, "k_s": inputs["k_s"] * c}, 1.0,
+                             backend=backend)[0] for c in (1.0, 0.5, 0.1)]
+    assert losses[0] < losses[1] < losses[2] and losses[2] > 10 * losses[0], losses
+    targets = [loss_and_grads({**inputs, "q_s": inputs["q_s"] * c, "k_s": inputs["k_s"] * c}, 1.0,
+                              normalize="target", backend=backend)[0] for c in (1.0, 0.5)]
+    assert targets[1] < targets[0], targets
+
+
+@pytest.mark.parametrize("backend", ["reference", *FUSED])
+@pytest.mark.parametrize("normalize", ["student", "target", "none"])
+def test_frequency_mixing_with_real_constant_weights_is_head_mixing(backend, normalize):
+    """C[i, j, f] = W[i, j] (imaginary part 0) gives head mixing's loss, and dC summed over f (real part) is dW."""
+    if not supports(backend, "frequency"):
+        pytest.skip(f"{backend} does not implement frequency mixing")
+    inputs = make_inputs((16, 2, 40, 8), batch=2, seq=9, dim=64, section=SMALL_SECTION)
+    as_frequency = {name: torch.stack((w[..., None].expand(*w.shape, 32), torch.zeros(*w.shape, 32)), dim=-1)
+                    for name, w in (("w_q", inputs["w_q"]), ("w_k", inputs["w_k"]))}
+    head_loss, head_grads = loss_and_grads(inputs, 0.7, normalize=normalize, backend=backend)
+    loss, grads = loss_and_grads({**inputs, **as_frequency}, 0.7, normalize=normalize, backend=backend)
+    torch.testing.assert_close(loss, head_loss, rtol=1e-5, atol=0)
+    for name in ("q_s", "k_s"):
+        torch.testing.assert_close(grads[name], head_grads[name], rtol=1e-4, atol=1e-7)
+    for name in ("w_q", "w_k"):
+        torch.testing.assert_close(grads[name][..., 0].sum(-1), head_grads[name], rtol=1e-4, atol=1e-6)
+
+
+def complex_rescale(x, scale):
+    """x [B, N, H, D] with frequency pair f of head h multiplied by the complex scale[h, f] (channels f, f + D/2 as
+    real, imaginary)."""
+    z = torch.complex(*x.double().chunk(2, dim=-1)) * scale
+    return torch.cat((z.real, z.imag), dim=-1).to(x.dtype)
+
+
+@pytest.mark.parametrize("backend", ["reference", *FUSED])
+def test_frequency_mixing_absorbs_a_per_frequency_complex_scale(backend):
+    """Two models may differ, per kv head h, by a complex scale c[h, f] on each frequency pair: q_f -> c q_f,
+    k_f -> k_f / conj(c) leaves every attention logit unchanged. The refitted frequency-mixing L_qk is unchanged by
+    it, the refitted head-mixing one is not. (The modulus is shared by a head's frequencies, |c[h, f]| = r_h:
+    normalize="student" weights frequencies by energy, and only a common scale of a head is invisible to it.)"""
+    inputs = small_inputs("head")
+    g = torch.Generator().manual_seed(1)
+    hs_kv, half = inputs["k_s"].shape[2], inputs["k_s"].shape[3] // 2
+    phase = torch.rand(hs_kv, half, generator=g, dtype=torch.float64) * 2 * math.pi
+    c = torch.polar(0.5 + torch.rand(hs_kv, 1, generator=g, dtype=torch.float64).expand(hs_kv, half), phase)
+    group = inputs["q_s"].shape[2] // hs_kv
+    moved = {**inputs, "q_s": complex_rescale(inputs["q_s"], c.repeat_interleave(group, 0)),
+             "k_s": complex_rescale(inputs["k_s"], 1 / c.conj())}
+    logits = lambda x: torch.einsum("bnid,bmid->bnmi", x["q_s"][:, :, :group].double(),  # noqa: E731
+                                    x["k_s"][:, :, :1].double().expand(-1, -1, group, -1))
+    # the attention logits of head group 0 agree
+    torch.testing.assert_close(logits(moved), logits(inputs), rtol=1e-5, atol=1e-5)
+    for mixing, same in (("frequency", True), ("head", False)):
+        if not supports(backend, mixing):
+            continue
+        before = loss_and_grads(refit(inputs, mixing), 1.0, backend=backend)[0]  # refit replaces w_q, w_k
+        after = loss_and_grads(refit(moved, mixing), 1.0, backend=backend)[0]
+        if same:
+            torch.testing.assert_close(after, before, rtol=1e-4, atol=0)
+        else:
+            assert (after - before).abs() > 1e-2 * before, (mixing, before, after)
 
 
 @pytest.mark.parametrize("backend", FUSED)

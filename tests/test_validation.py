@@ -47,7 +47,12 @@ QK_CASES = [
     (dict(q_s=torch.randn(2, 5, 4, 64).to(torch.int32)), TypeError, ["q_s", "float32"]),
     (dict(valid=torch.ones(2, 4, dtype=torch.bool)), ValueError, ["valid", "[B, N]"]),
     (dict(token_weight=torch.ones(2, 5, dtype=torch.long)), TypeError, ["token_weight", "floating"]),
-    (dict(normalize="mean"), ValueError, ["normalize", "target"]),
+    (dict(normalize="mean"), ValueError, ["normalize", "student", "target", "none"]),
+    (dict(w_q=torch.randn(4, 6, 16, 2), w_k=torch.randn(2, 3, 16, 2)), ValueError,
+     ["w_q", "frequency mixing", "16 frequency pairs", "head_dim 64", "[4, 6, 32, 2]"]),
+    (dict(w_q=torch.randn(4, 6, 32, 3), w_k=torch.randn(2, 3, 32, 3)), ValueError, ["w_q", "[4, 6, 32, 2]"]),
+    (dict(w_q=torch.randn(4, 6, 32, 2)), ValueError, ["w_q", "w_k", "same mixing"]),
+    (dict(w_k=torch.randn(2, 3, 32)), ValueError, ["w_k", "[2, 3]", "[2, 3, 32, 2]"]),
     (dict(k_t=torch.randn(2, 5, 3, 64, device="meta")), ValueError, ["k_t", "meta", "one device"]),
     (dict(w_q=torch.randn(4, 6, device="meta")), ValueError, ["w_q", "meta", "one device"]),
     (dict(positions=torch.zeros(3, 2, 5, dtype=torch.long, device="meta")), ValueError, ["positions", "meta"]),
@@ -55,7 +60,7 @@ QK_CASES = [
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("changes,error,words", QK_CASES, ids=[next(iter(c[0])) for c in QK_CASES])
+@pytest.mark.parametrize("changes,error,words", QK_CASES, ids=[f"{i}-{next(iter(c[0]))}" for i, c in enumerate(QK_CASES)])
 def test_qk_align_loss_rejects(backend, changes, error, words):
     with pytest.raises(error) as info:
         call_qk(backend, **changes)
