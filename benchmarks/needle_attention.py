@@ -22,7 +22,7 @@ import torch
 from qwen_vl_utils import process_vision_info
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
-from laid.data import build_messages, haystack_order
+from laid.data import build_messages, haystack_order, pixel_budget
 from laid.demo import BASELINE, FAMILY_DIR, family_paths, folder_name
 from laid.evaluate import haystack_entries
 
@@ -33,7 +33,8 @@ def needle_shares(model, processor, data: Path, size: int, questions: int) -> to
     shares = []
     for index, entry in enumerate(haystack_entries(data, size)[:questions]):
         order = haystack_order(entry, seed=0, index=index, max_images=size)
-        messages = build_messages([data / p for p in order], entry["conversations"][0]["value"])
+        messages = build_messages([data / p for p in order], entry["conversations"][0]["value"],
+                                  **pixel_budget(processor))
         images, _ = process_vision_info(messages)
         text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         inputs = processor(text=[text], images=images, return_tensors="pt")

@@ -88,6 +88,13 @@ def family_paths(family: str | Path) -> dict[str, Path]:
     return paths
 
 
+def family_image_size(family: str | Path) -> int:
+    """The side in pixels of the images a family was trained on (``logs/recipe.json``; 56 for families built before
+    the recipe recorded it): the demo's data are drawn at that size."""
+    recipe = Path(family) / "logs" / "recipe.json"
+    return json.loads(recipe.read_text()).get("image_size", 56) if recipe.is_file() else 56
+
+
 def distill_config(family: dict[str, Path], data: Path, output_dir: Path, grid: DemoGrid, seed: int,
                    **overrides) -> LAidConfig:
     """The demo's LAid recipe for one student (CPU, fp32, last layers aligned, all four terms), plus overrides."""
@@ -126,14 +133,15 @@ def run_demo(out_dir: str | Path = "runs/demo", *, grid: DemoGrid = QUICK, famil
     grid_file.write_text(json.dumps(asdict(grid), indent=1))
     timings: dict[str, float] = {}
 
+    image_size = family_image_size(family)
     train_json = out / "data" / "train" / "visual_haystack_synth.json"
     test_dir = out / "data" / "test"
     for job in _stage("data", ["train", "test"], timings):
         if job == "train" and not train_json.is_file():
             synth_haystacks(train_json.parent, n_entries=_train_entries_for(grid), min_images=2, max_images=20,
-                            seed=101)
+                            image_size=image_size, seed=101)
         if job == "test" and not (test_dir / "done").is_file():
-            synth_benchmark(test_dir, sizes=grid.sizes, n_entries=grid.questions, seed=202)
+            synth_benchmark(test_dir, sizes=grid.sizes, n_entries=grid.questions, image_size=image_size, seed=202)
             (test_dir / "done").write_text("")
 
     students = [(name, seed) for seed in grid.seeds for name in VARIANTS]
@@ -194,6 +202,7 @@ class FamilyRecipe:
     lr: float = 2e-3  # align and single stages
     find_lr: float = 1e-3  # find and wide stages
     long_lr: float = 3e-4
+    image_size: int = 28  # pixels per side of every image: 28 is one merged patch, one visual token per image
     seed: int = 0
 
 
@@ -225,11 +234,11 @@ def _family_stages(recipe: FamilyRecipe) -> list[_Stage]:
 FAMILY_STAGES = tuple(stage.name for stage in _family_stages(FamilyRecipe()))  # in order; FamilyRecipe.<name>_steps
 
 
-def _family_data(work: Path, stage: _Stage, seed: int) -> Path:
+def _family_data(work: Path, stage: _Stage, image_size: int, seed: int) -> Path:
     """The stage's training set under ``work/data/<stage>-<entries>-seed<seed>`` (one epoch holds exactly its steps;
     a stage given more steps or another seed gets a new set), written once."""
     n_entries = stage.steps * stage.batch_size * stage.grad_accum
-    folder = work / "data" / f"{stage.name}-{n_entries}-seed{seed}"
+    folder = work / "data" / f"{stage.name}-{n_entries}-{image_size}px-seed{seed}"
     write, name = {"captions": (synth_captions, "captions_synth.json"),
                    "haystacks": (synth_haystacks, "visual_haystack_synth.json"),
                    "retrieval": (synth_retrieval, "retrieval_synth.json")}[stage.data]
@@ -237,7 +246,7 @@ def _family_data(work: Path, stage: _Stage, seed: int) -> Path:
     if not json_path.is_file():
         sizes = {} if stage.data == "captions" else dict(min_images=stage.min_images, max_images=stage.max_images,
                                                           log_uniform=True)
-        write(folder, n_entries=n_entries, seed=seed, **sizes)
+        write(folder, n_entries=n_entries, image_size=image_size, seed=seed, **sizes)
     return json_path
 
 
@@ -275,9 +284,10 @@ def build_family(out_dir: str | Path, *, recipe: FamilyRecipe = FamilyRecipe(), 
     work = Path(work_dir) if work_dir is not None else out.parent / "family_work"
     processor = out / "processor"
     if not processor.is_dir():
-        save_tiny_processor(processor)
+        save_tiny_processor(processor, min_pixels=recipe.image_size ** 2)
     stages = _family_stages(recipe)
-    data = {stage.name: _family_data(work, stage, recipe.seed + 303 + k) for k, stage in enumerate(stages)}
+    data = {stage.name: _family_data(work, stage, recipe.image_size, recipe.seed + 303 + k)
+            for k, stage in enumerate(stages)}
     shapes = {"teacher": (TEACHER_SHAPE, recipe.seed), "student": (STUDENT_SHAPE, recipe.seed + 1)}
     (out / "logs").mkdir(parents=True, exist_ok=True)
     for role in roles:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from .data import build_messages, haystack_order, load_vhs, vhs_json_name
+from .data import build_messages, haystack_order, load_vhs, pixel_budget, vhs_json_name
 from .scoring import vhs_metrics
 
 SIZES = (1, 2, 5, 10, 20, 50, 100, 150)
@@ -116,7 +116,7 @@ def answer(model, processor, image_paths: list[Path], question: str, *, max_new_
     """
     from qwen_vl_utils import process_vision_info
 
-    messages = build_messages(image_paths, question)
+    messages = build_messages(image_paths, question, **pixel_budget(processor))
     images, _ = process_vision_info(messages)
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     inputs = processor(text=[text], images=images, padding=True, return_tensors="pt").to(model.device)

@@ -12,12 +12,15 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from safetensors.torch import load_file
 
 from laid.cli import main
 from laid.config import LAidConfig
+from laid.data import pixel_budget
 from laid.demo import (BASELINE, FAMILY_DIR, FAMILY_STAGES, VARIANTS, DemoGrid, FamilyRecipe, build_family,
-                       family_paths, folder_name, run_demo)
+                       family_image_size, family_paths, folder_name, run_demo)
+from laid.models import load_processor
 
 MINI = DemoGrid(seeds=(0,), steps=2, batch_size=2, train_entries=8, questions=2, sizes=(1, 150))
 MINI_RECIPE = FamilyRecipe(align_steps=2, single_steps=1, find_steps=1, wide_steps=1, long_steps=2, batch_size=2,
@@ -50,6 +53,18 @@ def test_build_family_trains_both_models_from_scratch(family):
             config = (family / "logs" / f"{role}_{stage}_config.yaml").read_text()
             assert f"task: {task}" in config
     assert json.loads((family / "logs" / "recipe.json").read_text())["long_steps"] == 2
+    # images of MINI_RECIPE.image_size (28) are one visual token: the processor's minimum is one merged patch
+    assert pixel_budget(load_processor(str(paths["processor"])))["min_pixels"] == MINI_RECIPE.image_size ** 2 == 784
+    images = list((family.parent / "work" / "data").rglob("*.png"))
+    assert images and {Image.open(path).size for path in images} == {(28, 28)}
+
+
+def test_demo_data_are_drawn_at_the_familys_image_size(family, tmp_path):
+    assert family_image_size(family) == 28
+    legacy = tmp_path / "legacy"
+    (legacy / "logs").mkdir(parents=True)
+    (legacy / "logs" / "recipe.json").write_text(json.dumps({"long_steps": 400}))  # built before image_size existed
+    assert family_image_size(legacy) == 56
 
 
 def test_build_family_reuses_finished_stages_of_the_same_config(tmp_path, monkeypatch):
@@ -97,6 +112,7 @@ def test_miniature_demo_distils_evaluates_and_reports(family, tmp_path, capsys):
         summary = json.loads((student / "final" / "summary.json").read_text())
         assert summary["steps"] == MINI.steps
     # Evaluated through laid eval: one answer file per question and size.
+    assert {Image.open(path).size for path in (tmp_path / "demo" / "data").rglob("*.png")} == {(28, 28)}
     answers = sorted((tmp_path / "demo" / "eval" / "laid" / "seed0").glob("*_images/*.json"))
     assert len(answers) == len(MINI.sizes) * MINI.questions
 
