@@ -197,7 +197,7 @@ def _run_demo_family(args: argparse.Namespace) -> None:
 
     steps = {f"{stage}_steps": getattr(args, f"{stage}_steps") for stage in FAMILY_STAGES}
     recipe = overridden(FamilyRecipe(), **steps, seed=args.seed)
-    print(build_family(args.out, recipe=recipe, work_dir=args.work_dir))
+    print(build_family(args.out, recipe=recipe, work_dir=args.work_dir, roles=tuple(args.roles)))
 
 
 def add_demo(commands) -> None:
@@ -224,6 +224,8 @@ def add_demo(commands) -> None:
     for stage in FAMILY_STAGES:
         family.add_argument(f"--{stage}-steps", type=int, help=f"optimizer steps of the {stage} stage (each model)")
     family.add_argument("--seed", type=int, help="teacher seed (the student uses seed + 1) and data seed")
+    family.add_argument("--roles", nargs="+", choices=("teacher", "student"), default=["teacher", "student"],
+                        help="train only these models: two processes, one per role, build the family side by side")
     family.set_defaults(run=_run_demo_family)
 
 

@@ -22,6 +22,7 @@ Everything lands in ``out_dir``; a stage whose output exists is not redone, so a
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
@@ -192,16 +193,17 @@ class FamilyRecipe:
     whole single stage.
     """
 
-    align_steps: int = 600
-    single_steps: int = 3000
-    find_steps: int = 2000
-    wide_steps: int = 1000
-    long_steps: int = 400
+    align_steps: int = 400
+    single_steps: int = 300
+    find_steps: int = 1000
+    wide_steps: int = 400
+    long_steps: int = 600
     batch_size: int = 16  # examples per step in every stage but the long one
-    long_grad_accum: int = 8  # haystacks per step in the long stage (micro-batches of one)
+    long_batch_size: int = 8  # haystacks per micro-batch in the long stage (padded to the longest)
+    long_grad_accum: int = 1  # micro-batches per step in the long stage
     lr: float = 2e-3  # align and single stages
     find_lr: float = 1e-3  # find and wide stages
-    long_lr: float = 3e-4
+    long_lr: float = 5e-4
     image_size: int = 28  # pixels per side of every image: 28 is one merged patch, one visual token per image
     seed: int = 0
 
@@ -228,7 +230,7 @@ def _family_stages(recipe: FamilyRecipe) -> list[_Stage]:
             _Stage("single", "haystacks", r.single_steps, r.batch_size, 1, 1, 1, r.lr),
             _Stage("find", "retrieval", r.find_steps, r.batch_size, 1, 2, 4, r.find_lr),
             _Stage("wide", "retrieval", r.wide_steps, r.batch_size, 1, 2, 20, r.find_lr),
-            _Stage("long", "retrieval", r.long_steps, 1, r.long_grad_accum, 1, 150, r.long_lr)]
+            _Stage("long", "retrieval", r.long_steps, r.long_batch_size, r.long_grad_accum, 1, 150, r.long_lr)]
 
 
 FAMILY_STAGES = tuple(stage.name for stage in _family_stages(FamilyRecipe()))  # in order; FamilyRecipe.<name>_steps
@@ -242,12 +244,25 @@ def _family_data(work: Path, stage: _Stage, image_size: int, seed: int) -> Path:
     write, name = {"captions": (synth_captions, "captions_synth.json"),
                    "haystacks": (synth_haystacks, "visual_haystack_synth.json"),
                    "retrieval": (synth_retrieval, "retrieval_synth.json")}[stage.data]
-    json_path = folder / name
-    if not json_path.is_file():
+    if not (folder / name).is_file():
         sizes = {} if stage.data == "captions" else dict(min_images=stage.min_images, max_images=stage.max_images,
                                                           log_uniform=True)
-        write(folder, n_entries=n_entries, image_size=image_size, seed=seed, **sizes)
-    return json_path
+        _write_once(folder, lambda tmp: write(tmp, n_entries=n_entries, image_size=image_size, seed=seed, **sizes))
+    return folder / name
+
+
+def _write_once(folder: Path, write) -> None:
+    """``write(tmp)`` into a private folder, then rename it to ``folder``: two builds (one per role) writing the same
+    folder at once never see each other's half-written files; the one that renames second discards its copy."""
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    try:
+        os.rename(tmp, folder)
+    except OSError:
+        if not folder.is_dir():
+            raise
+        shutil.rmtree(tmp)
 
 
 def family_config(init: Path, processor: Path, data: Path, output_dir: Path, stage: _Stage, hidden: int,
@@ -278,13 +293,15 @@ def build_family(out_dir: str | Path, *, recipe: FamilyRecipe = FamilyRecipe(), 
     to ``out_dir/<role>``; every stage's ``config.yaml`` and ``metrics.jsonl`` to ``out_dir/logs`` as
     ``<role>_<stage>_<name>``. Intermediate files go to ``work_dir`` (default ``out_dir/../family_work``): a stage
     that finished there with the same config and inputs is not trained again (an interrupted or extended build
-    resumes). ``roles`` trains a subset (the two can run as separate processes once the data is written).
+    resumes). ``roles`` trains a subset: two processes, one per role, build the family side by side (each writes
+    the shared data and processor once, atomically, if the other has not yet).
     """
     out = Path(out_dir)
     work = Path(work_dir) if work_dir is not None else out.parent / "family_work"
     processor = out / "processor"
     if not processor.is_dir():
-        save_tiny_processor(processor, min_pixels=recipe.image_size ** 2)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_once(processor, lambda tmp: save_tiny_processor(tmp, min_pixels=recipe.image_size ** 2))
     stages = _family_stages(recipe)
     data = {stage.name: _family_data(work, stage, recipe.image_size, recipe.seed + 303 + k)
             for k, stage in enumerate(stages)}
