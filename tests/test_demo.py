@@ -99,6 +99,29 @@ def test_build_family_reuses_finished_stages_of_the_same_config(tmp_path, monkey
     assert all(data_of(stage) != seed0_data[stage] for stage in FAMILY_STAGES)  # another seed draws its own data
 
 
+def test_family_data_are_written_once_and_atomically(tmp_path):
+    """Two builds (one per role) may write the same folder at once: each writes a private copy and renames it; the
+    second rename finds the folder there and discards its copy, and the folder never holds half-written files."""
+    from laid.demo import _write_once
+
+    def write(tmp: Path, text: str) -> None:
+        tmp.mkdir()
+        (tmp / "data.json").write_text(text)
+
+    folder = tmp_path / "data"
+    _write_once(folder, lambda tmp: write(tmp, "first"))
+    _write_once(folder, lambda tmp: write(tmp, "second"))
+    assert (folder / "data.json").read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["data"]
+
+
+def test_demo_family_cli_builds_one_role(tmp_path, capsys):
+    steps = [arg for stage in FAMILY_STAGES for arg in (f"--{stage}-steps", "1")]
+    assert main(["demo", "family", "--out", str(tmp_path / "family"), "--roles", "student", *steps]) == 0
+    assert (tmp_path / "family" / "student" / "model.safetensors").is_file()
+    assert not (tmp_path / "family" / "teacher").exists()
+
+
 def test_miniature_demo_distils_evaluates_and_reports(family, tmp_path, capsys):
     table = run_demo(tmp_path / "demo", grid=MINI, family=family)
     rows = table.strip().split("\n")[2:]
