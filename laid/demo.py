@@ -194,10 +194,10 @@ class FamilyRecipe:
     """
 
     align_steps: int = 400
-    single_steps: int = 300
-    find_steps: int = 1000
-    wide_steps: int = 400
-    long_steps: int = 600
+    single_steps: int = 100
+    find_steps: int = 700
+    wide_steps: int = 100
+    long_steps: int = 300
     batch_size: int = 16  # examples per step in every stage but the long one
     long_batch_size: int = 8  # haystacks per micro-batch in the long stage (padded to the longest)
     long_grad_accum: int = 1  # micro-batches per step in the long stage
