@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 50, 100, 150])
     parser.add_argument("--limit", type=int, default=40)
     parser.add_argument("--roles", nargs="+", default=["teacher", "student"])
+    parser.add_argument("--stages", nargs="+", default=list(FAMILY_STAGES), help="stages to score (time counts all)")
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -50,6 +51,8 @@ def main() -> None:
             if not (run_dir / "final" / "summary.json").is_file():
                 break
             minutes += stage_minutes(run_dir)
+            if stage not in args.stages:
+                continue
             summary = evaluate(run_dir / "final", args.test, sizes=args.sizes, output_dir=args.out / "eval" /
                                f"{role}_{stage}", processor=args.processor, name=f"{role} {stage}", limit=args.limit,
                                max_new_tokens=8, device="cpu", attn_implementation="sdpa")
