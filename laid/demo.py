@@ -185,26 +185,33 @@ class FamilyRecipe:
        (``synth_retrieval``): the first-order signal for attending to the needle image (on yes/no questions alone
        both models stayed at chance from two images on);
     4. wide: the same on 2 to 20 images;
-    5. long: the same on 1 to 150 images, log-uniform sizes, one haystack per micro-batch, at a lower learning rate
-       (at the single stage's rate the student forgot the single-image skill: 95% -> 58% at one image).
+    5. long: the same on 1 to 150 images, log-uniform sizes, ``long_batch_size`` haystacks per micro-batch (one:
+       no padding), at a lower learning rate (at the single stage's rate the student forgot the single-image skill:
+       95% -> 58% at one image).
+
+    The defaults are the committed family's recipe (its ``logs/recipe.json``). ``image_size=28`` shows every image
+    as one visual token (a 150-image prompt of about 540 tokens instead of about 990); measured on this VM, see
+    benchmarks/RESULTS.md, "The one-token family".
 
     Learning rates are those of the student's hidden size (64) and scale by ``64 / hidden`` (the teacher, 128,
     takes half), as muP scales Adam's step with width: at the student's rate the teacher stayed at chance for the
     whole single stage.
     """
 
-    align_steps: int = 400
-    single_steps: int = 100
-    find_steps: int = 700
-    wide_steps: int = 100
-    long_steps: int = 300
+    align_steps: int = 600
+    single_steps: int = 3000
+    find_steps: int = 2000
+    wide_steps: int = 1000
+    long_steps: int = 400
     batch_size: int = 16  # examples per step in every stage but the long one
-    long_batch_size: int = 8  # haystacks per micro-batch in the long stage (padded to the longest)
-    long_grad_accum: int = 1  # micro-batches per step in the long stage
+    long_batch_size: int = 1  # haystacks per micro-batch in the long stage (padded to the longest)
+    long_grad_accum: int = 8  # micro-batches per step in the long stage
     lr: float = 2e-3  # align and single stages
     find_lr: float = 1e-3  # find and wide stages
-    long_lr: float = 5e-4
-    image_size: int = 28  # pixels per side of every image: 28 is one merged patch, one visual token per image
+    long_lr: float = 3e-4
+    # pixels per side of every image, also the processor's minimum: 56 is 2 x 2 merged patches (4 visual tokens an
+    # image, the committed family), 28 one merged patch (one visual token an image)
+    image_size: int = 56
     seed: int = 0
 
 
@@ -328,6 +335,21 @@ def build_family(out_dir: str | Path, *, recipe: FamilyRecipe = FamilyRecipe(), 
                                                       "summary.json"))
     (out / "logs" / "recipe.json").write_text(json.dumps(asdict(recipe), indent=1))
     return out
+
+
+def recipe_from_json(text: str) -> FamilyRecipe:
+    """``FamilyRecipe()`` with the fields of the JSON object ``text`` (``'{"image_size": 28}'``); ValueError names
+    what is wrong (not JSON, not an object, an unknown field)."""
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"recipe: not JSON ({error}): {text!r}") from error
+    if not isinstance(fields, dict):
+        raise ValueError(f"recipe: expected a JSON object of FamilyRecipe fields, got {text!r}")
+    unknown = sorted(set(fields) - set(FamilyRecipe.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"recipe: unknown FamilyRecipe fields {unknown}")
+    return replace(FamilyRecipe(), **fields)
 
 
 def overridden(settings, **changes):

@@ -7,7 +7,7 @@ then the demo distils every variant, evaluates every model and reports, exactly 
 import json
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from laid.models import load_processor
 
 MINI = DemoGrid(seeds=(0,), steps=2, batch_size=2, train_entries=8, questions=2, sizes=(1, 150))
 MINI_RECIPE = FamilyRecipe(align_steps=2, single_steps=1, find_steps=1, wide_steps=1, long_steps=2, batch_size=2,
-                           long_grad_accum=2)
+                           long_batch_size=2, long_grad_accum=2, image_size=28)
 REPO = Path(__file__).resolve().parent.parent
 STAGE_TASKS = {"align": "free", "single": "vhs", "find": "free", "wide": "free", "long": "free"}
 
@@ -117,9 +117,20 @@ def test_family_data_are_written_once_and_atomically(tmp_path):
 
 def test_demo_family_cli_builds_one_role(tmp_path, capsys):
     steps = [arg for stage in FAMILY_STAGES for arg in (f"--{stage}-steps", "1")]
-    assert main(["demo", "family", "--out", str(tmp_path / "family"), "--roles", "student", *steps]) == 0
+    recipe = '{"image_size": 28, "batch_size": 2, "long_grad_accum": 1}'
+    assert main(["demo", "family", "--out", str(tmp_path / "family"), "--roles", "student", "--recipe", recipe,
+                 *steps]) == 0
     assert (tmp_path / "family" / "student" / "model.safetensors").is_file()
     assert not (tmp_path / "family" / "teacher").exists()
+    written = json.loads((tmp_path / "family" / "logs" / "recipe.json").read_text())
+    assert (written["image_size"], written["batch_size"], written["find_steps"]) == (28, 2, 1)
+    assert main(["demo", "family", "--out", str(tmp_path / "bad"), "--recipe", '{"image_sise": 28}']) == 2
+    assert "unknown FamilyRecipe fields ['image_sise']" in capsys.readouterr().err
+
+
+def test_default_recipe_is_the_committed_familys():
+    assert asdict(FamilyRecipe()) == {"long_batch_size": 1, "image_size": 56,
+                                      **json.loads((FAMILY_DIR / "logs" / "recipe.json").read_text())}
 
 
 def test_miniature_demo_distils_evaluates_and_reports(family, tmp_path, capsys):
