@@ -3,7 +3,8 @@
 For every haystack size N the questions of the official single-needle file are answered one at a time: the N images
 (needle + negatives) in a seeded shuffle (``laid.data.haystack_order``), then one text item
 ``VHS_PROMPT + question`` (``laid.data.build_messages``), images read by ``qwen_vl_utils.process_vision_info`` as the
-official Qwen adapter does, greedy ``generate`` with the KV cache (``max_new_tokens`` 128). Responses are scored by
+official Qwen adapter does (within the processor's pixel bounds, ``laid.data.pixel_budget``: the loader's defaults for
+the real processor), greedy ``generate`` with the KV cache (``max_new_tokens`` 128). Responses are scored by
 ``laid.scoring`` (nltk word tokens, the official quirks) and summarised as the mean and standard deviation over 100
 bootstrap resamples, per size.
 
