@@ -5,6 +5,7 @@ then the demo distils every variant, evaluates every model and reports, exactly 
 """
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import asdict, replace
@@ -162,7 +163,8 @@ def test_miniature_demo_distils_evaluates_and_reports(family, tmp_path, capsys):
     out = tmp_path / "needle.json"
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "needle_attention.py"), "--demo",
                            str(tmp_path / "demo"), "--family", str(family), "--sizes", "1", "150", "--questions", "1",
-                           "--out", str(out)], capture_output=True, text=True)
+                           "--out", str(out)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})  # this checkout's laid, not an installed one
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 2 * 5 and out.with_suffix(".png").is_file()
