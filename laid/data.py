@@ -160,8 +160,8 @@ class VHsDataset(torch.utils.data.Dataset):
     Images are ``pos_image + neg_image`` (see ``haystack_order`` for ``max_images``), shuffled by the seed and the
     index, loaded and resized by ``qwen_vl_utils`` exactly as ``process_vision_info`` does, within
     ``[min_pixels, max_pixels]`` (both the loader and the processor use that budget; None takes the processor's
-    bound, ``pixel_budget``: for the real processor that is the official protocol). ``task="free"`` takes any answer text and shows the question without
-    ``VHS_PROMPT`` (see ``load_vhs``). A missing image raises ``FileNotFoundError`` and an unreadable one
+    bound, ``pixel_budget``: for the real processor that is the official protocol). ``task="free"`` takes any
+    answer text and shows the question without ``VHS_PROMPT`` (see ``load_vhs``). A missing image raises ``FileNotFoundError`` and an unreadable one
     ``ValueError``, both naming the file and the entry index.
     """
 

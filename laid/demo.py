@@ -244,8 +244,8 @@ FAMILY_STAGES = tuple(stage.name for stage in _family_stages(FamilyRecipe()))  #
 
 
 def _family_data(work: Path, stage: _Stage, image_size: int, seed: int) -> Path:
-    """The stage's training set under ``work/data/<stage>-<entries>-seed<seed>`` (one epoch holds exactly its steps;
-    a stage given more steps or another seed gets a new set), written once."""
+    """The stage's training set under ``work/data/<stage>-<entries>-<image_size>px-seed<seed>`` (one epoch holds
+    exactly its steps; a stage given more steps, another image size or another seed gets a new set), written once."""
     n_entries = stage.steps * stage.batch_size * stage.grad_accum
     folder = work / "data" / f"{stage.name}-{n_entries}-{image_size}px-seed{seed}"
     write, name = {"captions": (synth_captions, "captions_synth.json"),
@@ -309,6 +309,10 @@ def build_family(out_dir: str | Path, *, recipe: FamilyRecipe = FamilyRecipe(), 
     if not processor.is_dir():
         out.mkdir(parents=True, exist_ok=True)
         _write_once(processor, lambda tmp: save_tiny_processor(tmp, min_pixels=recipe.image_size ** 2))
+    built_for = json.loads((processor / "processor_config.json").read_text())["image_processor"]["size"]
+    if built_for["shortest_edge"] != recipe.image_size ** 2:
+        raise ValueError(f"{str(processor)!r} was built for {built_for['shortest_edge']}-pixel images, the recipe "
+                         f"asks for image_size {recipe.image_size}; build this recipe into another out_dir")
     stages = _family_stages(recipe)
     data = {stage.name: _family_data(work, stage, recipe.image_size, recipe.seed + 303 + k)
             for k, stage in enumerate(stages)}

@@ -66,6 +66,8 @@ def test_demo_data_are_drawn_at_the_familys_image_size(family, tmp_path):
     (legacy / "logs").mkdir(parents=True)
     (legacy / "logs" / "recipe.json").write_text(json.dumps({"long_steps": 400}))  # built before image_size existed
     assert family_image_size(legacy) == 56
+    with pytest.raises(ValueError, match="built for 784-pixel images, the recipe asks for image_size 56"):
+        build_family(family, recipe=replace(MINI_RECIPE, image_size=56), work_dir=tmp_path / "work")
 
 
 def test_build_family_reuses_finished_stages_of_the_same_config(tmp_path, monkeypatch):
