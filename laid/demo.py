@@ -31,8 +31,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .config import LAidConfig
-from .data import synth_benchmark, synth_captions, synth_haystacks, synth_retrieval
+from .data import pixel_budget, synth_benchmark, synth_captions, synth_haystacks, synth_retrieval
 from .evaluate import SIZES, evaluate
+from .models import load_processor
 from .report import report
 from .tiny import save_tiny_model, save_tiny_processor, tiny_qwen25vl_config
 from .trainer import train
@@ -309,10 +310,10 @@ def build_family(out_dir: str | Path, *, recipe: FamilyRecipe = FamilyRecipe(), 
     if not processor.is_dir():
         out.mkdir(parents=True, exist_ok=True)
         _write_once(processor, lambda tmp: save_tiny_processor(tmp, min_pixels=recipe.image_size ** 2))
-    built_for = json.loads((processor / "processor_config.json").read_text())["image_processor"]["size"]
-    if built_for["shortest_edge"] != recipe.image_size ** 2:
-        raise ValueError(f"{str(processor)!r} was built for {built_for['shortest_edge']}-pixel images, the recipe "
-                         f"asks for image_size {recipe.image_size}; build this recipe into another out_dir")
+    built_for = pixel_budget(load_processor(str(processor)))["min_pixels"]
+    if built_for != recipe.image_size ** 2:
+        raise ValueError(f"{str(processor)!r} was built for {built_for}-pixel images, the recipe asks for image_size "
+                         f"{recipe.image_size}; build this recipe into another out_dir")
     stages = _family_stages(recipe)
     data = {stage.name: _family_data(work, stage, recipe.image_size, recipe.seed + 303 + k)
             for k, stage in enumerate(stages)}
