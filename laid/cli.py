@@ -316,11 +316,11 @@ def _run_demo(args: argparse.Namespace) -> None:
 
 
 def _run_demo_family(args: argparse.Namespace) -> None:
-    from .demo import FAMILY_STAGES, FamilyRecipe, build_family, overridden
+    from .demo import FAMILY_STAGES, build_family, overridden, recipe_from_json
 
     steps = {f"{stage}_steps": getattr(args, f"{stage}_steps") for stage in FAMILY_STAGES}
-    recipe = overridden(FamilyRecipe(), **steps, seed=args.seed)
-    print(build_family(args.out, recipe=recipe, work_dir=args.work_dir))
+    recipe = overridden(recipe_from_json(args.recipe), **steps, seed=args.seed)
+    print(build_family(args.out, recipe=recipe, work_dir=args.work_dir, roles=tuple(args.roles)))
 
 
 def add_demo(commands) -> None:
@@ -347,6 +347,10 @@ def add_demo(commands) -> None:
     for stage in FAMILY_STAGES:
         family.add_argument(f"--{stage}-steps", type=int, help=f"optimizer steps of the {stage} stage (each model)")
     family.add_argument("--seed", type=int, help="teacher seed (the student uses seed + 1) and data seed")
+    family.add_argument("--recipe", default="{}", help="FamilyRecipe fields as a JSON object, applied before the "
+                        "--<stage>-steps and --seed flags, e.g. '{\"image_size\": 28, \"long_lr\": 5e-4}'")
+    family.add_argument("--roles", nargs="+", choices=("teacher", "student"), default=["teacher", "student"],
+                        help="train only these models: two processes, one per role, build the family side by side")
     family.set_defaults(run=_run_demo_family)
 
 

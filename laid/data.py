@@ -117,6 +117,19 @@ def build_messages(
     return [{"role": "user", "content": content}]
 
 
+def pixel_budget(processor) -> dict[str, int]:
+    """``{"min_pixels", "max_pixels"}``: the pixel bounds of ``processor``'s image processor, for ``build_messages``.
+
+    ``qwen_vl_utils`` resizes every image into its own bounds (at least 4 merged patches, 56 x 56) before the
+    processor sees it; passing the processor's bounds instead makes the loader and the processor agree. For the real
+    Qwen2.5-VL processor (3136 to 12,845,056 pixels) they are the loader's defaults, so the official protocol is
+    unchanged; a tiny processor whose minimum is one merged patch (28 x 28 = 784) then shows a 28 x 28 image as one
+    visual token.
+    """
+    size = processor.image_processor.size
+    return {"min_pixels": int(size["shortest_edge"]), "max_pixels": int(size["longest_edge"])}
+
+
 def haystack_order(entry: dict, *, seed: int, index: int, max_images: int | None = None) -> list[str]:
     """The entry's image paths (relative), needles plus negatives, in the seeded order ``(seed, index)`` gives.
 
@@ -152,11 +165,12 @@ class VHsDataset(torch.utils.data.Dataset):
 
     Images are ``pos_image + neg_image`` (see ``haystack_order`` for ``max_images``), shuffled by the seed and the
     index, loaded and resized by ``qwen_vl_utils`` exactly as ``process_vision_info`` does, within
-    ``[min_pixels, max_pixels]`` when given (both the loader and the processor then use that budget; None keeps
-    their defaults, the official protocol). ``task="free"`` takes any answer text and shows the question without
-    ``VHS_PROMPT`` (see ``load_vhs``). A missing image raises ``FileNotFoundError`` and an unreadable one
-    ``ValueError``, both naming the file and the entry index. ``image_cache`` (``laid.image_cache.ImageCache``)
-    serves the decoded, resized images from disk when it holds them (default: no cache).
+    ``[min_pixels, max_pixels]`` (both the loader and the processor use that budget; None takes the processor's
+    bound, ``pixel_budget``: for the real processor that is the official protocol). ``task="free"`` takes any
+    answer text and shows the question without ``VHS_PROMPT`` (see ``load_vhs``). A missing image raises
+    ``FileNotFoundError`` and an unreadable one ``ValueError``, both naming the file and the entry index.
+    ``image_cache`` (``laid.image_cache.ImageCache``) serves the decoded, resized images from disk when it holds
+    them (default: no cache).
     """
 
     def __init__(
@@ -180,15 +194,13 @@ class VHsDataset(torch.utils.data.Dataset):
         if not self.image_root.is_dir():
             raise FileNotFoundError(f"image_root {self.image_root} is not a directory")
         self.processor = processor
-        self.min_pixels, self.max_pixels = min_pixels, max_pixels
-        self._size_kwargs = {}
-        if min_pixels is not None or max_pixels is not None:
-            default = processor.image_processor.size
-            low = default["shortest_edge"] if min_pixels is None else min_pixels
-            high = default["longest_edge"] if max_pixels is None else max_pixels
-            if not 0 < low <= high:
-                raise ValueError(f"need 0 < min_pixels <= max_pixels, got min_pixels={low}, max_pixels={high}")
-            self._size_kwargs = {"size": {"shortest_edge": low, "longest_edge": high}}
+        default = pixel_budget(processor)
+        low = default["min_pixels"] if min_pixels is None else min_pixels
+        high = default["max_pixels"] if max_pixels is None else max_pixels
+        if not 0 < low <= high:
+            raise ValueError(f"need 0 < min_pixels <= max_pixels, got min_pixels={low}, max_pixels={high}")
+        self.min_pixels, self.max_pixels = low, high
+        self._size_kwargs = {"size": {"shortest_edge": low, "longest_edge": high}}
         self.max_images = max_images
         self.seed = seed
         tokenizer = processor.tokenizer

@@ -22,6 +22,7 @@ Everything lands in ``out_dir``; a stage whose output exists is not redone, so a
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
@@ -30,8 +31,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .config import LAidConfig
-from .data import synth_benchmark, synth_captions, synth_haystacks, synth_retrieval
+from .data import pixel_budget, synth_benchmark, synth_captions, synth_haystacks, synth_retrieval
 from .evaluate import SIZES, evaluate
+from .models import load_processor
 from .report import report
 from .tiny import save_tiny_model, save_tiny_processor, tiny_qwen25vl_config
 from .trainer import train
@@ -88,6 +90,13 @@ def family_paths(family: str | Path) -> dict[str, Path]:
     return paths
 
 
+def family_image_size(family: str | Path) -> int:
+    """The side in pixels of the images a family was trained on (``logs/recipe.json``; 56 for families built before
+    the recipe recorded it): the demo's data are drawn at that size."""
+    recipe = Path(family) / "logs" / "recipe.json"
+    return json.loads(recipe.read_text()).get("image_size", 56) if recipe.is_file() else 56
+
+
 def distill_config(family: dict[str, Path], data: Path, output_dir: Path, grid: DemoGrid, seed: int,
                    **overrides) -> LAidConfig:
     """The demo's LAid recipe for one student (CPU, fp32, last layers aligned, all four terms), plus overrides."""
@@ -126,14 +135,15 @@ def run_demo(out_dir: str | Path = "runs/demo", *, grid: DemoGrid = QUICK, famil
     grid_file.write_text(json.dumps(asdict(grid), indent=1))
     timings: dict[str, float] = {}
 
+    image_size = family_image_size(family)
     train_json = out / "data" / "train" / "visual_haystack_synth.json"
     test_dir = out / "data" / "test"
     for job in _stage("data", ["train", "test"], timings):
         if job == "train" and not train_json.is_file():
             synth_haystacks(train_json.parent, n_entries=_train_entries_for(grid), min_images=2, max_images=20,
-                            seed=101)
+                            image_size=image_size, seed=101)
         if job == "test" and not (test_dir / "done").is_file():
-            synth_benchmark(test_dir, sizes=grid.sizes, n_entries=grid.questions, seed=202)
+            synth_benchmark(test_dir, sizes=grid.sizes, n_entries=grid.questions, image_size=image_size, seed=202)
             (test_dir / "done").write_text("")
 
     students = [(name, seed) for seed in grid.seeds for name in VARIANTS]
@@ -176,8 +186,13 @@ class FamilyRecipe:
        (``synth_retrieval``): the first-order signal for attending to the needle image (on yes/no questions alone
        both models stayed at chance from two images on);
     4. wide: the same on 2 to 20 images;
-    5. long: the same on 1 to 150 images, log-uniform sizes, one haystack per micro-batch, at a lower learning rate
-       (at the single stage's rate the student forgot the single-image skill: 95% -> 58% at one image).
+    5. long: the same on 1 to 150 images, log-uniform sizes, ``long_batch_size`` haystacks per micro-batch (one:
+       no padding), at a lower learning rate (at the single stage's rate the student forgot the single-image skill:
+       95% -> 58% at one image).
+
+    The defaults are the committed family's recipe (its ``logs/recipe.json``). ``image_size=28`` shows every image
+    as one visual token (a 150-image prompt of about 540 tokens instead of about 990); measured on this VM, see
+    benchmarks/RESULTS.md, "The one-token family".
 
     Learning rates are those of the student's hidden size (64) and scale by ``64 / hidden`` (the teacher, 128,
     takes half), as muP scales Adam's step with width: at the student's rate the teacher stayed at chance for the
@@ -190,10 +205,14 @@ class FamilyRecipe:
     wide_steps: int = 1000
     long_steps: int = 400
     batch_size: int = 16  # examples per step in every stage but the long one
-    long_grad_accum: int = 8  # haystacks per step in the long stage (micro-batches of one)
+    long_batch_size: int = 1  # haystacks per micro-batch in the long stage (padded to the longest)
+    long_grad_accum: int = 8  # micro-batches per step in the long stage
     lr: float = 2e-3  # align and single stages
     find_lr: float = 1e-3  # find and wide stages
     long_lr: float = 3e-4
+    # pixels per side of every image, also the processor's minimum: 56 is 2 x 2 merged patches (4 visual tokens an
+    # image, the committed family), 28 one merged patch (one visual token an image)
+    image_size: int = 56
     seed: int = 0
 
 
@@ -219,26 +238,39 @@ def _family_stages(recipe: FamilyRecipe) -> list[_Stage]:
             _Stage("single", "haystacks", r.single_steps, r.batch_size, 1, 1, 1, r.lr),
             _Stage("find", "retrieval", r.find_steps, r.batch_size, 1, 2, 4, r.find_lr),
             _Stage("wide", "retrieval", r.wide_steps, r.batch_size, 1, 2, 20, r.find_lr),
-            _Stage("long", "retrieval", r.long_steps, 1, r.long_grad_accum, 1, 150, r.long_lr)]
+            _Stage("long", "retrieval", r.long_steps, r.long_batch_size, r.long_grad_accum, 1, 150, r.long_lr)]
 
 
 FAMILY_STAGES = tuple(stage.name for stage in _family_stages(FamilyRecipe()))  # in order; FamilyRecipe.<name>_steps
 
 
-def _family_data(work: Path, stage: _Stage, seed: int) -> Path:
-    """The stage's training set under ``work/data/<stage>-<entries>-seed<seed>`` (one epoch holds exactly its steps;
-    a stage given more steps or another seed gets a new set), written once."""
+def _family_data(work: Path, stage: _Stage, image_size: int, seed: int) -> Path:
+    """The stage's training set under ``work/data/<stage>-<entries>-<image_size>px-seed<seed>`` (one epoch holds
+    exactly its steps; a stage given more steps, another image size or another seed gets a new set), written once."""
     n_entries = stage.steps * stage.batch_size * stage.grad_accum
-    folder = work / "data" / f"{stage.name}-{n_entries}-seed{seed}"
+    folder = work / "data" / f"{stage.name}-{n_entries}-{image_size}px-seed{seed}"
     write, name = {"captions": (synth_captions, "captions_synth.json"),
                    "haystacks": (synth_haystacks, "visual_haystack_synth.json"),
                    "retrieval": (synth_retrieval, "retrieval_synth.json")}[stage.data]
-    json_path = folder / name
-    if not json_path.is_file():
+    if not (folder / name).is_file():
         sizes = {} if stage.data == "captions" else dict(min_images=stage.min_images, max_images=stage.max_images,
                                                           log_uniform=True)
-        write(folder, n_entries=n_entries, seed=seed, **sizes)
-    return json_path
+        _write_once(folder, lambda tmp: write(tmp, n_entries=n_entries, image_size=image_size, seed=seed, **sizes))
+    return folder / name
+
+
+def _write_once(folder: Path, write) -> None:
+    """``write(tmp)`` into a private folder, then rename it to ``folder``: two builds (one per role) writing the same
+    folder at once never see each other's half-written files; the one that renames second discards its copy."""
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    try:
+        os.rename(tmp, folder)
+    except OSError:
+        if not folder.is_dir():
+            raise
+        shutil.rmtree(tmp)
 
 
 def family_config(init: Path, processor: Path, data: Path, output_dir: Path, stage: _Stage, hidden: int,
@@ -269,15 +301,22 @@ def build_family(out_dir: str | Path, *, recipe: FamilyRecipe = FamilyRecipe(), 
     to ``out_dir/<role>``; every stage's ``config.yaml`` and ``metrics.jsonl`` to ``out_dir/logs`` as
     ``<role>_<stage>_<name>``. Intermediate files go to ``work_dir`` (default ``out_dir/../family_work``): a stage
     that finished there with the same config and inputs is not trained again (an interrupted or extended build
-    resumes). ``roles`` trains a subset (the two can run as separate processes once the data is written).
+    resumes). ``roles`` trains a subset: two processes, one per role, build the family side by side (each writes
+    the shared data and processor once, atomically, if the other has not yet).
     """
     out = Path(out_dir)
     work = Path(work_dir) if work_dir is not None else out.parent / "family_work"
     processor = out / "processor"
     if not processor.is_dir():
-        save_tiny_processor(processor)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_once(processor, lambda tmp: save_tiny_processor(tmp, min_pixels=recipe.image_size ** 2))
+    built_for = pixel_budget(load_processor(str(processor)))["min_pixels"]
+    if built_for != recipe.image_size ** 2:
+        raise ValueError(f"{str(processor)!r} was built for {built_for}-pixel images, the recipe asks for image_size "
+                         f"{recipe.image_size}; build this recipe into another out_dir")
     stages = _family_stages(recipe)
-    data = {stage.name: _family_data(work, stage, recipe.seed + 303 + k) for k, stage in enumerate(stages)}
+    data = {stage.name: _family_data(work, stage, recipe.image_size, recipe.seed + 303 + k)
+            for k, stage in enumerate(stages)}
     shapes = {"teacher": (TEACHER_SHAPE, recipe.seed), "student": (STUDENT_SHAPE, recipe.seed + 1)}
     (out / "logs").mkdir(parents=True, exist_ok=True)
     for role in roles:
@@ -301,6 +340,21 @@ def build_family(out_dir: str | Path, *, recipe: FamilyRecipe = FamilyRecipe(), 
                                                       "summary.json"))
     (out / "logs" / "recipe.json").write_text(json.dumps(asdict(recipe), indent=1))
     return out
+
+
+def recipe_from_json(text: str) -> FamilyRecipe:
+    """``FamilyRecipe()`` with the fields of the JSON object ``text`` (``'{"image_size": 28}'``); ValueError names
+    what is wrong (not JSON, not an object, an unknown field)."""
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"recipe: not JSON ({error}): {text!r}") from error
+    if not isinstance(fields, dict):
+        raise ValueError(f"recipe: expected a JSON object of FamilyRecipe fields, got {text!r}")
+    unknown = sorted(set(fields) - set(FamilyRecipe.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"recipe: unknown FamilyRecipe fields {unknown}")
+    return replace(FamilyRecipe(), **fields)
 
 
 def overridden(settings, **changes):

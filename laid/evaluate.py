@@ -3,7 +3,8 @@
 For every haystack size N the questions of the official single-needle file are answered one at a time: the N images
 (needle + negatives) in a seeded shuffle (``laid.data.haystack_order``), then one text item
 ``VHS_PROMPT + question`` (``laid.data.build_messages``), images read by ``qwen_vl_utils.process_vision_info`` as the
-official Qwen adapter does, greedy ``generate`` with the KV cache (``max_new_tokens`` 128). Responses are scored by
+official Qwen adapter does (within the processor's pixel bounds, ``laid.data.pixel_budget``: the loader's defaults for
+the real processor), greedy ``generate`` with the KV cache (``max_new_tokens`` 128). Responses are scored by
 ``laid.scoring`` (nltk word tokens, the official quirks) and summarised as the mean and standard deviation over 100
 bootstrap resamples, per size.
 
@@ -43,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import build_messages, haystack_order, load_vhs, vhs_json_name
+from .data import build_messages, haystack_order, load_vhs, pixel_budget, vhs_json_name
 from .image_cache import ImageCache, image_cache_dir
 from .loading import loader_options
 from .prompt_inputs import encode_prompt
@@ -120,11 +121,12 @@ def load_for_eval(model_or_path, *, method: str, device: torch.device, attn_impl
 
 def prompt_inputs(processor, image_paths: list[Path], question: str, *,
                   image_cache: ImageCache | None = None) -> dict[str, torch.Tensor]:
-    """The model inputs of one question as the official Qwen adapter builds them: ``build_messages``, every image read
+    """The model inputs of one question as the official Qwen adapter builds them: ``build_messages`` within the
+    processor's pixel bounds (``pixel_budget``: for the real processor, qwen-vl-utils' defaults), every image read
     as ``qwen_vl_utils.process_vision_info`` reads it (through ``image_cache`` when given), the chat template with
     the generation prompt, then the processor's output (``laid.prompt_inputs.encode_prompt``): ``input_ids`` /
     ``attention_mask`` / ``mm_token_type_ids`` [1, N], ``pixel_values`` [P, 1176], ``image_grid_thw`` [images, 3]."""
-    messages = build_messages(image_paths, question)
+    messages = build_messages(image_paths, question, **pixel_budget(processor))
     images = [(image_cache or ImageCache(None)).load(item) for item in messages[0]["content"] if "image" in item]
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return encode_prompt(processor, text, images)

@@ -21,6 +21,7 @@ from laid.data import (
     collate,
     haystack_order,
     load_vhs,
+    pixel_budget,
     synth_captions,
     synth_haystacks,
     synth_retrieval,
@@ -188,6 +189,22 @@ def test_dataset_respects_pixel_budget_and_max_images(tmp_path, processor):
     assert VHsDataset(json_path, tmp_path, processor, max_images=2)[0]["image_grid_thw"].shape == (2, 3)
     with pytest.raises(ValueError, match="min_pixels"):
         VHsDataset(json_path, tmp_path, processor, min_pixels=100, max_pixels=50)
+
+
+def test_pixel_budget_is_the_processors_so_a_28_pixel_image_can_be_one_visual_token(tmp_path):
+    from qwen_vl_utils.vision_process import IMAGE_MAX_TOKEN_NUM, IMAGE_MIN_TOKEN_NUM
+
+    real = build_tiny_processor(min_pixels=3136, max_pixels=12845056)  # Qwen2.5-VL's preprocessor_config bounds
+    loader = {"min_pixels": IMAGE_MIN_TOKEN_NUM * 28 ** 2, "max_pixels": IMAGE_MAX_TOKEN_NUM * 28 ** 2}
+    assert pixel_budget(real) == loader  # the official protocol is unchanged
+    json_path = synth_haystacks(tmp_path, n_entries=2, min_images=3, max_images=3, image_size=28, seed=0)
+    one_patch = build_tiny_processor(min_pixels=28 * 28)
+    assert pixel_budget(one_patch) == {"min_pixels": 784, "max_pixels": 112 * 112}
+    item = VHsDataset(json_path, tmp_path, one_patch)[0]
+    assert item["image_grid_thw"].tolist() == [[1, 2, 2]] * 3
+    assert (item["input_ids"] == one_patch.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum() == 3
+    # a processor whose minimum is 56 x 56 (the loader's own) upsamples the same files to four tokens each
+    assert VHsDataset(json_path, tmp_path, build_tiny_processor())[0]["image_grid_thw"].tolist() == [[1, 4, 4]] * 3
 
 
 def test_missing_and_unreadable_images_are_named(tmp_path, processor):

@@ -5,23 +5,27 @@ then the demo distils every variant, evaluates every model and reports, exactly 
 """
 
 import json
+import os
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from safetensors.torch import load_file
 
 from laid.cli import main
 from laid.config import LAidConfig
+from laid.data import pixel_budget
 from laid.demo import (BASELINE, FAMILY_DIR, FAMILY_STAGES, VARIANTS, DemoGrid, FamilyRecipe, build_family,
-                       family_paths, folder_name, run_demo)
+                       family_image_size, family_paths, folder_name, run_demo)
+from laid.models import load_processor
 
 MINI = DemoGrid(seeds=(0,), steps=2, batch_size=2, train_entries=8, questions=2, sizes=(1, 150))
 MINI_RECIPE = FamilyRecipe(align_steps=2, single_steps=1, find_steps=1, wide_steps=1, long_steps=2, batch_size=2,
-                           long_grad_accum=2)
+                           long_batch_size=2, long_grad_accum=2, image_size=28)
 REPO = Path(__file__).resolve().parent.parent
 STAGE_TASKS = {"align": "free", "single": "vhs", "find": "free", "wide": "free", "long": "free"}
 
@@ -50,6 +54,20 @@ def test_build_family_trains_both_models_from_scratch(family):
             config = (family / "logs" / f"{role}_{stage}_config.yaml").read_text()
             assert f"task: {task}" in config
     assert json.loads((family / "logs" / "recipe.json").read_text())["long_steps"] == 2
+    # images of MINI_RECIPE.image_size (28) are one visual token: the processor's minimum is one merged patch
+    assert pixel_budget(load_processor(str(paths["processor"])))["min_pixels"] == MINI_RECIPE.image_size ** 2 == 784
+    images = list((family.parent / "work" / "data").rglob("*.png"))
+    assert images and {Image.open(path).size for path in images} == {(28, 28)}
+
+
+def test_demo_data_are_drawn_at_the_familys_image_size(family, tmp_path):
+    assert family_image_size(family) == 28
+    legacy = tmp_path / "legacy"
+    (legacy / "logs").mkdir(parents=True)
+    (legacy / "logs" / "recipe.json").write_text(json.dumps({"long_steps": 400}))  # built before image_size existed
+    assert family_image_size(legacy) == 56
+    with pytest.raises(ValueError, match="built for 784-pixel images, the recipe asks for image_size 56"):
+        build_family(family, recipe=replace(MINI_RECIPE, image_size=56), work_dir=tmp_path / "work")
 
 
 def test_build_family_reuses_finished_stages_of_the_same_config(tmp_path, monkeypatch):
@@ -84,6 +102,40 @@ def test_build_family_reuses_finished_stages_of_the_same_config(tmp_path, monkey
     assert all(data_of(stage) != seed0_data[stage] for stage in FAMILY_STAGES)  # another seed draws its own data
 
 
+def test_family_data_are_written_once_and_atomically(tmp_path):
+    """Two builds (one per role) may write the same folder at once: each writes a private copy and renames it; the
+    second rename finds the folder there and discards its copy, and the folder never holds half-written files."""
+    from laid.demo import _write_once
+
+    def write(tmp: Path, text: str) -> None:
+        tmp.mkdir()
+        (tmp / "data.json").write_text(text)
+
+    folder = tmp_path / "data"
+    _write_once(folder, lambda tmp: write(tmp, "first"))
+    _write_once(folder, lambda tmp: write(tmp, "second"))
+    assert (folder / "data.json").read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["data"]
+
+
+def test_demo_family_cli_builds_one_role(tmp_path, capsys):
+    steps = [arg for stage in FAMILY_STAGES for arg in (f"--{stage}-steps", "1")]
+    recipe = '{"image_size": 28, "batch_size": 2, "long_grad_accum": 1}'
+    assert main(["demo", "family", "--out", str(tmp_path / "family"), "--roles", "student", "--recipe", recipe,
+                 *steps]) == 0
+    assert (tmp_path / "family" / "student" / "model.safetensors").is_file()
+    assert not (tmp_path / "family" / "teacher").exists()
+    written = json.loads((tmp_path / "family" / "logs" / "recipe.json").read_text())
+    assert (written["image_size"], written["batch_size"], written["find_steps"]) == (28, 2, 1)
+    assert main(["demo", "family", "--out", str(tmp_path / "bad"), "--recipe", '{"image_sise": 28}']) == 2
+    assert "unknown FamilyRecipe fields ['image_sise']" in capsys.readouterr().err
+
+
+def test_default_recipe_is_the_committed_familys():
+    assert asdict(FamilyRecipe()) == {"long_batch_size": 1, "image_size": 56,
+                                      **json.loads((FAMILY_DIR / "logs" / "recipe.json").read_text())}
+
+
 def test_miniature_demo_distils_evaluates_and_reports(family, tmp_path, capsys):
     table = run_demo(tmp_path / "demo", grid=MINI, family=family)
     rows = table.strip().split("\n")[2:]
@@ -97,6 +149,7 @@ def test_miniature_demo_distils_evaluates_and_reports(family, tmp_path, capsys):
         summary = json.loads((student / "final" / "summary.json").read_text())
         assert summary["steps"] == MINI.steps
     # Evaluated through laid eval: one answer file per question and size.
+    assert {Image.open(path).size for path in (tmp_path / "demo" / "data").rglob("*.png")} == {(28, 28)}
     answers = sorted((tmp_path / "demo" / "eval" / "laid" / "seed0").glob("*_images/*.json"))
     assert len(answers) == len(MINI.sizes) * MINI.questions
 
@@ -112,7 +165,8 @@ def test_miniature_demo_distils_evaluates_and_reports(family, tmp_path, capsys):
     out = tmp_path / "needle.json"
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "needle_attention.py"), "--demo",
                            str(tmp_path / "demo"), "--family", str(family), "--sizes", "1", "150", "--questions", "1",
-                           "--out", str(out)], capture_output=True, text=True)
+                           "--out", str(out)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})  # this checkout's laid, not an installed one
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 2 * 5 and out.with_suffix(".png").is_file()

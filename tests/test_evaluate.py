@@ -143,6 +143,20 @@ def test_end_to_end_eval_with_resume(bench, model_dir, tmp_path, monkeypatch):
     assert main(args + ["--output", str(tmp_path / "resumed"), "--seed", "1"]) == 2
 
 
+def test_eval_reads_images_within_the_processors_pixel_budget(model_dir, tmp_path):
+    """28 x 28 images are one visual token each under a processor whose minimum is one merged patch (as in training,
+    laid.data.pixel_budget), and four under the default one (the loader's own 56 x 56 minimum)."""
+    one_patch = tmp_path / "one_patch"
+    save_tiny_processor(one_patch, min_pixels=28 * 28)
+    data = synth_benchmark(tmp_path / "vhs", sizes=(5,), n_entries=1, image_size=28, seed=0)
+    tokens = {}
+    for name, processor in (("one_patch", one_patch), ("default", model_dir)):
+        evaluate(model_dir, data, sizes=(5,), output_dir=tmp_path / name, processor=processor, max_new_tokens=1,
+                 device="cpu")
+        tokens[name] = json.loads((tmp_path / name / "5_images" / "000.json").read_text())["result"]["log"]
+    assert tokens["default"]["input_tokens"] - tokens["one_patch"]["input_tokens"] == 5 * (4 - 1)
+
+
 def test_eval_cli_errors(bench, model_dir, tmp_path, capsys):
     assert main(["eval", str(model_dir), "--data", str(bench), "--sizes", "10", "--output", str(tmp_path)]) == 2
     assert "size 10" in capsys.readouterr().err

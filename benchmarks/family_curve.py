@@ -1,0 +1,77 @@
+"""Accuracy against training time of a demo-family build: ``laid eval`` of every finished stage of every role.
+
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/family_curve.py --work runs/family_work \
+        --processor runs/family/processor --test runs/test28 --sizes 1 2 50 100 150 --limit 40 --out runs/curve
+
+``--work`` is ``build_family``'s work folder (``<role>_<stage>/final`` per finished stage); ``--test`` a
+``laid data synth --sizes`` benchmark drawn with its own seed (no image shared with the training data). A stage's
+training time is the time between its ``config.yaml`` (written when the stage starts) and its ``final/summary.json``;
+the curve's x axis adds them up per role. Answers are kept under ``OUT/eval`` (a rerun scores only new stages);
+``OUT/curve.json`` and ``OUT/curve.md`` hold the table: one row per (role, stage), accuracy (%) per size and the
+mean over 50-150.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from laid.demo import FAMILY_STAGES
+from laid.evaluate import evaluate
+
+LONG = (50, 100, 150)
+
+
+def stage_minutes(run_dir: Path) -> float:
+    """Wall minutes of one finished stage: from its config.yaml to its final/summary.json."""
+    return ((run_dir / "final" / "summary.json").stat().st_mtime - (run_dir / "config.yaml").stat().st_mtime) / 60
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", required=True, type=Path)
+    parser.add_argument("--processor", required=True)
+    parser.add_argument("--test", required=True)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 50, 100, 150])
+    parser.add_argument("--limit", type=int, default=40)
+    parser.add_argument("--roles", nargs="+", default=["teacher", "student"])
+    parser.add_argument("--stages", nargs="+", default=list(FAMILY_STAGES), help="stages to score (time counts all)")
+    parser.add_argument("--out", required=True, type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    rows = []
+    for role in args.roles:
+        minutes = 0.0
+        for stage in FAMILY_STAGES:
+            run_dir = args.work / f"{role}_{stage}"
+            if not (run_dir / "final" / "summary.json").is_file():
+                break
+            minutes += stage_minutes(run_dir)
+            if stage not in args.stages:
+                continue
+            summary = evaluate(run_dir / "final", args.test, sizes=args.sizes, output_dir=args.out / "eval" /
+                               f"{role}_{stage}", processor=args.processor, name=f"{role} {stage}", limit=args.limit,
+                               max_new_tokens=8, device="cpu", attn_implementation="sdpa")
+            acc = {int(k): round(100 * v["accuracy"][0], 1) for k, v in summary["results"].items()}
+            long = [acc[s] for s in LONG if s in acc]
+            rows.append({"role": role, "stage": stage, "train_minutes": round(minutes, 1), "accuracy": acc,
+                         "mean_50_150": round(sum(long) / len(long), 1) if long else None})
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "curve.json").write_text(json.dumps({"limit": args.limit, "rows": rows}, indent=1))
+    header = ("| model | stage | training minutes (cumulative) | " + " | ".join(map(str, args.sizes)) +
+              " | mean 50-150 |")
+    lines = [header, "|" + "---|" * (4 + len(args.sizes))]
+    for row in rows:
+        cells = [row["role"], row["stage"], f"{row['train_minutes']:.1f}",
+                 *(f"{row['accuracy'][s]:.1f}" for s in args.sizes), f"{row['mean_50_150']}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    (args.out / "curve.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
