@@ -87,8 +87,13 @@ def _run_cache(args: argparse.Namespace) -> None:
     folder = image_cache_dir(args.cache)
     if folder is None:
         raise ValueError("--cache none: there is no cache to fill")
-    done = fill_cache(args.data, args.image_root, folder, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
-                      num_workers=args.num_workers)
+    bounds = {"min_pixels": args.min_pixels, "max_pixels": args.max_pixels}
+    if args.processor:
+        from .data import pixel_budget
+        from .models import load_processor
+
+        bounds = {k: v if v is not None else pixel_budget(load_processor(args.processor))[k] for k, v in bounds.items()}
+    done = fill_cache(args.data, args.image_root, folder, **bounds, num_workers=args.num_workers)
     print(f"{done['images']} images ({done['added']} added, {done['bytes'] / 2 ** 30:.2f} GiB) in {folder}")
 
 
@@ -122,8 +127,10 @@ def add_data(commands) -> None:
     cache = steps.add_parser("cache", help="fill the resized-image cache for VHs JSON files ahead of time")
     cache.add_argument("data", nargs="+", help="VHs JSON files, or folders of visual_haystack_*.json")
     cache.add_argument("--image-root", required=True, help="folder the image paths are relative to")
-    cache.add_argument("--min-pixels", type=int, help="the training run's min_pixels (default: none, as laid eval)")
-    cache.add_argument("--max-pixels", type=int, help="the training run's max_pixels (default: none, as laid eval)")
+    cache.add_argument("--processor", help="take the pixel bounds from this processor, as training and laid eval do "
+                                           "(default: qwen-vl-utils' defaults, the real Qwen2.5-VL processor's)")
+    cache.add_argument("--min-pixels", type=int, help="a training run's min_pixels (overrides --processor's)")
+    cache.add_argument("--max-pixels", type=int, help="a training run's max_pixels (overrides --processor's)")
     cache.add_argument("--cache", default="auto", help="auto ($LAID_CACHE_DIR/images, default ~/.cache/laid/images) "
                                                        "or a folder")
     cache.add_argument("--num-workers", type=int, help="processes decoding images (default: the loaders' default)")

@@ -4,8 +4,8 @@ Reading a COCO JPEG and resizing it (``qwen_vl_utils.fetch_image``) is most of t
 prompt; a 150-image prompt repeats it 150 times, for every epoch and every evaluation. :class:`ImageCache` keeps
 the result, the exact RGB uint8 pixels ``fetch_image`` returns, as one ``.npy`` file per image and pixel budget:
 
-- key: the file's resolved path, byte size and modification time (ns), the ``min_pixels`` / ``max_pixels`` of the
-  image item, and the qwen-vl-utils version (its default bounds and resize live there). A changed file or bound is
+- key: the file's resolved path, byte size and modification time (ns), the ``min_pixels`` / ``max_pixels`` that
+  apply to the image item (:func:`effective_bounds`), and the qwen-vl-utils version (its resize lives there). A changed file or bound is
   a different key, so a hit is never a stale image; old entries are simply not read again.
 - writes are atomic: each writer saves to its own temporary file and renames it into place, so several DataLoader
   workers and processes may fill the same cache at once (the last rename wins, with identical bytes).
@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 from qwen_vl_utils import fetch_image
+from qwen_vl_utils.vision_process import IMAGE_MAX_TOKEN_NUM, IMAGE_MIN_TOKEN_NUM, SPATIAL_MERGE_SIZE
 
 FORMAT = 1  # bump when what is stored changes
 
@@ -39,6 +40,14 @@ def image_cache_dir(setting: str | None) -> Path | None:
     if setting == "auto":
         return Path(os.environ.get("LAID_CACHE_DIR") or Path.home() / ".cache" / "laid") / "images"
     return Path(setting)
+
+
+def effective_bounds(item: dict) -> tuple[int, int]:
+    """(min_pixels, max_pixels) that ``fetch_image`` applies to ``item``: its own, else qwen-vl-utils' defaults (so
+    an item without bounds and one with the default bounds written out share a cache entry)."""
+    patch = 14 * SPATIAL_MERGE_SIZE  # fetch_image's default image_patch_size 14, merged 2 x 2
+    return (int(item.get("min_pixels", IMAGE_MIN_TOKEN_NUM * patch ** 2)),
+            int(item.get("max_pixels", IMAGE_MAX_TOKEN_NUM * patch ** 2)))
 
 
 class ImageCache:
@@ -60,8 +69,7 @@ class ImageCache:
             stat = source.stat()
         except FileNotFoundError:
             raise FileNotFoundError(f"image {item['image']} not found") from None
-        key = json.dumps([str(source), stat.st_size, stat.st_mtime_ns, item.get("min_pixels"),
-                          item.get("max_pixels"), self._salt])
+        key = json.dumps([str(source), stat.st_size, stat.st_mtime_ns, *effective_bounds(item), self._salt])
         digest = hashlib.sha256(key.encode()).hexdigest()
         return self.folder / digest[:2] / f"{digest}.npy"
 
@@ -126,7 +134,8 @@ class _Fill(torch.utils.data.Dataset):
 def fill_cache(data: list[str | Path], image_root: str | Path, folder: str | Path, *, min_pixels: int | None = None,
                max_pixels: int | None = None, num_workers: int | None = None) -> dict:
     """Put every image of ``data`` into the cache ``folder`` at the given pixel bounds (None: qwen-vl-utils'
-    defaults, as ``laid eval`` reads images); returns ``{"images", "added", "bytes"}`` (bytes: their cache files)."""
+    defaults, which are the real processor's: what ``laid eval`` and training use with it); returns
+    ``{"images", "added", "bytes"}`` (bytes: their cache files)."""
     from .loading import loader_options
 
     image_root, folder = Path(image_root), Path(folder)

@@ -15,6 +15,7 @@ from laid.cli import main
 from laid.data import synth_benchmark
 from laid.image_cache import ImageCache, fill_cache, image_cache_dir
 from laid.loading import default_workers, loader_options
+from laid.tiny import save_tiny_processor
 
 
 @pytest.fixture()
@@ -106,5 +107,10 @@ def test_data_cache_cli_fills_the_cache_for_eval_and_training_bounds(tmp_path, c
     assert main(args) == 0 and f"({0} added" in capsys.readouterr().out  # warm: nothing new
     done = fill_cache([data], data, tmp_path / "cache", min_pixels=28 * 28, max_pixels=28 * 28, num_workers=0)
     assert done["added"] == n_images  # other bounds: other entries
+    explicit = fill_cache([data], data, tmp_path / "cache", min_pixels=56 * 56, max_pixels=14 * 14 * 4 * 16384)
+    assert explicit["added"] == 0  # the defaults written out are the same entries as no bounds
+    save_tiny_processor(tmp_path / "processor", min_pixels=28 * 28, max_pixels=28 * 28)
+    assert main(args + ["--processor", str(tmp_path / "processor")]) == 0
+    assert "(0 added" in capsys.readouterr().out  # the processor's bounds: the entries filled above
     assert main(["data", "cache", str(tmp_path / "nothing"), "--image-root", str(data)]) == 2
     assert "neither a VHs JSON file nor a folder" in capsys.readouterr().err
