@@ -361,7 +361,24 @@ def add_demo(commands) -> None:
     family.set_defaults(run=_run_demo_family)
 
 
-COMMANDS = (add_data, add_models, add_train, add_eval, add_report, add_analyze, add_demo)
+def _run_selfcheck(args: argparse.Namespace) -> None:
+    from laid_kernels.selfcheck import check
+
+    status = check(args)
+    if status:
+        raise SystemExit(status)
+
+
+def add_selfcheck(commands) -> None:
+    """``laid selfcheck``: every fused kernel against its reference and timed, on this machine's GPU."""
+    from laid_kernels.selfcheck import add_arguments
+
+    check = commands.add_parser("selfcheck", help="validate and time every fused kernel on this machine's GPU")
+    add_arguments(check)
+    check.set_defaults(run=_run_selfcheck)
+
+
+COMMANDS = (add_data, add_models, add_train, add_eval, add_report, add_analyze, add_demo, add_selfcheck)
 
 
 def build_parser() -> argparse.ArgumentParser:

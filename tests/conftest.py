@@ -1,4 +1,4 @@
-"""Test configuration: the Triton kernels run under the interpreter on this GPU-less machine.
+"""Test configuration: without a CUDA device the Triton kernels run under the interpreter.
 
 TRITON_INTERPRET must be set before any module defining a ``@triton.jit`` kernel is imported (the decorator reads
 it), so it is set here, before the test modules import laid_kernels. Ahead-of-time compilation for real GPUs runs
@@ -10,7 +10,10 @@ import os
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():  # on a GPU machine the Triton tests run compiled kernels (tests/test_cuda.py)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 # laid's resized-image cache (laid.image_cache, "auto") goes to a folder of this test session, not ~/.cache.
 os.environ.setdefault("LAID_CACHE_DIR", tempfile.mkdtemp(prefix="laid-test-cache-"))
 # Processes the tests start (benchmark scripts, torchrun workers, subprocess checks) import this checkout's laid and
@@ -51,5 +54,5 @@ def _round_fp32_to_bf16_to_nearest_even_in_interpreter() -> None:
     interpreter.InterpreterBuilder.create_fp_trunc = create_fp_trunc
 
 
-if os.environ["TRITON_INTERPRET"] == "1":
+if os.environ.get("TRITON_INTERPRET") == "1":
     _round_fp32_to_bf16_to_nearest_even_in_interpreter()
