@@ -18,12 +18,15 @@ from typing import Any
 
 import yaml
 
+from laid_kernels.validation import ATTN_DIVERGENCES, ATTN_TARGETS
+
 from .data import TASKS
 
 PRECISIONS = ("auto", "bf16", "fp32")
 ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
 MIXER_INITS = ("lstsq", "uniform", "nearest")
 KERNEL_BACKENDS = ("auto", "triton", "cpu", "reference")
+ATTN_ROWS = ("text", "after_images")
 
 
 @dataclass
@@ -51,6 +54,11 @@ class LAidConfig:
     qk_weight: float = 1.0  # weight of L_qk inside the LAid term (1 in the paper; 0 is the "without L_qk" ablation)
     beta: float = 1.0  # weight of L_attn (progressive attention matching)
     alpha: float = 1.0  # distance-weight exponent of L_attn, omega_p(d) = (1 + log2(1 + d)) ** (alpha * p)
+    attn_target: str = "teacher"  # L_attn's target row: "teacher" (the teacher's own heads mixed by pi = W_q^2
+    #                               row-normalised; version 2) or "mixed" (softmax of the mixed Q/K; version 1)
+    attn_divergence: str = "forward"  # "forward" KL(target || student) or "reverse" KL(student || target)
+    attn_rows: str = "text"  # L_attn's query rows: "text" (every valid token that is not an image pad token) or
+    #                          "after_images" (only the tokens after the last image: the question and the answer)
     lambda_kl: float = 1.0
     tau: float = 1.0  # KL temperature
     lambda_sft: float = 1.0
@@ -138,6 +146,9 @@ class LAidConfig:
         _choice("mixer_init", self.mixer_init, MIXER_INITS)
         _choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
         _choice("task", self.task, TASKS)
+        _choice("attn_target", self.attn_target, ATTN_TARGETS)
+        _choice("attn_divergence", self.attn_divergence, ATTN_DIVERGENCES)
+        _choice("attn_rows", self.attn_rows, ATTN_ROWS)
         for name in ("teacher", "student") if self.needs_teacher else ("student",):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name} must be a model folder or hub id, got {getattr(self, name)!r}")

@@ -14,6 +14,8 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # float64: gradcheck of the references
 INT_DTYPES = (torch.int64, torch.int32)
 NORMALIZE_MODES = ("target", "none")
+ATTN_TARGETS = ("teacher", "mixed")
+ATTN_DIVERGENCES = ("forward", "reverse")
 
 
 def _shape(t: torch.Tensor) -> list[int]:
@@ -94,18 +96,26 @@ def check_token_weight(op: str, token_weight: torch.Tensor | None, batch: int, s
         raise ValueError(f"{op}: token_weight must have shape [B, N] = [{batch}, {seq}], got {_shape(token_weight)}")
 
 
-def check_mixing(op: str, name: str, w: torch.Tensor, student_heads: int, teacher_heads: int) -> None:
-    """Require a floating mixing matrix of shape [student_heads, teacher_heads]."""
+def check_mixing(op: str, name: str, w: torch.Tensor, student_heads: int, teacher_heads: int,
+                 head_dim: int | None = None) -> None:
+    """Require a floating mixing tensor: head mixing [student_heads, teacher_heads], or, when ``head_dim`` is given,
+    also frequency mixing [student_heads, teacher_heads, head_dim / 2, 2] (complex weights: real, imaginary)."""
+    head = f"[{student_heads}, {teacher_heads}]"
+    freq = None if head_dim is None else f"[{student_heads}, {teacher_heads}, {head_dim // 2}, 2]"
+    layouts = head if freq is None else f"{head} (head mixing) or {freq} (frequency mixing)"
     if not isinstance(w, torch.Tensor) or not w.is_floating_point():
-        raise TypeError(f"{op}: {name} must be a floating tensor [{student_heads}, {teacher_heads}]")
-    if w.shape != (student_heads, teacher_heads):
-        raise ValueError(f"{op}: {name} must have shape [student heads, teacher heads] = "
-                         f"[{student_heads}, {teacher_heads}], got {_shape(w)}")
+        raise TypeError(f"{op}: {name} must be a floating tensor {layouts}")
+    if w.shape != (student_heads, teacher_heads) and (
+            head_dim is None or w.shape != (student_heads, teacher_heads, head_dim // 2, 2)):
+        raise ValueError(f"{op}: {name} must have shape [student heads, teacher heads] = {layouts}, "
+                         f"got {_shape(w)}")
 
 
 def check_student_teacher(op: str, q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor,
-                          w_q: torch.Tensor, w_k: torch.Tensor) -> tuple[int, int, int, int, int, int, int]:
-    """Check the four Q/K tensors and both mixing matrices; return ``(B, N, Hs, Hs_kv, Ht, Ht_kv, D)``."""
+                          w_q: torch.Tensor, w_k: torch.Tensor,
+                          frequency_mixing: bool = False) -> tuple[int, int, int, int, int, int, int]:
+    """Check the four Q/K tensors and both mixing tensors (head mixing; with ``frequency_mixing`` also
+    [H, H', D/2, 2], the same kind for w_q and w_k); return ``(B, N, Hs, Hs_kv, Ht, Ht_kv, D)``."""
     check_float_tensor(op, "q_s", q_s, 4, "[B, N, Hs, D]")
     batch, seq, hs, dim = q_s.shape
     for name, x, layout in (("k_s", k_s, "[B, N, Hs_kv, D]"), ("q_t", q_t, "[B, N, Ht, D]"),
@@ -120,8 +130,11 @@ def check_student_teacher(op: str, q_s: torch.Tensor, k_s: torch.Tensor, q_t: to
     if dim % 2:
         raise ValueError(f"{op}: head_dim must be even, got {dim}")
     hs_kv, ht, ht_kv = k_s.shape[2], q_t.shape[2], k_t.shape[2]
-    check_mixing(op, "w_q", w_q, hs, ht)
-    check_mixing(op, "w_k", w_k, hs_kv, ht_kv)
+    check_mixing(op, "w_q", w_q, hs, ht, dim if frequency_mixing else None)
+    check_mixing(op, "w_k", w_k, hs_kv, ht_kv, dim if frequency_mixing else None)
+    if w_q.dim() != w_k.dim():
+        raise ValueError(f"{op}: w_q {_shape(w_q)} and w_k {_shape(w_k)} must be the same kind of mixing (both head "
+                         "mixing [H, H'] or both frequency mixing [H, H', D/2, 2])")
     return batch, seq, hs, hs_kv, ht, ht_kv, dim
 
 
@@ -168,17 +181,28 @@ def check_qk_align_args(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor,
 def check_attn_match_args(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor,
                           w_q: torch.Tensor, w_k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
                           mrope_section: Sequence[int], query_mask: torch.Tensor, valid: torch.Tensor | None,
-                          progress: float, alpha: float) -> tuple[torch.Tensor, tuple[int, int, int], torch.Tensor]:
+                          progress: float, alpha: float, target: str = "teacher",
+                          divergence: str = "forward") -> tuple[torch.Tensor, tuple[int, int, int], torch.Tensor]:
     """All checks of ``attn_match_loss``; returns ``(positions3 [3, B, N], section, rows [B, N] bool)``.
 
     ``rows`` = query_mask & valid: the query rows that count (selected padding rows are ignored). Reads that mask's
-    data once (a device synchronisation) to reject a call that selects no valid row, which would give a NaN.
+    data once (a device synchronisation) to reject a call that selects no valid row, which would give a NaN; with
+    target="teacher" also reads w_q to reject a student head whose mixing weights are all zero (its attention
+    mixture pi[i, :] would be 0 / 0).
     """
     op = "attn_match_loss"
-    batch, seq, hs, hs_kv, _, _, dim = check_student_teacher(op, q_s, k_s, q_t, k_t, w_q, w_k)
+    if target not in ATTN_TARGETS:
+        raise ValueError(f"{op}: target must be one of {list(ATTN_TARGETS)}, got {target!r}")
+    if divergence not in ATTN_DIVERGENCES:
+        raise ValueError(f"{op}: divergence must be one of {list(ATTN_DIVERGENCES)}, got {divergence!r}")
+    batch, seq, hs, hs_kv, ht, ht_kv, dim = check_student_teacher(op, q_s, k_s, q_t, k_t, w_q, w_k,
+                                                                  frequency_mixing=True)
     if hs % hs_kv:
         raise ValueError(f"{op}: student query heads Hs = {hs} (q_s) must be a multiple of student kv heads "
                          f"Hs_kv = {hs_kv} (k_s) for grouped-query attention")
+    if target == "teacher" and ht % ht_kv:
+        raise ValueError(f"{op}: teacher query heads Ht = {ht} (q_t) must be a multiple of teacher kv heads "
+                         f"Ht_kv = {ht_kv} (k_t) for the teacher's own grouped-query attention (target='teacher')")
     positions, section = check_rope_inputs(op, positions, inv_freq, mrope_section, batch, seq, dim)
     if query_mask is None:
         raise TypeError(f"{op}: query_mask is required (a bool tensor [B, N] selecting the query rows)")
@@ -194,4 +218,11 @@ def check_attn_match_args(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tenso
     if not bool(rows.any()):
         raise ValueError(f"{op}: query_mask selects no valid row (after excluding padding with valid); the loss "
                          "is a mean over selected rows and would be NaN")
+    if target == "teacher":
+        energy = w_q.detach().square().flatten(1).sum(1)  # [Hs]
+        if not bool(((energy > 0) & energy.isfinite()).all()):
+            bad = (~((energy > 0) & energy.isfinite())).nonzero().flatten().tolist()
+            raise ValueError(f"{op}: w_q row(s) {bad} are all zero (or not finite): "
+                             "target='teacher' weights the teacher heads by pi[i, j] = w_q[i, j]^2 / sum_j' "
+                             "w_q[i, j']^2, which is undefined for a zero row")
     return positions, section, rows
