@@ -1,29 +1,56 @@
 """``attn_match_loss``: L_attn, progressive distance-weighted attention matching (shared/laid-spec.md, L_attn).
 
-For the selected query rows only (a few hundred of a 54K-token prompt), the student's attention row p_s and the
-teacher's row re-weighted toward distant keys, phat_t ∝ omega_p(d) softmax(s_t), are compared by KL(phat_t || p_s),
-without ever materialising a [rows, N] logits tensor:
+For the selected query rows only (a few hundred of a 54K-token prompt), the student's attention row p_s is compared
+with the target row phat ∝ omega_p(d) pbar by KL(phat || p_s) (divergence="forward") or KL(p_s || phat) ("reverse"),
+without ever materialising a [rows, N] logits tensor. pbar is, by ``target``:
 
-- Forward: stream key blocks with an online log-sum-exp for the student row (lse_s) and for the distance-weighted
-  teacher row (lse_t = max_t + log l_t), and accumulate acc = sum_n e^(shat_t - max_t) (shat_t - s_s); then
-  KL = acc / l_t - (max_t - max_s) + log l_s - log l_t (no cancellation of large lse values: exactly 0 for a row with
-  one key). Only the per-(row, head) lse_s and lse_t are saved.
-- Backward: recompute each key block; dL/ds_s(m, n) = (p_s - phat_t) / (rows * Hs) gives dq_s for the query rows
-  and dk_s for every key.
+- "teacher" (default): sum_j pi[i, j] p_t,j, the teacher's own attention rows (teacher head j with its kv head
+  j // (Ht / Ht_kv)) mixed by pi = ``reference.attention_mixture(w_q)`` (w_q^2 row-normalised; frequency mixing:
+  the energy sum_f |C[i, j, f]|^2);
+- "mixed" (version 1): the softmax of the mixed Q/K (head mixing, or frequency mixing: a complex weight per RoPE
+  pair, ``reference.mix_heads``).
+
+Both are written through one unnormalised log target per (row, student head, key):
+x = log omega_p(d) + (s_t for "mixed" | log sum_j pi[i, j] exp(s_t,j - lse_t,j) for "teacher"), so that
+log phat = x - lse_x with lse_x = logsumexp_n x.
+
+Passes (both fused backends):
+
+1. target="teacher" only: one pass over the keys computes the teacher's row log-sum-exp lse_t [R, Ht] per (row,
+   teacher head), online (running max and sum). The mixture needs every p_t,j normalised before it can be summed.
+2. Forward: one pass over the keys with online maxima for the student row (max_s, l_s = sum e^(s_s - max_s)) and the
+   target (max_x, l_x), and one accumulator, rescaled with the maximum of the row it weights:
+   forward acc = sum_n e^(x - max_x) (x - s_s), KL = acc / l_x - (max_x - max_s) + log l_s - log l_x;
+   reverse acc = sum_n e^(s_s - max_s) (s_s - x), KL = acc / l_s - (max_s - max_x) + log l_x - log l_s
+   (differences of maxima and of log-sums: large lse values never cancel, and a row with one key gives exactly 0).
+   Saved per row: lse_s, lse_x and KL [R, Hs] (and lse_t [R, Ht]); nothing of size N.
+3. Backward: one pass recomputes each key block (the teacher's logits too for "teacher"), with
+   dL/ds_s(m, n) = (p_s - phat) (forward) or p_s (log p_s - log phat - KL) (reverse), over rows * Hs; this gives
+   dq_s for the query rows and dk_s for every key. The reverse KL's per-row KL is why it is saved.
+
+The teacher side is a target: q_t, k_t, w_q, w_k get no gradient. pbar is summed in linear space: where every
+p_t,j of a key underflows fp32, x = -inf there (harmless for the forward KL; the reverse KL is then infinite, as is
+the float64 definition's wherever the teacher gives a key no mass).
 
 Host preparation shared by both fused backends: the selected rows (query_mask & valid, sample-major, ascending m)
-have their student queries rotated and their teacher queries mixed (w_q) and rotated, fp32 [R, Hs, D] each
-(small: R is the number of rows); this reuses ``reference.mrope_cos_sin`` / ``reference.rotate``.
+have their student queries rotated and their teacher queries rotated (and, for "mixed", mixed by w_q), fp32
+[R, H, D] each (small: R is the number of rows); this reuses ``reference.mrope_cos_sin`` / ``reference.rotate``.
 
 Backends (registered with ``laid_kernels.backends``):
 
-- ``"triton"``: three kernels; every key block is loaded once per program and rotated (student) or mixed by w_k
-  and rotated (teacher) in registers, so nothing of size N is allocated. ``_fwd_kernel`` and ``_dq_kernel`` run one
-  program per (block of row-head lanes, student kv head, sample) and stream the sample's causal keys;
-  ``_dk_kernel`` runs one program per (key block, kv head, sample) and streams the sample's rows.
-- ``"cpu"``: the same algorithm in PyTorch over key blocks sized so one block's logits stay about 4 MB, with
-  student and teacher keys mixed and rotated per block and query rows prepared 32 at a time (nothing of size
-  N x heads x D is allocated beyond the returned gradients; rows that end before a key block skip it).
+- ``"triton"``: ``_lse_kernel`` (pass 1, one program per (block of row / teacher-head lanes, teacher kv head,
+  sample)), ``_fwd_kernel`` and ``_dq_kernel`` (one program per (block of row / student-head lanes, student kv head,
+  sample), streaming the sample's causal keys) and ``_dk_kernel`` (one program per (key block, kv head, sample),
+  streaming the sample's rows). Every key block is loaded once per program and rotated (and, for "mixed", mixed by
+  w_k) in registers, so nothing of size N is allocated. For "teacher" each student lane loops over the Ht teacher
+  heads (the teacher's key block of kv head a, then its Ht / Ht_kv query heads): the teacher logits are computed once
+  per student lane, Hs times in all where once would do (the price of keeping every [BLOCK_M, BLOCK_N] tile in
+  registers). The kernels need D / 2 to be a power of two (``tl.arange``); other head dims raise
+  NotImplementedError (the CPU path and the reference compute them).
+- ``"cpu"``: the same passes in PyTorch over key blocks sized so one block's logits stay about 4 MB, with student
+  and teacher keys rotated (and mixed) per block and query rows prepared 32 at a time (nothing of size N x heads x D
+  is allocated beyond the returned gradients; rows that end before a key block skip it). For "teacher" the mixture
+  is one matrix product per block ([Hs, Ht] by [Ht, rows x block]).
 
 Precision: everything is computed in fp32 from inputs of any float dtype. On the GPU the kernels' ``tl.dot`` runs
 with TF32 operands (``TRITON_PRECISION``; 10-bit mantissas, finer than bf16 inputs, relative logit error about 1e-3
@@ -388,23 +415,36 @@ def _cpu_backward(grad, q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, secti
 
 
 @triton.jit
-def _key_angles(pos_ptr, inv_freq, valid_ptr, b, offs_n, offs_f, n_end, seq, stride_pr, stride_pb, stride_pn,
-                SECTION_T: tl.constexpr, SECTION_TH: tl.constexpr):
-    """key_ok [BLOCK_N] (below n_end and valid in sample b) and the keys' cos / sin [BLOCK_N, HALF] (fp32)."""
-    key_ok = (offs_n < n_end) & (tl.load(valid_ptr + b * seq + offs_n, mask=offs_n < n_end, other=0) != 0)
-    p_t, p_h, p_w = load_positions(pos_ptr + b * stride_pb, stride_pr, offs_n * stride_pn, key_ok)
-    cos, sin = mrope_cos_sin(p_t[:, None], p_h[:, None], p_w[:, None], inv_freq[None, :], offs_f[None, :],
-                             SECTION_T, SECTION_TH)
-    return key_ok, cos, sin
-
-
-@triton.jit
 def _rotated_keys(k_ptr, key_ok, cos, sin, offs_n, offs_f, stride_n, stride_d, HALF: tl.constexpr):
     """One kv head's rotated key halves [BLOCK_N, HALF] (fp32); k_ptr points at k[b, 0, h, 0]; other keys are 0."""
     k = k_ptr + offs_n[:, None] * stride_n + offs_f[None, :] * stride_d
     lo = tl.load(k, mask=key_ok[:, None], other=0.0).to(tl.float32)
     hi = tl.load(k + HALF * stride_d, mask=key_ok[:, None], other=0.0).to(tl.float32)
     return rotate_pair(lo, hi, cos, sin)
+
+
+@triton.jit
+def _key_block(k_ptr, pos_ptr, inv_freq, valid_ptr, b, offs_n, offs_f, n_end, seq, stride_kn, stride_kd, stride_pr,
+               stride_pb, stride_pn, HALF: tl.constexpr, SECTION_T: tl.constexpr, SECTION_TH: tl.constexpr):
+    """A key block of sample b: key_ok [BLOCK_N] (below n_end and valid), the keys' cos / sin [BLOCK_N, HALF] and
+    the rotated key halves of one kv head (k_ptr points at k[b, 0, h, 0]), fp32."""
+    key_ok = (offs_n < n_end) & (tl.load(valid_ptr + b * seq + offs_n, mask=offs_n < n_end, other=0) != 0)
+    p_t, p_h, p_w = load_positions(pos_ptr + b * stride_pb, stride_pr, offs_n * stride_pn, key_ok)
+    cos, sin = mrope_cos_sin(p_t[:, None], p_h[:, None], p_w[:, None], inv_freq[None, :], offs_f[None, :],
+                             SECTION_T, SECTION_TH)
+    k_lo, k_hi = _rotated_keys(k_ptr, key_ok, cos, sin, offs_n, offs_f, stride_kn, stride_kd, HALF)
+    return key_ok, cos, sin, k_lo, k_hi
+
+
+@triton.jit
+def _query_lanes(q_ptr, inv_freq_ptr, sample_rows_ptr, row_m_ptr, b, lane0, h, BLOCK_M: tl.constexpr,
+                 GROUP: tl.constexpr, H: tl.constexpr, HALF: tl.constexpr):
+    """The lanes of :func:`_row_lanes` with their query halves (:func:`_lane_halves`), and the channel-pair offsets
+    and inverse frequencies [HALF] every key block needs."""
+    offs_f = tl.arange(0, HALF)
+    row, head, m, lane_ok = _row_lanes(sample_rows_ptr, row_m_ptr, b, lane0, h, BLOCK_M, GROUP)
+    q_lo, q_hi = _lane_halves(q_ptr, row, head[:, None], lane_ok, offs_f, H, HALF)
+    return row, head, m, lane_ok, q_lo, q_hi, offs_f, tl.load(inv_freq_ptr + offs_f).to(tl.float32)
 
 
 @triton.jit
@@ -522,20 +562,16 @@ def _lse_kernel(q_ptr, row_m_ptr, sample_rows_ptr, k_ptr, pos_ptr, inv_freq_ptr,
     """First pass of target="teacher": the teacher's row log-sum-exp per (row, teacher head) lane, [R, H] fp32, for
     the rotated query rows [R, H, 2 * HALF] against the sample's keys k [B, N, H_KV, 2 * HALF] (kv head h)."""
     pid_m, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    GROUP: tl.constexpr = H // H_KV
-    offs_f = tl.arange(0, HALF)
-    row, head, m, lane_ok = _row_lanes(sample_rows_ptr, row_m_ptr, b, pid_m * BLOCK_M, h, BLOCK_M, GROUP)
-    q_lo, q_hi = _lane_halves(q_ptr, row, head[:, None], lane_ok, offs_f, H, HALF)
-    inv_freq = tl.load(inv_freq_ptr + offs_f).to(tl.float32)
+    row, head, m, lane_ok, q_lo, q_hi, offs_f, inv_freq = _query_lanes(
+        q_ptr, inv_freq_ptr, sample_rows_ptr, row_m_ptr, b, pid_m * BLOCK_M, h, BLOCK_M, H // H_KV, H, HALF)
     max_t = tl.full((BLOCK_M,), -1.0e30, tl.float32)  # MAX_INIT
     sum_t = tl.zeros((BLOCK_M,), tl.float32)
     n_end = tl.max(m, axis=0) + 1
     for n0 in range(0, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        key_ok, cos, sin = _key_angles(pos_ptr, inv_freq, valid_ptr, b, offs_n, offs_f, n_end, seq, stride_pr,
-                                       stride_pb, stride_pn, SECTION_T, SECTION_TH)
-        k_lo, k_hi = _rotated_keys(k_ptr + b * stride_kb + h * stride_kh, key_ok, cos, sin, offs_n, offs_f,
-                                   stride_kn, stride_kd, HALF)
+        key_ok, _, _, k_lo, k_hi = _key_block(k_ptr + b * stride_kb + h * stride_kh, pos_ptr, inv_freq, valid_ptr, b,
+                                              offs_n, offs_f, n_end, seq, stride_kn, stride_kd, stride_pr, stride_pb,
+                                              stride_pn, HALF, SECTION_T, SECTION_TH)
         allowed = lane_ok[:, None] & key_ok[None, :] & (m[:, None] >= offs_n[None, :])
         s = tl.where(allowed, _logits(q_lo, q_hi, k_lo, k_hi, sm_scale, PRECISION), float("-inf"))
         new_max = tl.maximum(max_t, tl.max(s, axis=1))
@@ -556,11 +592,8 @@ def _fwd_kernel(qs_ptr, qt_ptr, row_m_ptr, sample_rows_ptr, ks_ptr, kt_ptr, wk_p
     n < max m + 1 with online maxima (as the CPU path: forward acc = sum e^(x - max_x) (x - s_s), reverse
     acc = sum e^(s_s - max_s) (s_s - x))."""
     pid_m, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    GROUP: tl.constexpr = HS // HS_KV
-    offs_f = tl.arange(0, HALF)
-    row, head, m, lane_ok = _row_lanes(sample_rows_ptr, row_m_ptr, b, pid_m * BLOCK_M, h, BLOCK_M, GROUP)
-    qs_lo, qs_hi = _lane_halves(qs_ptr, row, head[:, None], lane_ok, offs_f, HS, HALF)
-    inv_freq = tl.load(inv_freq_ptr + offs_f).to(tl.float32)
+    row, head, m, lane_ok, qs_lo, qs_hi, offs_f, inv_freq = _query_lanes(
+        qs_ptr, inv_freq_ptr, sample_rows_ptr, row_m_ptr, b, pid_m * BLOCK_M, h, BLOCK_M, HS // HS_KV, HS, HALF)
     max_s = tl.full((BLOCK_M,), -1.0e30, tl.float32)  # MAX_INIT
     max_x = tl.full((BLOCK_M,), -1.0e30, tl.float32)
     sum_s = tl.zeros((BLOCK_M,), tl.float32)
@@ -570,10 +603,9 @@ def _fwd_kernel(qs_ptr, qt_ptr, row_m_ptr, sample_rows_ptr, ks_ptr, kt_ptr, wk_p
     kt_base = kt_ptr + b * stride_tb
     for n0 in range(0, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        key_ok, cos, sin = _key_angles(pos_ptr, inv_freq, valid_ptr, b, offs_n, offs_f, n_end, seq, stride_pr,
-                                       stride_pb, stride_pn, SECTION_T, SECTION_TH)
-        ks_lo, ks_hi = _rotated_keys(ks_ptr + b * stride_kb + h * stride_kh, key_ok, cos, sin, offs_n, offs_f,
-                                     stride_kn, stride_kd, HALF)
+        key_ok, cos, sin, ks_lo, ks_hi = _key_block(ks_ptr + b * stride_kb + h * stride_kh, pos_ptr, inv_freq,
+                                                    valid_ptr, b, offs_n, offs_f, n_end, seq, stride_kn, stride_kd,
+                                                    stride_pr, stride_pb, stride_pn, HALF, SECTION_T, SECTION_TH)
         s_s, x, allowed = _block_scores(qs_lo, qs_hi, ks_lo, ks_hi, qt_ptr, kt_base, wk_ptr, lse_t_ptr, key_ok, cos,
                                         sin, row, head, m, lane_ok, offs_n, offs_f, h, sm_scale, coef, stride_tn,
                                         stride_th, stride_td, HS, HT, HT_KV, HALF, PRECISION, TEACHER, FREQ)
@@ -611,11 +643,8 @@ def _dq_kernel(qs_ptr, qt_ptr, row_m_ptr, sample_rows_ptr, ks_ptr, kt_ptr, wk_pt
                REVERSE: tl.constexpr, FREQ: tl.constexpr):
     """Gradient of the loss with respect to the rotated student query rows, fp32 [R, HS, 2 * HALF]."""
     pid_m, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    GROUP: tl.constexpr = HS // HS_KV
-    offs_f = tl.arange(0, HALF)
-    row, head, m, lane_ok = _row_lanes(sample_rows_ptr, row_m_ptr, b, pid_m * BLOCK_M, h, BLOCK_M, GROUP)
-    qs_lo, qs_hi = _lane_halves(qs_ptr, row, head[:, None], lane_ok, offs_f, HS, HALF)
-    inv_freq = tl.load(inv_freq_ptr + offs_f).to(tl.float32)
+    row, head, m, lane_ok, qs_lo, qs_hi, offs_f, inv_freq = _query_lanes(
+        qs_ptr, inv_freq_ptr, sample_rows_ptr, row_m_ptr, b, pid_m * BLOCK_M, h, BLOCK_M, HS // HS_KV, HS, HALF)
     lse_s = tl.load(lse_s_ptr + row * HS + head, mask=lane_ok, other=0.0)
     lse_x = tl.load(lse_x_ptr + row * HS + head, mask=lane_ok, other=0.0)
     kl = tl.load(kl_ptr + row * HS + head, mask=lane_ok, other=0.0)
@@ -626,10 +655,9 @@ def _dq_kernel(qs_ptr, qt_ptr, row_m_ptr, sample_rows_ptr, ks_ptr, kt_ptr, wk_pt
     kt_base = kt_ptr + b * stride_tb
     for n0 in range(0, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        key_ok, cos, sin = _key_angles(pos_ptr, inv_freq, valid_ptr, b, offs_n, offs_f, n_end, seq, stride_pr,
-                                       stride_pb, stride_pn, SECTION_T, SECTION_TH)
-        ks_lo, ks_hi = _rotated_keys(ks_ptr + b * stride_kb + h * stride_kh, key_ok, cos, sin, offs_n, offs_f,
-                                     stride_kn, stride_kd, HALF)
+        key_ok, cos, sin, ks_lo, ks_hi = _key_block(ks_ptr + b * stride_kb + h * stride_kh, pos_ptr, inv_freq,
+                                                    valid_ptr, b, offs_n, offs_f, n_end, seq, stride_kn, stride_kd,
+                                                    stride_pr, stride_pb, stride_pn, HALF, SECTION_T, SECTION_TH)
         s_s, x, allowed = _block_scores(qs_lo, qs_hi, ks_lo, ks_hi, qt_ptr, kt_base, wk_ptr, lse_t_ptr, key_ok, cos,
                                         sin, row, head, m, lane_ok, offs_n, offs_f, h, sm_scale, coef, stride_tn,
                                         stride_th, stride_td, HS, HT, HT_KV, HALF, PRECISION, TEACHER, FREQ)
@@ -656,10 +684,9 @@ def _dk_kernel(qs_ptr, qt_ptr, row_m_ptr, sample_rows_ptr, ks_ptr, kt_ptr, wk_pt
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_f = tl.arange(0, HALF)
     inv_freq = tl.load(inv_freq_ptr + offs_f).to(tl.float32)
-    key_ok, cos, sin = _key_angles(pos_ptr, inv_freq, valid_ptr, b, offs_n, offs_f, seq, seq, stride_pr, stride_pb,
-                                   stride_pn, SECTION_T, SECTION_TH)
-    ks_lo, ks_hi = _rotated_keys(ks_ptr + b * stride_kb + h * stride_kh, key_ok, cos, sin, offs_n, offs_f,
-                                 stride_kn, stride_kd, HALF)
+    key_ok, cos, sin, ks_lo, ks_hi = _key_block(ks_ptr + b * stride_kb + h * stride_kh, pos_ptr, inv_freq, valid_ptr,
+                                                b, offs_n, offs_f, seq, seq, stride_kn, stride_kd, stride_pr,
+                                                stride_pb, stride_pn, HALF, SECTION_T, SECTION_TH)
     scale = tl.load(grad_ptr).to(tl.float32) * grad_scale
     dk_lo = tl.zeros((BLOCK_N, HALF), tl.float32)
     dk_hi = tl.zeros((BLOCK_N, HALF), tl.float32)

@@ -494,17 +494,20 @@ def test_auto_backend_on_cpu():
 
 
 def test_benchmark_script_small_run(tmp_path):
-    """benchmarks/attn_match_150img.py end to end at 1 and 2 images (the full 150-image run is not a test)."""
+    """benchmarks/attn_match_150img.py end to end at 1 image, every variant (the full 150-image run is not a test)."""
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "attn_match_150img.py"
-    done = subprocess.run([sys.executable, str(script), "--images", "1", "2", "--out", str(tmp_path)],
-                          capture_output=True, text=True)
+    variants = ["cpu", "cpu-mixed", "reference", "compiled"] if "cpu" in FUSED else ["reference", "compiled"]
+    done = subprocess.run([sys.executable, str(script), "--images", "1", "--variants", *variants, "--out",
+                           str(tmp_path)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-4000:]
     results = json.loads((tmp_path / "attn_match_150img.json").read_text())["results"]
-    assert {(r["images"], r["backend"]) for r in results} == {(1, "cpu"), (2, "cpu"), (1, "reference"),
-                                                              (2, "reference")}
+    assert [r["variant"] for r in results] == variants
     for r in results:
-        assert r["seconds"] > 0 and r["input_bytes"] > 0 and r["peak_bytes"] > 0
-    losses = {r["images"]: [x["loss"] for x in results if x["images"] == r["images"]] for r in results}
-    for images, (first, second) in losses.items():  # both backends compute the same loss on the same inputs
-        assert first == pytest.approx(second, rel=1e-3), images
+        assert r["images"] == 1 and r["seconds"] > 0 and r["input_bytes"] > 0 and r["peak_bytes"] > 0, r
+    loss = {r["variant"]: r["loss"] for r in results}
+    for variant in variants:  # the same target="teacher" loss on the same inputs; target="mixed" is another loss
+        if not variant.endswith("-mixed"):
+            assert loss[variant] == pytest.approx(loss["reference"], rel=1e-3), variant
+    if "cpu-mixed" in loss:
+        assert loss["cpu-mixed"] != pytest.approx(loss["cpu"], rel=1e-2)
     assert (tmp_path / "attn_match_150img.md").is_file() and (tmp_path / "attn_match_150img.png").is_file()
