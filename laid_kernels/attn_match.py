@@ -448,17 +448,19 @@ def _query_lanes(q_ptr, inv_freq_ptr, sample_rows_ptr, row_m_ptr, b, lane0, h, B
 
 
 @triton.jit
-def _mixed_keys(kt_ptr, wk_ptr, key_ok, cos, sin, offs_n, offs_f, stride_tn, stride_th, stride_td,
+def _mixed_keys(kt_ptr, wk_ptr, key_ok, cos, sin, offs_n, offs_f, stride_tn, stride_th, stride_td, teacher_kv,
                 HT_KV: tl.constexpr, HALF: tl.constexpr, FREQ: tl.constexpr):
     """Teacher keys mixed by one row of w_k and rotated, [BLOCK_N, HALF] halves (fp32), target="mixed".
 
     kt_ptr points at k_t[b, 0, 0, 0] (all HT_KV teacher kv heads are read); wk_ptr at w_k[h]: [HT_KV] head mixing,
     or [HT_KV, HALF, 2] frequency mixing (FREQ: the complex product (w_re + i w_im)(lo + i hi) per channel pair).
+    The loop runs to the runtime ``teacher_kv`` (= HT_KV): with a constant trip count the compiler unrolls it and
+    hoists every weight load out of the key loop, which spills registers.
     """
     kt = kt_ptr + offs_n[:, None] * stride_tn + offs_f[None, :] * stride_td
     mixed_lo = tl.zeros(cos.shape, tl.float32)
     mixed_hi = tl.zeros(cos.shape, tl.float32)
-    for j in tl.static_range(HT_KV):
+    for j in range(teacher_kv):
         lo = tl.load(kt + j * stride_th, mask=key_ok[:, None], other=0.0).to(tl.float32)
         hi = tl.load(kt + j * stride_th + HALF * stride_td, mask=key_ok[:, None], other=0.0).to(tl.float32)
         if FREQ:
@@ -504,7 +506,8 @@ def _row_lanes(sample_rows_ptr, row_m_ptr, b, lane0, h, BLOCK_M: tl.constexpr, G
 
 @triton.jit
 def _block_scores(qs_lo, qs_hi, ks_lo, ks_hi, qt_ptr, kt_ptr, wk_ptr, lse_t_ptr, key_ok, cos, sin, row, head, m,
-                  lane_ok, offs_n, offs_f, h, sm_scale, coef, stride_tn, stride_th, stride_td, HS: tl.constexpr,
+                  lane_ok, offs_n, offs_f, h, sm_scale, coef, stride_tn, stride_th, stride_td, teacher_kv,
+                  HS: tl.constexpr,
                   HT: tl.constexpr, HT_KV: tl.constexpr, HALF: tl.constexpr, PRECISION: tl.constexpr,
                   TEACHER: tl.constexpr, FREQ: tl.constexpr):
     """Student logits s_s and the unnormalised log target x = log(omega_p(d) pbar) [BLOCK_M, BLOCK_N] (fp32),
@@ -514,20 +517,21 @@ def _block_scores(qs_lo, qs_hi, ks_lo, ks_hi, qt_ptr, kt_ptr, wk_ptr, lse_t_ptr,
     mixture pi [HS, HT], lse_t_ptr the teacher row log-sum-exps [R, HT] (first pass); for each teacher kv head a
     its key block is loaded and rotated, and x = log(sum_j pi[head, j] exp(s_t,j - lse_t,j)) + log omega.
     Otherwise (target="mixed"): qt_ptr holds the mixed rotated rows [R, HS, 2 * HALF], and the key block is mixed
-    by w_k[h] (wk_ptr) and rotated, x = s_t + log omega.
+    by w_k[h] (wk_ptr) and rotated, x = s_t + log omega. ``teacher_kv`` is HT_KV as a runtime value: the teacher
+    loops must not be unrolled (see :func:`_mixed_keys`).
     """
     distance = m[:, None] - offs_n[None, :]
     allowed = lane_ok[:, None] & key_ok[None, :] & (distance >= 0)
     log_weight = coef * tl.log(1.0 + tl.log2(1.0 + tl.maximum(distance, 0).to(tl.float32)))
     s_s = tl.where(allowed, _logits(qs_lo, qs_hi, ks_lo, ks_hi, sm_scale, PRECISION), float("-inf"))
     if TEACHER:
-        GT: tl.constexpr = HT // HT_KV
+        group_t = HT // teacher_kv
         pbar = tl.zeros(s_s.shape, tl.float32)
-        for a in range(HT_KV):
+        for a in range(teacher_kv):
             kt_lo, kt_hi = _rotated_keys(kt_ptr + a * stride_th, key_ok, cos, sin, offs_n, offs_f, stride_tn,
                                          stride_td, HALF)
-            for c in range(GT):
-                j = a * GT + c
+            for c in range(group_t):
+                j = a * group_t + c
                 qt_lo, qt_hi = _lane_halves(qt_ptr, row, j, lane_ok, offs_f, HT, HALF)
                 lse_t = tl.load(lse_t_ptr + row * HT + j, mask=lane_ok, other=0.0)
                 weight = tl.load(wk_ptr + head * HT + j, mask=lane_ok, other=0.0)
@@ -536,7 +540,7 @@ def _block_scores(qs_lo, qs_hi, ks_lo, ks_hi, qt_ptr, kt_ptr, wk_ptr, lse_t_ptr,
         x = tl.log(pbar) + log_weight
     else:
         kt_lo, kt_hi = _mixed_keys(kt_ptr, wk_ptr + h * HT_KV * (HALF * 2 if FREQ else 1), key_ok, cos, sin, offs_n,
-                                   offs_f, stride_tn, stride_th, stride_td, HT_KV, HALF, FREQ)
+                                   offs_f, stride_tn, stride_th, stride_td, teacher_kv, HT_KV, HALF, FREQ)
         qt_lo, qt_hi = _lane_halves(qt_ptr, row, head[:, None], lane_ok, offs_f, HS, HALF)
         x = _logits(qt_lo, qt_hi, kt_lo, kt_hi, sm_scale, PRECISION) + log_weight
     return s_s, tl.where(allowed, x, float("-inf")), allowed
@@ -582,7 +586,7 @@ def _lse_kernel(q_ptr, row_m_ptr, sample_rows_ptr, k_ptr, pos_ptr, inv_freq_ptr,
 
 @triton.jit
 def _fwd_kernel(qs_ptr, qt_ptr, row_m_ptr, sample_rows_ptr, ks_ptr, kt_ptr, wk_ptr, pos_ptr, inv_freq_ptr, valid_ptr,
-                lse_t_ptr, lse_s_ptr, lse_x_ptr, kl_ptr, seq, sm_scale, coef,
+                lse_t_ptr, lse_s_ptr, lse_x_ptr, kl_ptr, seq, teacher_kv, sm_scale, coef,
                 stride_kb, stride_kn, stride_kh, stride_kd, stride_tb, stride_tn, stride_th, stride_td,
                 stride_pr, stride_pb, stride_pn, HS: tl.constexpr, HS_KV: tl.constexpr, HT: tl.constexpr,
                 HT_KV: tl.constexpr, HALF: tl.constexpr, SECTION_T: tl.constexpr, SECTION_TH: tl.constexpr,
@@ -608,7 +612,8 @@ def _fwd_kernel(qs_ptr, qt_ptr, row_m_ptr, sample_rows_ptr, ks_ptr, kt_ptr, wk_p
                                                     stride_pr, stride_pb, stride_pn, HALF, SECTION_T, SECTION_TH)
         s_s, x, allowed = _block_scores(qs_lo, qs_hi, ks_lo, ks_hi, qt_ptr, kt_base, wk_ptr, lse_t_ptr, key_ok, cos,
                                         sin, row, head, m, lane_ok, offs_n, offs_f, h, sm_scale, coef, stride_tn,
-                                        stride_th, stride_td, HS, HT, HT_KV, HALF, PRECISION, TEACHER, FREQ)
+                                        stride_th, stride_td, teacher_kv, HS, HT, HT_KV, HALF, PRECISION, TEACHER,
+                                        FREQ)
         new_s = tl.maximum(max_s, tl.max(s_s, axis=1))
         new_x = tl.maximum(max_x, tl.max(x, axis=1))
         e_s = tl.exp(s_s - new_s[:, None])
@@ -635,7 +640,7 @@ def _fwd_kernel(qs_ptr, qt_ptr, row_m_ptr, sample_rows_ptr, ks_ptr, kt_ptr, wk_p
 
 @triton.jit
 def _dq_kernel(qs_ptr, qt_ptr, row_m_ptr, sample_rows_ptr, ks_ptr, kt_ptr, wk_ptr, pos_ptr, inv_freq_ptr, valid_ptr,
-               lse_t_ptr, lse_s_ptr, lse_x_ptr, kl_ptr, grad_ptr, dq_ptr, seq, sm_scale, coef, grad_scale,
+               lse_t_ptr, lse_s_ptr, lse_x_ptr, kl_ptr, grad_ptr, dq_ptr, seq, teacher_kv, sm_scale, coef, grad_scale,
                stride_kb, stride_kn, stride_kh, stride_kd, stride_tb, stride_tn, stride_th, stride_td,
                stride_pr, stride_pb, stride_pn, HS: tl.constexpr, HS_KV: tl.constexpr, HT: tl.constexpr,
                HT_KV: tl.constexpr, HALF: tl.constexpr, SECTION_T: tl.constexpr, SECTION_TH: tl.constexpr,
@@ -660,7 +665,8 @@ def _dq_kernel(qs_ptr, qt_ptr, row_m_ptr, sample_rows_ptr, ks_ptr, kt_ptr, wk_pt
                                                     stride_pr, stride_pb, stride_pn, HALF, SECTION_T, SECTION_TH)
         s_s, x, allowed = _block_scores(qs_lo, qs_hi, ks_lo, ks_hi, qt_ptr, kt_base, wk_ptr, lse_t_ptr, key_ok, cos,
                                         sin, row, head, m, lane_ok, offs_n, offs_f, h, sm_scale, coef, stride_tn,
-                                        stride_th, stride_td, HS, HT, HT_KV, HALF, PRECISION, TEACHER, FREQ)
+                                        stride_th, stride_td, teacher_kv, HS, HT, HT_KV, HALF, PRECISION, TEACHER,
+                                        FREQ)
         d_logits = _logit_gradient(s_s, x, lse_s, lse_x, kl, allowed, scale, REVERSE)
         dq_lo = tl.dot(d_logits, ks_lo, dq_lo, input_precision=PRECISION)
         dq_hi = tl.dot(d_logits, ks_hi, dq_hi, input_precision=PRECISION)
@@ -671,7 +677,7 @@ def _dq_kernel(qs_ptr, qt_ptr, row_m_ptr, sample_rows_ptr, ks_ptr, kt_ptr, wk_pt
 
 @triton.jit
 def _dk_kernel(qs_ptr, qt_ptr, row_m_ptr, sample_rows_ptr, ks_ptr, kt_ptr, wk_ptr, pos_ptr, inv_freq_ptr, valid_ptr,
-               lse_t_ptr, lse_s_ptr, lse_x_ptr, kl_ptr, grad_ptr, dk_ptr, seq, sm_scale, coef, grad_scale,
+               lse_t_ptr, lse_s_ptr, lse_x_ptr, kl_ptr, grad_ptr, dk_ptr, seq, teacher_kv, sm_scale, coef, grad_scale,
                stride_kb, stride_kn, stride_kh, stride_kd, stride_tb, stride_tn, stride_th, stride_td,
                stride_pr, stride_pb, stride_pn, HS: tl.constexpr, HS_KV: tl.constexpr, HT: tl.constexpr,
                HT_KV: tl.constexpr, HALF: tl.constexpr, SECTION_T: tl.constexpr, SECTION_TH: tl.constexpr,
@@ -700,7 +706,8 @@ def _dk_kernel(qs_ptr, qt_ptr, row_m_ptr, sample_rows_ptr, ks_ptr, kt_ptr, wk_pt
         kl = tl.load(kl_ptr + row * HS + head, mask=lane_ok, other=0.0)
         s_s, x, allowed = _block_scores(qs_lo, qs_hi, ks_lo, ks_hi, qt_ptr, kt_base, wk_ptr, lse_t_ptr, key_ok, cos,
                                         sin, row, head, m, lane_ok, offs_n, offs_f, h, sm_scale, coef, stride_tn,
-                                        stride_th, stride_td, HS, HT, HT_KV, HALF, PRECISION, TEACHER, FREQ)
+                                        stride_th, stride_td, teacher_kv, HS, HT, HT_KV, HALF, PRECISION, TEACHER,
+                                        FREQ)
         d_logits = _logit_gradient(s_s, x, lse_s, lse_x, kl, allowed, scale, REVERSE)
         dk_lo = tl.dot(tl.trans(d_logits), qs_lo, dk_lo, input_precision=PRECISION)
         dk_hi = tl.dot(tl.trans(d_logits), qs_hi, dk_hi, input_precision=PRECISION)
@@ -715,6 +722,10 @@ def _dk_kernel(qs_ptr, qt_ptr, row_m_ptr, sample_rows_ptr, ks_ptr, kt_ptr, wk_pt
 TRITON_BLOCK_M = 32
 TRITON_BLOCK_N = 16
 TRITON_NUM_WARPS = 4
+# target="teacher" (its loop over the teacher heads keeps more tiles live) and the reverse KL: at 4 warps ptxas
+# spills in _dq_kernel ("teacher": 28 to 72 bytes) and in _fwd_kernel / _dk_kernel ("mixed", "reverse": 24 to 40
+# bytes) at 32 x 16 tiles; 8 warps do not. target="mixed" with the forward KL keeps the 4 warps of version 1.
+TRITON_WIDE_NUM_WARPS = 8
 TRITON_PRECISION = "tf32"  # see the module docstring: "tf32x3" spills at every tile size tried
 
 
@@ -729,6 +740,7 @@ def _key_grid(seq: int, hs_kv: int, batch: int) -> tuple[int, int, int]:
 
 
 def _common_constexprs(half: int, section: Sequence[int]) -> dict:
+    """The constexprs every attention kernel takes: head-dim half, M-RoPE sections, tile sizes, dot precision."""
     return dict(HALF=half, SECTION_T=section[0], SECTION_TH=section[0] + section[1], BLOCK_M=TRITON_BLOCK_M,
                 BLOCK_N=TRITON_BLOCK_N, PRECISION=TRITON_PRECISION)
 
@@ -762,13 +774,13 @@ def attention_launch(kernel, name: str, grid: tuple[int, int, int], rows: Sequen
     """
     teacher = target == "teacher"
     return Launch(name=name, kernel=kernel, grid=grid,
-                  args=(*rows, k_s, k_t, mixing, positions, inv_freq, valid, lse_t, *tensors, k_s.shape[1], *scalars,
-                        *k_s.stride(), *k_t.stride(), *positions.stride()),
+                  args=(*rows, k_s, k_t, mixing, positions, inv_freq, valid, lse_t, *tensors, k_s.shape[1],
+                        k_t.shape[2], *scalars, *k_s.stride(), *k_t.stride(), *positions.stride()),
                   constexprs=dict(HS=rows[0].shape[1], HS_KV=k_s.shape[2], HT=rows[1].shape[1] if teacher else 1,
                                   HT_KV=k_t.shape[2], TEACHER=teacher, REVERSE=divergence == "reverse",
                                   FREQ=not teacher and mixing.dim() == 4,
                                   **_common_constexprs(k_s.shape[3] // 2, section)),
-                  num_warps=TRITON_NUM_WARPS)
+                  num_warps=TRITON_WIDE_NUM_WARPS if teacher or divergence == "reverse" else TRITON_NUM_WARPS)
 
 
 def _triton_unsupported(q_s: torch.Tensor, w_q: torch.Tensor, target: str, divergence: str) -> str | None:

@@ -144,7 +144,7 @@ def grid(default_cases, other_cases):
 
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("target,divergence,progress,alpha", grid(
-    [(0.0, 1.0), (0.5, 1.0), (1.0, 1.0), (1.0, 0.0), (0.7, 2.5)], [(0.0, 1.0), (0.7, 2.5)]))
+    [(0.0, 1.0), (0.5, 1.0), (1.0, 1.0), (1.0, 0.0), (0.7, 2.5)], [(0.7, 2.5)]))
 def test_progress_and_alpha(backend, target, divergence, progress, alpha):
     inputs = make_inputs()
     assert_close_to_reference(inputs, query_mask("question", inputs["valid"]), backend, progress, alpha,
@@ -154,7 +154,7 @@ def test_progress_and_alpha(backend, target, divergence, progress, alpha):
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("target,divergence,kind,dtype", grid(
     [(k, d) for k in ("question", "random", "single", "first_and_last") for d in (torch.float32, torch.bfloat16)],
-    [("random", torch.float32), ("random", torch.bfloat16), ("first_and_last", torch.bfloat16)]))
+    [("random", torch.bfloat16), ("first_and_last", torch.float32)]))
 def test_query_masks_and_dtypes(backend, target, divergence, kind, dtype):
     inputs = make_inputs(dtype=dtype, seed=1)
     assert_close_to_reference(inputs, query_mask(kind, inputs["valid"], seed=2), backend, 0.6, 1.0, dtype, target,
@@ -183,11 +183,12 @@ def test_rows_with_one_key_give_zero(backend, target, divergence):
 
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("target,divergence,heads,dtype", grid(
-    [((28, 4, 40, 8), torch.float32), ((28, 4, 40, 8), torch.bfloat16), ((16, 2, 40, 8), torch.float32),
-     ((16, 2, 40, 8), torch.bfloat16), ((2, 1, 3, 1), torch.float32), ((4, 4, 2, 2), torch.float32)],
-    [((28, 4, 40, 8), torch.bfloat16), ((16, 2, 40, 8), torch.float32)]))
+    [((28, 4, 40, 8), torch.bfloat16), ((16, 2, 40, 8), torch.float32), ((2, 1, 3, 1), torch.float32),
+     ((4, 4, 2, 2), torch.float32)],
+    [((16, 2, 40, 8), torch.bfloat16)]))
 def test_gqa_head_counts(backend, target, divergence, heads, dtype):
-    """The real head counts: 7B (28 / 4) and 3B (16 / 2) students against the 32B teacher (40 / 8)."""
+    """The real head counts: 7B (28 / 4) and 3B (16 / 2) students against the 32B teacher (40 / 8) (a subset of
+    (heads, dtype) for the non-default forms: the interpreter and the float64 reference are slow here)."""
     inputs = make_inputs(heads=heads, batch=2, seq=40, dtype=dtype, seed=3)
     assert_close_to_reference(inputs, query_mask("question", inputs["valid"]), backend, 0.8, 1.0, dtype, target,
                               divergence)
@@ -265,8 +266,7 @@ def full_attention(inputs, target):
 
 
 @pytest.mark.parametrize("backend", ["reference", *FUSED])
-@pytest.mark.parametrize("target,divergence", FORMS)
-@pytest.mark.parametrize("progress,alpha", [(0.0, 1.0), (1.0, 0.0)])
+@pytest.mark.parametrize("target,divergence,progress,alpha", grid([(0.0, 1.0), (1.0, 0.0)], [(0.0, 1.0)]))
 def test_no_distance_weight_is_softmax_kl(backend, target, divergence, progress, alpha):
     """With omega = 1 the loss is the plain KL between full-softmax attention rows, computed independently here."""
     inputs = make_inputs(seed=6)
@@ -462,7 +462,8 @@ def call(**overrides):
     (dict(backend="cuda"), ValueError, "backend must be one of"),
     (dict(target="student"), ValueError, "target must be one of"),
     (dict(divergence="js"), ValueError, "divergence must be one of"),
-    (dict(w_q=torch.randn(4, 6, 8, 2), w_k=torch.randn(2, 3, 8, 2)), ValueError, r"w_q must have shape .*\[4, 6, 16, 2\]"),
+    (dict(w_q=torch.randn(4, 6, 8, 2), w_k=torch.randn(2, 3, 8, 2)), ValueError,
+     r"w_q must have shape .*\[4, 6, 16, 2\]"),
     (dict(w_q=torch.randn(4, 6, 16, 2)), ValueError, "same kind of mixing"),
     (dict(w_q=torch.cat((torch.zeros(1, 6), torch.randn(3, 6)))), ValueError, r"w_q row\(s\) \[0\] are all zero"),
     (dict(q_t=torch.randn(2, 16, 5, 32), w_q=torch.randn(4, 5)), ValueError, "multiple of teacher kv heads"),
