@@ -132,11 +132,13 @@ def worker(images: int, variant: str, device: str, limit: int) -> dict:
                 input_bytes=input_bytes, grad_bytes=grad_bytes)
 
 
-def run_worker(images: int, variant: str, device: str, limit: int) -> dict:
+def run_worker(images: int, variant: str, device: str, limit: int, threads: int | None) -> dict:
     cmd = [sys.executable, __file__, "--worker", str(images), variant, device, str(limit)]
     # Fixed glibc thresholds (this also turns off their dynamic growth): freed blocks go back to the system at
     # once, so RSS follows live memory instead of what the warm-up left in malloc's free lists.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+    if threads is not None:  # intra-op threads of the worker (torch reads OMP_NUM_THREADS at start)
+        env["OMP_NUM_THREADS"] = str(threads)
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     result = json.loads(lines[-1]) if lines else {"error": done.stderr[-2000:]}
@@ -164,7 +166,8 @@ def available_bytes() -> int:
     raise RuntimeError("MemAvailable not in /proc/meminfo")
 
 
-def run_all(sizes: list[int], variants: list[str], device: str, limit_gb: float) -> list[dict]:
+def run_all(sizes: list[int], variants: list[str], device: str, limit_gb: float,
+            threads: int | None = None) -> list[dict]:
     results = []
     for variant in variants:
         measured, stop_reason = [], None
@@ -184,7 +187,7 @@ def run_all(sizes: list[int], variants: list[str], device: str, limit_gb: float)
                     results.append({**row, "skipped": stop_reason})
                     print(f"{variant} {images} images: {stop_reason}", flush=True)
                     continue
-            result = run_worker(images, variant, device, budget)
+            result = run_worker(images, variant, device, budget, threads)
             if "error" in result:
                 stop_reason = "failed"
                 if "watchdog" in result["error"]:
@@ -260,24 +263,27 @@ def main() -> None:
                         help="default: the fused variant of the device (triton on CUDA, cpu here) with target "
                              "'teacher', reference, compiled, and the fused variant with target 'mixed' (<fused>-mixed)")
     parser.add_argument("--limit-gb", type=float, default=24.0, help="memory budget of one run (RAM on CPU)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads per worker (OMP_NUM_THREADS; default: torch's); 1 gives steadier "
+                             "times on a machine shared with other jobs")
     parser.add_argument("--out", type=Path, default=OUT, help="folder for the JSON, markdown and PNG")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     fused = "triton" if device == "cuda" else "cpu"
     variants = args.variants or [fused, f"{fused}-mixed", "reference", "compiled"]
-    results = run_all(sorted(args.images), variants, device, args.limit_gb)
+    results = run_all(sorted(args.images), variants, device, args.limit_gb, args.threads)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     machine = (torch.cuda.get_device_name() if device == "cuda" else
                f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}")
     meta = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), machine=machine, device=device,
-                load_average=os.getloadavg(), student_heads=STUDENT, teacher_heads=TEACHER, head_dim=HEAD_DIM,
-                dtype="bfloat16", target="teacher (variants without -mixed)", divergence="forward")
+                load_average=os.getloadavg(), threads=args.threads or torch.get_num_threads(), student_heads=STUDENT,
+                teacher_heads=TEACHER, head_dim=HEAD_DIM, dtype="bfloat16", target="teacher (variants without -mixed)", divergence="forward")
     (out / "attn_match_150img.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     text = table(results)
     load = ", ".join(f"{x:.2f}" for x in meta["load_average"])
-    (out / "attn_match_150img.md").write_text(f"{meta['date']}, {machine}, load average at the end {load}\n\n"
-                                              f"{text}\n")
+    (out / "attn_match_150img.md").write_text(f"{meta['date']}, {machine}, {meta['threads']} thread(s) per worker, "
+                                              f"load average at the end {load}\n\n{text}\n")
     plot(results, out / "attn_match_150img.png")
     print(text)
 

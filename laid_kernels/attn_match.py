@@ -722,9 +722,10 @@ def _dk_kernel(qs_ptr, qt_ptr, row_m_ptr, sample_rows_ptr, ks_ptr, kt_ptr, wk_pt
 TRITON_BLOCK_M = 32
 TRITON_BLOCK_N = 16
 TRITON_NUM_WARPS = 4
-# target="teacher" (its loop over the teacher heads keeps more tiles live) and the reverse KL: at 4 warps ptxas
-# spills in _dq_kernel ("teacher": 28 to 72 bytes) and in _fwd_kernel / _dk_kernel ("mixed", "reverse": 24 to 40
-# bytes) at 32 x 16 tiles; 8 warps do not. target="mixed" with the forward KL keeps the 4 warps of version 1.
+# Every form but version 1's (target="mixed", forward KL, head mixing), which keeps 4 warps: at 4 warps ptxas
+# spills at 32 x 16 tiles in _dq_kernel for "teacher" (28 to 72 bytes: its loop over the teacher heads keeps more
+# tiles live), in _fwd_kernel / _dk_kernel for "mixed" with the reverse KL (24 to 40 bytes) and in _dk_kernel for
+# frequency mixing with a 16 / 2 student (16 bytes); 8 warps do not.
 TRITON_WIDE_NUM_WARPS = 8
 TRITON_PRECISION = "tf32"  # see the module docstring: "tf32x3" spills at every tile size tried
 
@@ -780,7 +781,8 @@ def attention_launch(kernel, name: str, grid: tuple[int, int, int], rows: Sequen
                                   HT_KV=k_t.shape[2], TEACHER=teacher, REVERSE=divergence == "reverse",
                                   FREQ=not teacher and mixing.dim() == 4,
                                   **_common_constexprs(k_s.shape[3] // 2, section)),
-                  num_warps=TRITON_WIDE_NUM_WARPS if teacher or divergence == "reverse" else TRITON_NUM_WARPS)
+                  num_warps=TRITON_NUM_WARPS if (target, divergence, mixing.dim()) == ("mixed", "forward", 2)
+                  else TRITON_WIDE_NUM_WARPS)
 
 
 def _triton_unsupported(q_s: torch.Tensor, w_q: torch.Tensor, target: str, divergence: str) -> str | None:
