@@ -366,8 +366,8 @@ def _cpu_forward(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section, row
     return (kl.sum(dtype=torch.float64) / kl.numel()).float(), lse_s, lse_x, lse_t, kl
 
 
-def target_gradient(s_s: torch.Tensor, x: torch.Tensor, lse_s: torch.Tensor, lse_x: torch.Tensor, kl: torch.Tensor,
-                    allowed: torch.Tensor, divergence: str) -> torch.Tensor:
+def _cpu_logit_gradient(s_s: torch.Tensor, x: torch.Tensor, lse_s: torch.Tensor, lse_x: torch.Tensor,
+                        kl: torch.Tensor, allowed: torch.Tensor, divergence: str) -> torch.Tensor:
     """dKL/ds_s of one block (in place in s_s), broadcasting row statistics lse_s, lse_x, kl [..., 1] against the
     logits [..., K]: forward p_s - phat; reverse p_s (log p_s - log phat - KL), 0 where not allowed."""
     log_p_s = s_s.sub_(lse_s)
@@ -396,7 +396,7 @@ def _cpu_backward(grad, q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, secti
         stats = [_cpu_lanes(s[lo:hi, :, None], hs_kv).view(hs_kv, hi - lo, group, 1) for s in (lse_s, lse_x, kl)]
         dq = torch.zeros_like(sample.qs)
         for r0, n0, ks, cos, sin, s_s, x, allowed in sample.blocks():
-            d_logits = target_gradient(s_s, x, *(s[:, r0:] for s in stats), allowed[:, None, :], divergence)
+            d_logits = _cpu_logit_gradient(s_s, x, *(s[:, r0:] for s in stats), allowed[:, None, :], divergence)
             d_logits = d_logits.mul_(scale).view(hs_kv, -1, ks.shape[1])  # [Hs_kv, lanes, K]
             dq[:, r0 * group:] += torch.bmm(d_logits, ks)
             dk = torch.bmm(d_logits.transpose(1, 2), sample.qs[:, r0 * group:])  # [Hs_kv, K, D], rotated frame
