@@ -1,19 +1,24 @@
 """Benchmark of attn_match_loss (L_attn) from 1 to 150 images: peak memory and forward+backward time.
 
+Variants (``--variants``; each (variant, size) in its own process): the fused backend of the device ("cpu" here,
+"triton" on CUDA), the plain-PyTorch reference eager ("reference") and under ``torch.compile`` ("compiled"), all
+with the default target="teacher" (the teacher's own heads mixed by pi), and the fused backend with
+target="mixed" ("cpu-mixed" / "triton-mixed": version 1, the baseline of the time budget); divergence "forward".
+
 One sample laid out like a Visual Haystacks prompt (``workload.vhs_prompt``: Qwen2.5-VL's chat template with 357
 visual tokens per image, M-RoPE positions from transformers' ``get_rope_index``). Query rows: both delimiters of
 every image and the question after the last image (2 per image + the question). 7B student heads (28 / 4) against
 32B teacher heads (40 / 8), head_dim 128, bf16 inputs.
 
-Every (backend, size) runs in a fresh process. Memory on CPU: peak RSS (VmHWM, reset after the inputs exist) minus
+Every (variant, size) runs in a fresh process. Memory on CPU: peak RSS (VmHWM, reset after the inputs exist) minus
 RSS after the inputs were created; "extra" subtracts the gradient tensors the loss must return (dq_s, dk_s). On CUDA:
 torch.cuda.max_memory_allocated minus the allocation after the inputs. The reference materialises the logits: its
 memory is predicted from a least-squares fit to the sizes it ran at (features: tokens and rows x tokens), and sizes
 whose prediction exceeds the budget (min(--limit-gb, available memory - 3 GB)) are reported as out of memory
 without being run; a watchdog also ends a worker whose RSS crosses the budget.
 
-    python benchmarks/attn_match_150img.py                       # all sizes, fused backend of the device + reference
-    python benchmarks/attn_match_150img.py --images 1 10 --backends cpu
+    python benchmarks/attn_match_150img.py                       # all sizes, every variant
+    python benchmarks/attn_match_150img.py --images 1 10 --variants cpu cpu-mixed
 
 Writes attn_match_150img.{json,md,png} to --out (default benchmarks/out/).
 """
@@ -77,15 +82,27 @@ def _watchdog(limit: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def worker(images: int, backend: str, device: str, limit: int) -> dict:
-    """One forward+backward measurement after a 1-image warm-up (memory of the first measured run, time = best of the
-    runs within ~30 s)."""
+def variant_loss(variant: str):
+    """The loss function of a variant: (fused backend | "reference" | "compiled")[-mixed]; returns
+    loss(**inputs) -> 0-dim tensor."""
     import laid_kernels
 
+    name, _, mixed = variant.partition("-")
+    options = dict(progress=0.5, alpha=1.0, target="mixed" if mixed else "teacher")
+    if name == "compiled":
+        compiled = torch.compile(laid_kernels.reference.attn_match_loss, dynamic=True)
+        return lambda **inputs: compiled(**inputs, **options)
+    return lambda **inputs: laid_kernels.attn_match_loss(**inputs, **options, backend=name)
+
+
+def worker(images: int, variant: str, device: str, limit: int) -> dict:
+    """One forward+backward measurement after a 1-image warm-up (memory of the first measured run, time = best of the
+    runs within ~30 s)."""
     if device == "cpu":
         _watchdog(limit)
+    loss_fn = variant_loss(variant)
     warm_up = make_inputs(1, device)  # one-time costs (lazy library loading, thread pools, kernel compilation)
-    laid_kernels.attn_match_loss(**warm_up, progress=0.5, alpha=1.0, backend=backend).backward()
+    loss_fn(**warm_up).backward()
     del warm_up
     inputs = make_inputs(images, device)
     input_bytes = sum(v.numel() * v.element_size() for v in inputs.values() if isinstance(v, torch.Tensor))
@@ -102,7 +119,7 @@ def worker(images: int, backend: str, device: str, limit: int) -> dict:
         for k in ("q_s", "k_s"):
             inputs[k].grad = None
         start = time.perf_counter()
-        loss = laid_kernels.attn_match_loss(**inputs, progress=0.5, alpha=1.0, backend=backend)
+        loss = loss_fn(**inputs)
         loss.backward()
         if device != "cpu":
             torch.cuda.synchronize()
@@ -110,16 +127,18 @@ def worker(images: int, backend: str, device: str, limit: int) -> dict:
         if peak is None:
             peak = (proc_status_bytes("VmHWM") if device == "cpu" else torch.cuda.max_memory_allocated()) - base
     seq, rows = inputs["positions"].shape[-1], int(inputs["query_mask"].sum())
-    return dict(images=images, tokens=seq, rows=rows, backend=backend, device=device, seconds=min(times),
+    return dict(images=images, tokens=seq, rows=rows, variant=variant, device=device, seconds=min(times),
                 runs=len(times), loss=loss.item(), peak_bytes=peak, extra_bytes=peak - grad_bytes,
                 input_bytes=input_bytes, grad_bytes=grad_bytes)
 
 
-def run_worker(images: int, backend: str, device: str, limit: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", str(images), backend, device, str(limit)]
+def run_worker(images: int, variant: str, device: str, limit: int, threads: int | None) -> dict:
+    cmd = [sys.executable, __file__, "--worker", str(images), variant, device, str(limit)]
     # Fixed glibc thresholds (this also turns off their dynamic growth): freed blocks go back to the system at
     # once, so RSS follows live memory instead of what the warm-up left in malloc's free lists.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+    if threads is not None:  # intra-op threads of the worker (torch reads OMP_NUM_THREADS at start)
+        env["OMP_NUM_THREADS"] = str(threads)
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     result = json.loads(lines[-1]) if lines else {"error": done.stderr[-2000:]}
@@ -147,50 +166,51 @@ def available_bytes() -> int:
     raise RuntimeError("MemAvailable not in /proc/meminfo")
 
 
-def run_all(sizes: list[int], backends: list[str], device: str, limit_gb: float) -> list[dict]:
+def run_all(sizes: list[int], variants: list[str], device: str, limit_gb: float,
+            threads: int | None = None) -> list[dict]:
     results = []
-    for backend in backends:
+    for variant in variants:
         measured, stop_reason = [], None
         for images in sizes:
             seq, rows = tokens_and_rows(images)
             budget = min(int(limit_gb * GIB), available_bytes() - MARGIN_BYTES)
-            row = dict(images=images, tokens=seq, rows=rows, backend=backend, device=device)
+            row = dict(images=images, tokens=seq, rows=rows, variant=variant, device=device)
             if stop_reason is not None:
                 results.append({**row, "skipped": stop_reason})
                 continue
             predicted = None
-            if backend == "reference" and len(measured) >= 3:
+            if variant in ("reference", "compiled") and len(measured) >= 3:
                 predicted = fit_prediction(measured)(images)
                 row["predicted_bytes"] = predicted
                 if predicted > budget:
                     stop_reason = f"out of memory (predicted {predicted / GIB:.1f} GB > budget {budget / GIB:.1f} GB)"
                     results.append({**row, "skipped": stop_reason})
-                    print(f"{backend} {images} images: {stop_reason}", flush=True)
+                    print(f"{variant} {images} images: {stop_reason}", flush=True)
                     continue
-            result = run_worker(images, backend, device, budget)
+            result = run_worker(images, variant, device, budget, threads)
             if "error" in result:
                 stop_reason = "failed"
                 if "watchdog" in result["error"]:
                     stop_reason = f"out of memory (RSS passed the {budget / GIB:.1f} GB budget" + (
                         f"; predicted {predicted / GIB:.1f} GB)" if predicted is not None else ")")
                 results.append({**row, "skipped": stop_reason, "detail": result["error"][-500:]})
-                print(f"{backend} {images} images: {stop_reason}", flush=True)
+                print(f"{variant} {images} images: {stop_reason}", flush=True)
                 continue
             if predicted is not None:
                 result["predicted_bytes"] = predicted
             measured.append(result)
             results.append(result)
-            print(f"{backend} {images} images ({seq} tokens, {rows} rows): {result['seconds']:.2f} s, peak "
+            print(f"{variant} {images} images ({seq} tokens, {rows} rows): {result['seconds']:.2f} s, peak "
                   f"{result['peak_bytes'] / GIB:.3f} GiB, extra beyond grads {result['extra_bytes'] / GIB:.3f} GiB "
                   f"({100 * result['extra_bytes'] / result['input_bytes']:.1f}% of inputs)", flush=True)
     return results
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| backend | images | tokens | rows | fwd+bwd (s) | peak memory beyond inputs (MiB) | beyond inputs and "
+    lines = ["| variant | images | tokens | rows | fwd+bwd (s) | peak memory beyond inputs (MiB) | beyond inputs and "
              "returned grads (MiB) | that / input bytes | predicted peak (MiB) |", "|---" * 9 + "|"]
     for r in results:
-        head = f"| {r['backend']} | {r['images']} | {r['tokens']} | {r['rows']} |"
+        head = f"| {r['variant']} | {r['images']} | {r['tokens']} | {r['rows']} |"
         predicted = f" {r['predicted_bytes'] / 2**20:.0f} |" if "predicted_bytes" in r else " |"
         if "skipped" in r:
             lines.append(f"{head} {r['skipped']} | | | |{predicted}")
@@ -206,14 +226,14 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(11, 4))
-    for backend in dict.fromkeys(r["backend"] for r in results):
-        ran = [r for r in results if r["backend"] == backend and "skipped" not in r]
-        predicted = [r for r in results if r["backend"] == backend and "predicted_bytes" in r and "skipped" in r]
-        ax_mem.plot([r["images"] for r in ran], [r["peak_bytes"] / GIB for r in ran], "o-", label=backend)
+    for variant in dict.fromkeys(r["variant"] for r in results):
+        ran = [r for r in results if r["variant"] == variant and "skipped" not in r]
+        predicted = [r for r in results if r["variant"] == variant and "predicted_bytes" in r and "skipped" in r]
+        ax_mem.plot([r["images"] for r in ran], [r["peak_bytes"] / GIB for r in ran], "o-", label=variant)
         if predicted:
             ax_mem.plot([r["images"] for r in predicted], [r["predicted_bytes"] / GIB for r in predicted], "x--",
-                        label=f"{backend} (predicted; out of memory)")
-        ax_time.plot([r["images"] for r in ran], [r["seconds"] for r in ran], "o-", label=backend)
+                        label=f"{variant} (predicted; out of memory)")
+        ax_time.plot([r["images"] for r in ran], [r["seconds"] for r in ran], "o-", label=variant)
     inputs = [r for r in results if "input_bytes" in r]
     ax_mem.plot([r["images"] for r in inputs], [r["input_bytes"] / GIB for r in inputs], ":", color="gray",
                 label="input bytes")
@@ -234,28 +254,36 @@ def cpu_name() -> str:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        images, backend, device, limit = int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
-        print(json.dumps(worker(images, backend, device, limit)), flush=True)
+        images, variant, device, limit = int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
+        print(json.dumps(worker(images, variant, device, limit)), flush=True)
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, nargs="+", default=[1, 2, 5, 10, 25, 50, 100, 150])
-    parser.add_argument("--backends", nargs="+", default=None,
-                        help="default: the fused backend of the device (triton on CUDA, cpu here) and reference")
+    parser.add_argument("--variants", nargs="+", default=None,
+                        help="default: the fused variant of the device (triton on CUDA, cpu here) with target "
+                             "'teacher', reference, compiled, and the fused variant with target 'mixed' (<fused>-mixed)")
     parser.add_argument("--limit-gb", type=float, default=24.0, help="memory budget of one run (RAM on CPU)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads per worker (OMP_NUM_THREADS; default: torch's); 1 gives steadier "
+                             "times on a machine shared with other jobs")
     parser.add_argument("--out", type=Path, default=OUT, help="folder for the JSON, markdown and PNG")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    backends = args.backends or ["triton" if device == "cuda" else "cpu", "reference"]
-    results = run_all(sorted(args.images), backends, device, args.limit_gb)
+    fused = "triton" if device == "cuda" else "cpu"
+    variants = args.variants or [fused, f"{fused}-mixed", "reference", "compiled"]
+    results = run_all(sorted(args.images), variants, device, args.limit_gb, args.threads)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     machine = (torch.cuda.get_device_name() if device == "cuda" else
                f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}")
-    meta = dict(date=time.strftime("%Y-%m-%d", time.gmtime()), machine=machine, device=device,
-                student_heads=STUDENT, teacher_heads=TEACHER, head_dim=HEAD_DIM, dtype="bfloat16")
+    meta = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), machine=machine, device=device,
+                load_average=os.getloadavg(), threads=args.threads or torch.get_num_threads(), student_heads=STUDENT,
+                teacher_heads=TEACHER, head_dim=HEAD_DIM, dtype="bfloat16", target="teacher (variants without -mixed)", divergence="forward")
     (out / "attn_match_150img.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     text = table(results)
-    (out / "attn_match_150img.md").write_text(f"{meta['date']}, {machine}\n\n{text}\n")
+    load = ", ".join(f"{x:.2f}" for x in meta["load_average"])
+    (out / "attn_match_150img.md").write_text(f"{meta['date']}, {machine}, {meta['threads']} thread(s) per worker, "
+                                              f"load average at the end {load}\n\n{text}\n")
     plot(results, out / "attn_match_150img.png")
     print(text)
 

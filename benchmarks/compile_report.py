@@ -28,8 +28,11 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before laid_kernels defines it
 import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's laid_kernels, not an installed one
 
 import torch  # noqa: E402
 from bytecount import ByteCounter  # noqa: E402

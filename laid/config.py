@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from laid_kernels.validation import ATTN_DIVERGENCES, ATTN_TARGETS
+
 from .data import TASKS
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -32,6 +34,7 @@ MIXER_INITS = ("lstsq", "uniform", "nearest")
 QK_NORMALIZES = ("student", "target", "none")
 MIXINGS = ("head", "frequency")
 KERNEL_BACKENDS = ("auto", "triton", "cpu", "reference")
+ATTN_ROWS = ("text", "after_images")
 
 
 @dataclass
@@ -74,6 +77,14 @@ class LAidConfig:
         "help": "weight of L_attn (progressive attention matching) inside the LAid term"})
     alpha: float = field(default=1.0, metadata={
         "help": "distance-weight exponent of L_attn, omega_p(d) = (1 + log2(1 + d)) ** (alpha * p)"})
+    attn_target: str = field(default="teacher", metadata={
+        "help": "L_attn's target rows: teacher (the teacher's own heads mixed by pi = W_q^2 row-normalised, version 2) "
+                "or mixed (the softmax of the mixed Q/K, version 1)"})
+    attn_divergence: str = field(default="forward", metadata={
+        "help": "L_attn's divergence: forward KL(target || student) or reverse KL(student || target)"})
+    attn_rows: str = field(default="text", metadata={
+        "help": "L_attn's query rows: text (every valid token that is not an image pad token) or after_images (only "
+                "the tokens after the last image: the question and the answer)"})
     lambda_kl: float = field(default=1.0, metadata={
         "help": "weight of L_KL, the teacher-student KL divergence at the answer positions"})
     tau: float = field(default=1.0, metadata={"help": "temperature of L_KL"})
@@ -198,6 +209,9 @@ class LAidConfig:
         _choice("mixing", self.mixing, MIXINGS)
         _choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
         _choice("task", self.task, TASKS)
+        _choice("attn_target", self.attn_target, ATTN_TARGETS)
+        _choice("attn_divergence", self.attn_divergence, ATTN_DIVERGENCES)
+        _choice("attn_rows", self.attn_rows, ATTN_ROWS)
         for name in ("teacher", "student") if self.needs_teacher else ("student",):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name} must be a model folder or hub id, got {getattr(self, name)!r}")

@@ -8,7 +8,8 @@ lambda_kl = 0) and the student with :class:`laid.capture.QKCapture` hooks on the
 - L_qk: ``laid_kernels.qk_align_loss`` per aligned pair (mean over pairs) with ``qk_normalize`` ("student": the
   unexplained share of the student's Q/K energy) and the mixer's head or frequency mixing, weighted by ``qk_weight``
   (1; 0 ablates it and skips it);
-- L_attn: ``laid_kernels.attn_match_loss`` per pair with progress p = step / total steps (mean over pairs);
+- L_attn: ``laid_kernels.attn_match_loss`` per pair with progress p = step / total steps (mean over pairs), with
+  ``config.attn_target`` / ``attn_divergence`` and the query rows of ``config.attn_rows`` (:func:`attention_rows`);
 - L_KL: tau^2 KL(teacher || student) at the answer positions, both logit vectors cut to the shared tokenizer
   vocabulary first, so models with different (padded) vocabulary sizes work together;
 - L_SFT: cross-entropy on the answer tokens.
@@ -43,6 +44,25 @@ def answer_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     if keep.numel() == 0:
         raise ValueError("labels: the batch has no supervised (answer) token; every label is -100")
     return keep, supervised[:, keep], labels[:, keep + 1]
+
+
+def attention_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int,
+                   rows: str) -> torch.Tensor:
+    """The query rows of L_attn, bool [B, N], for ``LAidConfig.attn_rows``.
+
+    input_ids, attention_mask: [B, N]. "text": every valid token that is not an image pad token (delimiters and
+    all text, before and after the images). "after_images": the valid tokens after the last image pad token of each
+    sample (the question and the answer position); a sample without images keeps all its valid tokens.
+    """
+    valid = attention_mask.bool()
+    is_image = input_ids == image_token_id
+    if rows == "text":
+        return valid & ~is_image
+    if rows != "after_images":
+        raise ValueError(f"attn_rows must be 'text' or 'after_images', got {rows!r}")
+    index = torch.arange(input_ids.shape[1], device=input_ids.device)
+    last_image = torch.where(is_image, index, -1).amax(dim=1)  # [B], -1 without images
+    return valid & (index[None, :] > last_image[:, None])
 
 
 def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, vocab: int, tau: float) -> torch.Tensor:
@@ -140,7 +160,7 @@ class LAidObjective:
         terms: dict[str, torch.Tensor] = {}
         if config.lambda_laid > 0:
             inv_freq = self.inv_freq.to(input_ids.device)
-            query_mask = valid & (input_ids != self.image_token_id)
+            query_mask = attention_rows(input_ids, attention_mask, self.image_token_id, config.attn_rows)
             qk, attn = [], []
             for pair, slot in enumerate(self.teacher_slot):
                 args = (self.student_capture.queries[pair], self.student_capture.keys[pair],
@@ -152,6 +172,8 @@ class LAidObjective:
                 if config.beta > 0:
                     attn.append(laid_kernels.attn_match_loss(*args, query_mask, progress=progress,
                                                              alpha=config.alpha, valid=valid,
+                                                             target=config.attn_target,
+                                                             divergence=config.attn_divergence,
                                                              backend=config.kernel_backend))
             if qk:
                 terms["qk"] = torch.stack(qk).mean()

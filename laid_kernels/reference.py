@@ -8,7 +8,8 @@ the logits). Differentiable by autograd. Notation and shapes follow ``shared/lai
 - positions [3, B, N] (rows t, h, w) or [B, N] integer M-RoPE positions; inv_freq [D/2]; mrope_section (s0, s1, s2)
   with s0 + s1 + s2 = D/2.
 - w_q [Hs, Ht], w_k [Hs_kv, Ht_kv]: head mixing; student head i is aligned to sum_j w_q[i, j] * teacher head j.
-  qk_align_loss also takes frequency mixing w_q [Hs, Ht, D/2, 2], w_k [Hs_kv, Ht_kv, D/2, 2] (see :func:`mix_heads`).
+  qk_align_loss and attn_match_loss also take frequency mixing w_q [Hs, Ht, D/2, 2], w_k [Hs_kv, Ht_kv, D/2, 2]:
+  complex weights (last axis real, imaginary) on the RoPE pair (f, f + D/2) of each head (:func:`mix_heads`).
 - query_mask [B, N] bool: the query rows of attention matching; valid [B, N] bool: the attention mask.
 """
 
@@ -62,21 +63,6 @@ def token_weights(valid: torch.Tensor | None, token_weight: torch.Tensor | None,
     """Per-token weight w_n [B, N] fp32: token_weight (default 1) where valid (default everywhere), else 0."""
     weight = torch.ones(batch, seq, device=device) if token_weight is None else token_weight.float()
     return weight if valid is None else weight * valid.bool()
-
-
-def mix_heads(w: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """The mixed teacher target [B, N, Hs, D] of teacher rows ``teacher`` [B, N, Ht, D] (in ``w``'s dtype).
-
-    Head mixing, w [Hs, Ht]: m_i = sum_j w[i, j] teacher_j. Frequency mixing, w [Hs, Ht, D/2, 2]: channels f and
-    f + D/2 are the real and imaginary parts of z_f, and m_i,f = sum_j C[i, j, f] z_j,f with C = w[..., 0] + i w[..., 1].
-    """
-    if w.dim() == 2:
-        return torch.einsum("ij,bnjd->bnid", w, teacher)
-    real, imag = teacher.chunk(2, dim=-1)  # [B, N, Ht, D/2] each
-    c_real, c_imag = w[..., 0], w[..., 1]  # [Hs, Ht, D/2]
-    mixed_real = torch.einsum("ijf,bnjf->bnif", c_real, real) - torch.einsum("ijf,bnjf->bnif", c_imag, imag)
-    mixed_imag = torch.einsum("ijf,bnjf->bnif", c_real, imag) + torch.einsum("ijf,bnjf->bnif", c_imag, real)
-    return torch.cat((mixed_real, mixed_imag), dim=-1)
 
 
 def mixing_statistics(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor | None = None,
@@ -172,26 +158,57 @@ def distance_log_weight(distance: torch.Tensor, alpha: float, progress: float,
     return (alpha * progress) * torch.log1p(torch.log2(1.0 + distance.to(dtype)))
 
 
+def mix_heads(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """sum_j w[i, j] x[..., j, :]: x [..., H_in, D] -> [..., H_out, D] in x's dtype.
+
+    w: head mixing [H_out, H_in], or frequency mixing [H_out, H_in, D/2, 2]: channels (f, f + D/2) of a head are
+    the real and imaginary part of z_f, and the mix is sum_j C[i, j, f] z_j,f with C = w[..., 0] + i w[..., 1].
+    Both commute with the rotation R (a complex product commutes with a rotation of its plane).
+    """
+    if w.dim() == 2:
+        return torch.einsum("ij,...jd->...id", w, x)
+    real, imag = w[..., 0], w[..., 1]  # [H_out, H_in, D/2]
+    x1, x2 = x.chunk(2, dim=-1)
+    y1 = torch.einsum("ijf,...jf->...if", real, x1) - torch.einsum("ijf,...jf->...if", imag, x2)
+    y2 = torch.einsum("ijf,...jf->...if", real, x2) + torch.einsum("ijf,...jf->...if", imag, x1)
+    return torch.cat((y1, y2), dim=-1)
+
+
+def attention_mixture(w_q: torch.Tensor) -> torch.Tensor:
+    """pi [Hs, Ht] = w_q[i, j]^2 / sum_j' w_q[i, j']^2 (frequency mixing [Hs, Ht, D/2, 2]: the energy
+    sum_f |C[i, j, f]|^2 in place of w_q[i, j]^2), in w_q's dtype: the weight of teacher head j's attention in
+    student head i's target under target="teacher". Each row sums to 1."""
+    energy = w_q.square() if w_q.dim() == 2 else w_q.square().sum(dim=(2, 3))
+    return energy / energy.sum(dim=1, keepdim=True)
+
+
 def attn_match_loss(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor,
                     w_q: torch.Tensor, w_k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
                     mrope_section: Sequence[int], query_mask: torch.Tensor, *, progress: float, alpha: float = 1.0,
-                    valid: torch.Tensor | None = None) -> torch.Tensor:
+                    valid: torch.Tensor | None = None, target: str = "teacher",
+                    divergence: str = "forward") -> torch.Tensor:
     """L_attn, progressive distance-weighted attention matching (fp32 scalar; fp64 for fp64 inputs); materialises
     the logits.
 
     For every sample b, selected valid query row m (query_mask & valid) and student head i, over the keys n <= m
     that are valid in sample b, with d = m - n:
 
-        s_s(m, n) = (R q_s,i(m)) . (R k_s,g(i)(n)) / sqrt(D),  g(i) = i // (Hs / Hs_kv)
-        s_t(m, n) = (sum_j w_q[i,j] R q_t,j(m)) . (sum_j w_k[g(i),j] R k_t,j(n)) / sqrt(D)
-        log phat_t(m, n) = s_t + log omega_p(d) - logsumexp_n(s_t + log omega_p(d))
-        L = mean over (b, m, i) of KL(phat_t || softmax_n s_s) = sum_n phat_t (log phat_t - log_softmax_n s_s)
+        s_s(m, n) = (R q_s,i(m)) . (R k_s,g(i)(n)) / sqrt(D),  g(i) = i // (Hs / Hs_kv),  p_s = softmax_n s_s
+        target="teacher": pbar_i = sum_j pi[i, j] softmax_n((R q_t,j(m)) . (R k_t,j // (Ht / Ht_kv)(n)) / sqrt(D))
+                          with pi = attention_mixture(w_q)
+        target="mixed":   pbar_i = softmax_n((mix(w_q) R q_t)_i(m) . (mix(w_k) R k_t)_g(i)(n) / sqrt(D))
+        phat_i(n) = omega_p(d) pbar_i(n) / sum_n' omega_p(d') pbar_i(n'),  log omega_p(d) = distance_log_weight
+        divergence="forward": KL(phat || p_s) = sum_n phat (log phat - log p_s)
+        divergence="reverse": KL(p_s || phat) = sum_n p_s (log p_s - log phat)
+        L = mean over (b, m, i) of the KL
 
-    Selected rows that are padding (valid False) are ignored. The teacher side (q_t, k_t, w_q, w_k) is a target:
-    no gradient flows into it. Memory: logits [Hs, rows of a sample, N] per sample, plus rotated copies of all inputs.
+    mix is ``mix_heads`` (head or frequency mixing). Selected rows that are padding (valid False) are ignored. The
+    teacher side (q_t, k_t, w_q, w_k) is a target: no gradient flows into it. Memory: logits [Hs (and Ht), rows of
+    a sample, N] per sample, plus rotated copies of all inputs.
     """
     positions, section, rows = check_attn_match_args(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq,
-                                                     mrope_section, query_mask, valid, progress, alpha)
+                                                     mrope_section, query_mask, valid, progress, alpha, target,
+                                                     divergence)
     batch, seq, hs, dim = q_s.shape
     group = hs // k_s.shape[2]
     key_valid = torch.ones(batch, seq, dtype=torch.bool, device=q_s.device) if valid is None else valid.bool()
@@ -199,11 +216,14 @@ def attn_match_loss(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t
     inputs = (q_s, k_s, q_t, k_t, w_q, w_k)
     student_q = rotate(upcast(q_s, *inputs), cos, sin)  # [B, N, Hs, D]
     student_k = rotate(upcast(k_s, *inputs), cos, sin).repeat_interleave(group, dim=2)  # [B, N, Hs, D]
-    teacher_q = torch.einsum("ij,bnjd->bnid", upcast(w_q.detach(), *inputs),
-                             rotate(upcast(q_t.detach(), *inputs), cos, sin))
-    teacher_k = torch.einsum("ij,bnjd->bnid", upcast(w_k.detach(), *inputs),
-                             rotate(upcast(k_t.detach(), *inputs), cos, sin))
-    teacher_k = teacher_k.repeat_interleave(group, dim=2)  # [B, N, Hs, D]
+    teacher_q = rotate(upcast(q_t.detach(), *inputs), cos, sin)  # [B, N, Ht, D]
+    teacher_k = rotate(upcast(k_t.detach(), *inputs), cos, sin)  # [B, N, Ht_kv, D]
+    if target == "teacher":
+        mixture = attention_mixture(upcast(w_q.detach(), *inputs))  # [Hs, Ht]
+        teacher_k = teacher_k.repeat_interleave(q_t.shape[2] // k_t.shape[2], dim=2)  # [B, N, Ht, D]
+    else:
+        teacher_q = mix_heads(upcast(w_q.detach(), *inputs), teacher_q)  # [B, N, Hs, D]
+        teacher_k = mix_heads(upcast(w_k.detach(), *inputs), teacher_k).repeat_interleave(group, dim=2)
 
     total = torch.zeros((), device=q_s.device)
     for b in range(batch):
@@ -214,12 +234,15 @@ def attn_match_loss(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t
         allowed = (n[None, :] <= m[:, None]) & key_valid[b][None, :]  # [R_b, N]
         distance = (m[:, None] - n[None, :]).clamp_min(0)
         logits_s = torch.einsum("rid,nid->irn", student_q[b, m], student_k[b]) / dim ** 0.5  # [Hs, R_b, N]
-        logits_t = torch.einsum("rid,nid->irn", teacher_q[b, m], teacher_k[b]) / dim ** 0.5
-        logits_t = logits_t + distance_log_weight(distance, alpha, progress, logits_t.dtype)
-        logits_s = logits_s.masked_fill(~allowed, float("-inf"))
-        logits_t = logits_t.masked_fill(~allowed, float("-inf"))
-        log_p_s = torch.log_softmax(logits_s, dim=-1)
-        log_phat_t = torch.log_softmax(logits_t, dim=-1)
-        kl = torch.where(allowed, log_phat_t.exp() * (log_phat_t - log_p_s), 0.0).sum(dim=-1)  # [Hs, R_b]
-        total = total + kl.sum()
+        logits_t = torch.einsum("rid,nid->irn", teacher_q[b, m], teacher_k[b]) / dim ** 0.5  # [Ht or Hs, R_b, N]
+        log_p_s = torch.log_softmax(logits_s.masked_fill(~allowed, float("-inf")), dim=-1)
+        log_p_t = torch.log_softmax(logits_t.masked_fill(~allowed, float("-inf")), dim=-1)
+        if target == "teacher":
+            log_p_t = torch.einsum("ij,jrn->irn", mixture, log_p_t.exp()).log()  # log pbar [Hs, R_b, N]
+        log_phat = torch.log_softmax(log_p_t + distance_log_weight(distance, alpha, progress, log_p_t.dtype), dim=-1)
+        if divergence == "forward":
+            kl = torch.where(log_phat > float("-inf"), log_phat.exp() * (log_phat - log_p_s), 0.0)
+        else:
+            kl = log_p_s.exp() * torch.where(allowed, log_p_s - log_phat, 0.0)  # (no NaN gradient where blocked)
+        total = total + kl.sum(dim=-1).sum()  # KL per (head, row), summed
     return total / (rows.sum() * hs)

@@ -14,6 +14,8 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # float64: gradcheck of the references
 INT_DTYPES = (torch.int64, torch.int32)
 NORMALIZE_MODES = ("student", "target", "none")  # L_qk normalisations (shared/laid-spec.md)
+ATTN_TARGETS = ("teacher", "mixed")
+ATTN_DIVERGENCES = ("forward", "reverse")
 
 
 def _shape(t: torch.Tensor) -> list[int]:
@@ -193,17 +195,28 @@ def check_qk_align_args(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor,
 def check_attn_match_args(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor,
                           w_q: torch.Tensor, w_k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
                           mrope_section: Sequence[int], query_mask: torch.Tensor, valid: torch.Tensor | None,
-                          progress: float, alpha: float) -> tuple[torch.Tensor, tuple[int, int, int], torch.Tensor]:
+                          progress: float, alpha: float, target: str = "teacher",
+                          divergence: str = "forward") -> tuple[torch.Tensor, tuple[int, int, int], torch.Tensor]:
     """All checks of ``attn_match_loss``; returns ``(positions3 [3, B, N], section, rows [B, N] bool)``.
 
     ``rows`` = query_mask & valid: the query rows that count (selected padding rows are ignored). Reads that mask's
-    data once (a device synchronisation) to reject a call that selects no valid row, which would give a NaN.
+    data once (a device synchronisation) to reject a call that selects no valid row, which would give a NaN; with
+    target="teacher" also reads w_q to reject a student head whose mixing weights are all zero (its attention
+    mixture pi[i, :] would be 0 / 0).
     """
     op = "attn_match_loss"
-    batch, seq, hs, hs_kv, _, _, dim = check_student_teacher(op, q_s, k_s, q_t, k_t, w_q, w_k)
+    if target not in ATTN_TARGETS:
+        raise ValueError(f"{op}: target must be one of {list(ATTN_TARGETS)}, got {target!r}")
+    if divergence not in ATTN_DIVERGENCES:
+        raise ValueError(f"{op}: divergence must be one of {list(ATTN_DIVERGENCES)}, got {divergence!r}")
+    batch, seq, hs, hs_kv, ht, ht_kv, dim = check_student_teacher(op, q_s, k_s, q_t, k_t, w_q, w_k,
+                                                                  frequency_mixing=True)
     if hs % hs_kv:
         raise ValueError(f"{op}: student query heads Hs = {hs} (q_s) must be a multiple of student kv heads "
                          f"Hs_kv = {hs_kv} (k_s) for grouped-query attention")
+    if target == "teacher" and ht % ht_kv:
+        raise ValueError(f"{op}: teacher query heads Ht = {ht} (q_t) must be a multiple of teacher kv heads "
+                         f"Ht_kv = {ht_kv} (k_t) for the teacher's own grouped-query attention (target='teacher')")
     positions, section = check_rope_inputs(op, positions, inv_freq, mrope_section, batch, seq, dim)
     if query_mask is None:
         raise TypeError(f"{op}: query_mask is required (a bool tensor [B, N] selecting the query rows)")
@@ -219,4 +232,11 @@ def check_attn_match_args(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tenso
     if not bool(rows.any()):
         raise ValueError(f"{op}: query_mask selects no valid row (after excluding padding with valid); the loss "
                          "is a mean over selected rows and would be NaN")
+    if target == "teacher":
+        energy = w_q.detach().square().flatten(1).sum(1)  # [Hs]
+        if not bool(((energy > 0) & energy.isfinite()).all()):
+            bad = (~((energy > 0) & energy.isfinite())).nonzero().flatten().tolist()
+            raise ValueError(f"{op}: w_q row(s) {bad} are all zero (or not finite): "
+                             "target='teacher' weights the teacher heads by pi[i, j] = w_q[i, j]^2 / sum_j' "
+                             "w_q[i, j']^2, which is undefined for a zero row")
     return positions, section, rows

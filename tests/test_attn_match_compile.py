@@ -1,8 +1,9 @@
 """Ahead-of-time compilation of the attn_match_loss Triton kernels for A100 (sm_80) and H100 (sm_90), no GPU needed.
 
-Every launch of a forward + backward (``attn_match.aot_launches``: the block sizes, warps and dot precision the
-kernels really launch with) is compiled for the 7B student (28 / 4 heads) against the 32B teacher (40 / 8) at 150
-images (53,590 tokens, 340 query rows), in a subprocess without TRITON_INTERPRET (laid_kernels.aot). ptxas must report
+Every launch of a forward + backward of every form (``attn_match.aot_launches``: target "teacher" with its first
+pass over the teacher's keys, and "mixed", forward and reverse KL, frequency mixing; the block sizes, warps and dot
+precision the kernels really launch with) is compiled for the 7B student (28 / 4 heads) against the 32B teacher
+(40 / 8) at 150 images (53,590 tokens, 340 query rows), in a subprocess without TRITON_INTERPRET (laid_kernels.aot). ptxas must report
 no spill stores or loads and no local memory; the stack frame is allowed (libdevice's accurate cos / sin keep their
 argument-reduction array there), but the accurate cos / sin must be what the PTX calls.
 """
@@ -18,13 +19,19 @@ pytestmark = pytest.mark.skipif(aot.why_cannot_compile() is not None, reason=str
 
 @pytest.fixture(scope="module")
 def compiled():
+    # 32 compilations (16 launches x 2 archs): a few minutes on a loaded 2-core machine without Triton's cache
     return aot.compile_in_subprocess("laid_kernels.attn_match:aot_launches", {"heads": (28, 4, 40, 8)},
-                                     archs=(80, 90))
+                                     archs=(80, 90), timeout=1800)
+
+
+FORMS = ("", "[teacher, reverse]", "[mixed, forward]", "[mixed, reverse]", "[mixed, forward, frequency]")
 
 
 def test_every_launch_compiles_for_both_archs(compiled):
+    """The teacher target's first pass and the three kernels of every form (target, divergence, frequency mixing)."""
     names = {(r.name, r.arch) for r in compiled}
-    assert names == {(n, a) for n in ("attn_match/forward", "attn_match/dq", "attn_match/dk") for a in (80, 90)}
+    kernels = ["attn_match/teacher_lse"] + [f"attn_match/{k}{f}" for f in FORMS for k in ("forward", "dq", "dk")]
+    assert names == {(n, a) for n in kernels for a in (80, 90)}
 
 
 def test_no_register_spills(compiled):

@@ -11,6 +11,7 @@ def test_defaults_are_the_paper_recipe():
     assert (config.lr, config.mixer_lr, config.epochs, config.batch_size, config.grad_accum) == (1e-5, 1e-4, 10, 1, 8)
     assert config.layer_pairs == [[-1, -1]] and config.train_language_model and not config.train_vision
     assert (config.qk_normalize, config.mixing) == ("student", "head")  # objective version 2, the paper's mixing
+    assert (config.attn_target, config.attn_divergence, config.attn_rows) == ("teacher", "forward", "text")
 
 
 def test_yaml_then_string_overrides(tmp_path):
@@ -38,6 +39,9 @@ def test_yaml_then_string_overrides(tmp_path):
     ({"mixing": "complex"}, "mixing must be one of ('head', 'frequency')"),
     ({"lambda_laid": 0, "lambda_kl": 0, "lambda_sft": 0}, "the loss is empty"),
     ({"min_pixels": 100, "max_pixels": 10}, "max_pixels (10) must be >= min_pixels (100)"),
+    ({"attn_target": "student"}, "attn_target must be one of ('teacher', 'mixed')"),
+    ({"attn_divergence": "js"}, "attn_divergence must be one of ('forward', 'reverse')"),
+    ({"attn_rows": "all"}, "attn_rows must be one of ('text', 'after_images')"),
 ])
 def test_bad_values_name_the_field(overrides, message):
     with pytest.raises(ValueError) as error:

@@ -12,13 +12,13 @@ import torch
 import yaml
 from accelerate import Accelerator
 from safetensors.torch import load_file
-from transformers import Qwen2_5_VLForConditionalGeneration
+from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 
 import laid
 from laid.capture import QKCapture, decoder_layers
 from laid.checkpoint import export, latest_checkpoint
 from laid.cli import main
-from laid.losses import LAidObjective
+from laid.losses import LAidObjective, attention_rows
 from laid.mixer import HeadMixer
 from laid.models import load_processor, load_student, load_teacher, text_config
 from laid.trainer import QK_UNEXPLAINED, metrics_until
@@ -297,3 +297,30 @@ def test_version_1_normalisation_keeps_its_warning_threshold(paths, tmp_path, ca
     laid.train(tiny_config(paths, tmp_path / "v1", max_steps=1, qk_normalize="target"))
     assert read_metrics(tmp_path / "v1")[0]["qk"] > QK_UNEXPLAINED["target"]
     assert capsys.readouterr().out.count("warning: L_qk") == 1
+
+
+def test_attention_rows_after_images_are_the_tokens_after_the_last_image(paths):
+    """On a real tiny batch (two samples, padded): "after_images" selects exactly the valid tokens after each
+    sample's last image pad token, "text" every valid non-image token; the trainer passes attn_rows, target and
+    divergence through (a different choice changes L_attn)."""
+    processor = load_processor(paths["processor"])
+    batch = first_batch(paths, processor, size=2)
+    image = AutoConfig.from_pretrained(paths["student"]).image_token_id
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    after = attention_rows(ids, mask, image, "after_images")
+    text = attention_rows(ids, mask, image, "text")
+    for b in range(ids.shape[0]):
+        last = (ids[b] == image).nonzero().max().item()
+        expected = mask[b].bool() & (torch.arange(ids.shape[1]) > last)
+        assert expected.sum() > 0 and torch.equal(after[b], expected)
+        assert torch.equal(text[b], mask[b].bool() & (ids[b] != image))
+        assert after[b].sum() < text[b].sum()
+    losses = {}
+    for overrides in ({}, {"attn_rows": "after_images"}, {"attn_target": "mixed"}, {"attn_divergence": "reverse"}):
+        objective, batch = objective_for(paths, qk_weight=0.0, lambda_kl=0.0, lambda_sft=0.0, **overrides)
+        objective.init_mixer(batch)
+        with torch.no_grad():
+            losses[tuple(overrides.items())] = objective(batch, progress=0.5)["attn"].item()
+        objective.remove_hooks()
+    assert len(set(losses.values())) == len(losses), losses
+
