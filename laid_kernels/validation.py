@@ -107,11 +107,11 @@ def check_mixing(op: str, name: str, w: torch.Tensor, student_heads: int, teache
         raise TypeError(f"{op}: {name} must be a floating tensor {expected}")
     if w.dim() == 4 and frequency is not None:
         if w.shape[:2] != (student_heads, teacher_heads) or w.shape[3] != 2:
-            raise ValueError(f"{op}: {name} (frequency mixing) must have shape [student heads, teacher heads, D/2, 2] "
-                             f"= {frequency}, got {_shape(w)}")
+            raise ValueError(f"{op}: {name} must have shape [student heads, teacher heads, D/2, 2] = {frequency} "
+                             f"(frequency mixing), got {_shape(w)}")
         if w.shape[2] != head_dim // 2:
-            raise ValueError(f"{op}: {name} (frequency mixing) has {w.shape[2]} frequency pairs but head_dim "
-                             f"{head_dim} has D/2 = {head_dim // 2}; expected {frequency}")
+            raise ValueError(f"{op}: {name} must have shape {frequency} (frequency mixing): it has {w.shape[2]} "
+                             f"frequency pairs but head_dim {head_dim} has D/2 = {head_dim // 2}")
         return
     if w.shape != (student_heads, teacher_heads):
         raise ValueError(f"{op}: {name} must have shape [student heads, teacher heads] = {expected}, "

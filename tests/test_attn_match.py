@@ -465,7 +465,7 @@ def call(**overrides):
     (dict(divergence="js"), ValueError, "divergence must be one of"),
     (dict(w_q=torch.randn(4, 6, 8, 2), w_k=torch.randn(2, 3, 8, 2)), ValueError,
      r"w_q must have shape .*\[4, 6, 16, 2\]"),
-    (dict(w_q=torch.randn(4, 6, 16, 2)), ValueError, "same kind of mixing"),
+    (dict(w_q=torch.randn(4, 6, 16, 2)), ValueError, "same mixing"),
     (dict(w_q=torch.cat((torch.zeros(1, 6), torch.randn(3, 6)))), ValueError, r"w_q row\(s\) \[0\] are all zero"),
     (dict(q_t=torch.randn(2, 16, 5, 32), w_q=torch.randn(4, 5)), ValueError, "multiple of teacher kv heads"),
 ])
