@@ -117,6 +117,12 @@ def build_messages(
     return [{"role": "user", "content": content}]
 
 
+def first_missing_image(entry: dict, image_root: Path) -> Path | None:
+    """The first of the entry's images (needles, then negatives) that is not a file under ``image_root``, or None."""
+    return next((image_root / p for p in entry["pos_image"] + entry["neg_image"] if not (image_root / p).is_file()),
+                None)
+
+
 def pixel_budget(processor) -> dict[str, int]:
     """``{"min_pixels", "max_pixels"}``: the pixel bounds of ``processor``'s image processor, for ``build_messages``.
 

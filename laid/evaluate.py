@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import build_messages, haystack_order, load_vhs, pixel_budget, vhs_json_name
+from .data import build_messages, first_missing_image, haystack_order, load_vhs, pixel_budget, vhs_json_name
 from .image_cache import ImageCache, image_cache_dir
 from .loading import loader_options
 from .prompt_inputs import encode_prompt
@@ -127,7 +127,8 @@ def prompt_inputs(processor, image_paths: list[Path], question: str, *,
     the generation prompt, then the processor's output (``laid.prompt_inputs.encode_prompt``): ``input_ids`` /
     ``attention_mask`` / ``mm_token_type_ids`` [1, N], ``pixel_values`` [P, 1176], ``image_grid_thw`` [images, 3]."""
     messages = build_messages(image_paths, question, **pixel_budget(processor))
-    images = [(image_cache or ImageCache(None)).load(item) for item in messages[0]["content"] if "image" in item]
+    cache = image_cache if image_cache is not None else ImageCache(None)
+    images = [cache.load(item) for item in messages[0]["content"] if "image" in item]
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return encode_prompt(processor, text, images)
 
@@ -284,10 +285,10 @@ def evaluate(model_or_path, data: str | Path, sizes=SIZES, method: str = "baseli
     pending = [(size, index, entry) for size, index, entry in jobs[state.process_index::state.num_processes]
                if not _answer_path(output_dir, size, index).is_file()]
     for size, index, entry in pending:  # a missing image fails before the model loads
-        for relative in entry["pos_image"] + entry["neg_image"]:
-            if not (image_root / relative).is_file():
-                raise FileNotFoundError(f"size {size}: entry {index}: image {str(image_root / relative)!r} not "
-                                        f"found (paths are relative to image_root {str(image_root)!r})")
+        missing = first_missing_image(entry, image_root)
+        if missing is not None:
+            raise FileNotFoundError(f"size {size}: entry {index}: image {str(missing)!r} not found (paths are "
+                                    f"relative to image_root {str(image_root)!r})")
 
     if pending:
         device = state.device if state.num_processes > 1 and device in (None, "auto") else resolve_device(device)

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from .capture import unwrap
 from .checkpoint import RunState, export, load_checkpoint, resolve_resume, save_checkpoint
 from .config import LAidConfig
-from .data import VHsDataset, collate
+from .data import VHsDataset, collate, first_missing_image
 from .image_cache import ImageCache, image_cache_dir
 from .loading import loader_options
 from .losses import LAidObjective
@@ -86,10 +86,10 @@ def metrics_until(path: Path, step: int) -> str:
 def check_images(entries: list[dict], image_root: Path, data: str) -> None:
     """FileNotFoundError naming the first missing image of any entry, before training starts (not hours into it)."""
     for index, entry in enumerate(entries):
-        for image in entry["pos_image"] + entry["neg_image"]:
-            if not (image_root / image).is_file():
-                raise FileNotFoundError(f"data {data!r}: entry {index}: image {str(image_root / image)!r} not found "
-                                        f"(image paths are relative to image_root {str(image_root)!r})")
+        missing = first_missing_image(entry, image_root)
+        if missing is not None:
+            raise FileNotFoundError(f"data {data!r}: entry {index}: image {str(missing)!r} not found "
+                                    f"(image paths are relative to image_root {str(image_root)!r})")
 
 
 # Where L_qk at the first step says that the teacher's mix explains too little of the student for L_qk and L_attn to

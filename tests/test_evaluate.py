@@ -276,3 +276,12 @@ def test_eval_split_across_processes_and_resumed_with_another_count(bench, model
         (tmp_path / "two" / name).unlink()
     assert main(common + ["--output", str(tmp_path / "two")]) == 0
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["results"] == one["results"]
+
+
+def test_a_missing_image_is_named_before_the_model_loads(tmp_path, monkeypatch):
+    data = synth_benchmark(tmp_path / "vhs", sizes=[3], n_entries=2)
+    entry = haystack_entries(data, 3)[1]
+    (data / entry["neg_image"][0]).unlink()
+    monkeypatch.setattr(evaluation, "load_for_eval", lambda *a, **k: pytest.fail("the model loaded first"))
+    with pytest.raises(FileNotFoundError, match=rf"size 3: entry 1: image .*{entry['neg_image'][0]}' not found"):
+        evaluate(object(), data, sizes=[3], output_dir=tmp_path / "run", processor=object())
