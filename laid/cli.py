@@ -15,6 +15,8 @@ about the user's input (``ValueError``, ``FileNotFoundError``) are printed as ``
     laid report runs/eval/baseline runs/eval/laid --baseline baseline --out report
     laid analyze TEACHER STUDENT runs/laid --data VHs_large --sizes 1 20 150 --out runs/analysis
     laid demo                      (--full for the complete grid; laid demo family --out DIR retrains the family)
+    laid plan --teacher Qwen/Qwen2.5-VL-32B-Instruct --student Qwen/Qwen2.5-VL-7B-Instruct --gpus 8 \
+        --gpu-memory-gb 80 --images 20 --strategy fsdp [--json]
 """
 
 from __future__ import annotations
@@ -378,7 +380,47 @@ def add_selfcheck(commands) -> None:
     check.set_defaults(run=_run_selfcheck)
 
 
-COMMANDS = (add_data, add_models, add_train, add_eval, add_report, add_analyze, add_demo, add_selfcheck)
+def _run_plan(args: argparse.Namespace) -> None:
+    from .plan import format_plan, plan, to_json
+
+    result = plan(args.teacher, args.student, gpus=args.gpus, gpu_memory_gb=args.gpu_memory_gb, images=args.images,
+                  strategy=args.strategy, tokens_per_image=args.tokens_per_image, text_tokens=args.text_tokens,
+                  reserve_gb=args.reserve_gb)
+    print(to_json(result) if args.json else format_plan(result))
+
+
+def add_plan(commands) -> None:
+    """``laid plan --teacher T --student S --gpus G --gpu-memory-gb M --images N --strategy fsdp|ddp [--json]``:
+    the per-GPU memory of a run and whether it fits, from the models' configs alone (see laid.plan)."""
+    from .plan import QWEN25_VL, RESERVE_GB, STRATEGIES, TEXT_TOKENS, TOKENS_PER_IMAGE
+
+    known = ", ".join(QWEN25_VL)
+    pl = commands.add_parser("plan", help="per-GPU memory of a LAid run before renting GPUs (from configs alone)",
+                             description="Estimate the per-GPU memory of distilling STUDENT from TEACHER with the "
+                                         "paper's recipe (batch 1, language model trained, vision frozen, gradient "
+                                         "checkpointing): weights, gradients, AdamW states, activations, the "
+                                         "teacher's forward, the fused losses' buffers and the mixer; and whether "
+                                         "it fits. Nothing is downloaded or loaded: a model is a folder with "
+                                         f"config.json or one of {known}.")
+    pl.add_argument("--teacher", required=True, help="teacher: a model folder (config.json) or a built-in hub id")
+    pl.add_argument("--student", required=True, help="student: a model folder (config.json) or a built-in hub id")
+    pl.add_argument("--gpus", type=int, required=True, help="GPUs (processes) of the run")
+    pl.add_argument("--gpu-memory-gb", type=float, required=True, help="memory of one GPU, GB (1e9 bytes)")
+    pl.add_argument("--images", type=int, required=True, help="images per training prompt")
+    pl.add_argument("--strategy", choices=STRATEGIES, required=True,
+                    help="fsdp: both models sharded (FSDP2); ddp: each GPU holds both whole")
+    pl.add_argument("--tokens-per-image", type=int, default=TOKENS_PER_IMAGE,
+                    help="prompt tokens per image, visual tokens and the two delimiters (default: about 54K tokens "
+                         "for 150 images, the Visual Haystacks protocol's COCO images at default pixels)")
+    pl.add_argument("--text-tokens", type=int, default=TEXT_TOKENS,
+                    help="prompt tokens besides the images (system turn, instruction, question, answer)")
+    pl.add_argument("--reserve-gb", type=float, default=RESERVE_GB,
+                    help="per GPU for the CUDA context, NCCL buffers and allocator fragmentation (an assumption)")
+    pl.add_argument("--json", action="store_true", help="print one JSON object (per_gpu_gb, fits, breakdown_gb, ...)")
+    pl.set_defaults(run=_run_plan)
+
+
+COMMANDS = (add_data, add_models, add_train, add_eval, add_report, add_analyze, add_demo, add_selfcheck, add_plan)
 
 
 def build_parser() -> argparse.ArgumentParser:
