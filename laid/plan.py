@@ -21,16 +21,20 @@ of every decoder layer, one aligned layer pair, L_qk + L_attn + L_KL + L_SFT. Pe
 - teacher weights: bf16 on CUDA (fp32 on CPU); under FSDP (``laid.models.shard_teacher``) the decoder layers and
   vision blocks are sharded and the rest (embeddings, vision patch embedding and merger, final norm: FSDP2 keeps a
   root's parameters gathered after its forward; and the lm_head, outside the shards) is whole on every GPU;
-- inputs: pixel_values (fp32, 1176 values per patch, 4 patches per visual token) and the token tensors;
-- then the largest of four moments of a micro-batch (``peak``):
+- inputs: pixel_values (fp32, 1176 values per patch, 4 patches per visual token) and the token tensors, twice on
+  CUDA (accelerate's loader moves the next batch ahead) and three times on the CPU (train() also keeps the first
+  batch, that of the mixer's init);
+- then the largest of five moments of a micro-batch (``peak``), with the gradients and optimizer states above
+  present (from the second micro-batch of a step, and from the second step on):
   * "teacher forward" (no grad): the live tensors of one decoder layer's MLP (three [N, I] tensors and three
     [N, h]) or of one vision block's MLP, whichever is larger, of the teacher or the frozen student vision tower;
   * "student forward end": the checkpoints (each decoder layer's input, [N, h]) plus, under DDP on CUDA, autocast's
     cache of bf16 copies of the trainable weights (held until the forward ends);
-  * "student backward": the checkpoints, one decoder layer recomputed with everything autograd saves for it
-    (:func:`layer_saved_bytes`), the incoming and outgoing hidden-state gradients, and the fused losses' buffers
-    (the captured student and teacher Q/K, the gradients ``qk_align_loss`` saves and ``attn_match_loss`` returns,
-    and their sum; logits only at the answer positions);
+  * "loss backward": the checkpoints and the fused losses' buffers: the captured student and teacher Q/K, the
+    gradients ``qk_align_loss`` saves and ``attn_match_loss`` returns, L_attn's query rows in fp32, on the CPU the
+    C++ path's key blocks (:func:`attn_match_blocks`), logits only at the answer positions;
+  * "layer backward": the checkpoints, the captured Q/K with their summed gradient, one decoder layer recomputed
+    with everything autograd saves for it (:func:`layer_saved_bytes`) and the hidden-state gradients in and out;
   * "optimizer step": AdamW's foreach temporary (one fp32 copy of the moments on CUDA; one parameter's on the CPU);
 - under FSDP, gathered parameters: the student's lm_head / final-norm unit and root stay gathered (bf16), two
   decoder layers (the current one and the prefetched one) are gathered at a time for each model, and the layer in
@@ -53,6 +57,8 @@ from pathlib import Path
 
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+from laid_kernels.attn_match import CPU_BLOCK_ELEMENTS, CPU_MIN_BLOCK
 
 STRATEGIES = ("fsdp", "ddp")
 DEVICES = ("cuda", "cpu")
@@ -186,6 +192,16 @@ def layer_saved_bytes(s: Shape, tokens: int, compute: int, residual: int, autoca
     return tokens * (2 * norm + inputs + attention + mlp)
 
 
+def attn_match_blocks(student_heads: int, teacher_heads: int, rows: int, tokens: int, device: str) -> int:
+    """Bytes of ``attn_match_loss``'s key-block temporaries: none of size N on CUDA (Triton keeps its tiles in
+    registers); on the CPU two [Ht, rows, block] and two [Hs, rows, block] fp32 tensors, the block sized as
+    ``laid_kernels.attn_match`` sizes it."""
+    if device == "cuda":
+        return 0
+    block = min(tokens, max(CPU_MIN_BLOCK, CPU_BLOCK_ELEMENTS // (max(student_heads, teacher_heads) * rows)))
+    return 2 * (student_heads + teacher_heads) * rows * block * 4
+
+
 def plan(teacher: str, student: str, *, gpus: int, gpu_memory_gb: float, images: int, strategy: str,
          tokens_per_image: int = TOKENS_PER_IMAGE, text_tokens: int = TEXT_TOKENS, device: str = "cuda",
          reserve_gb: float = RESERVE_GB) -> dict:
@@ -193,7 +209,7 @@ def plan(teacher: str, student: str, *, gpus: int, gpu_memory_gb: float, images:
 
     Returns a JSON-ready dict: ``per_gpu_gb`` (the estimated peak, GB), ``fits`` (``per_gpu_gb <= gpu_memory_gb``),
     ``breakdown_gb`` (each part, GB; the ``peak: ...`` entries are the largest of the four moments, the one in
-    ``peak_moment``), ``tokens`` (the sequence length), the inputs, and the counts read from the configs.
+    ``peak_moment``; ``moments_gb``: each moment's part), ``per_gpu_bytes``, ``tokens`` (the sequence length), the inputs, and the counts read from the configs.
     """
     for name, value in (("gpus", gpus), ("images", images), ("tokens_per_image", tokens_per_image)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -226,6 +242,10 @@ def plan(teacher: str, student: str, *, gpus: int, gpu_memory_gb: float, images:
     patches = images * (tokens_per_image - 2) * s.merge ** 2
     d = s.head_dim
     mixer_params = s.heads * t.heads + s.kv_heads * t.kv_heads + s.heads * d // 2
+    # The micro-batch and the one accelerate's loader has already moved ahead; on the CPU also the first batch,
+    # which train() keeps for the mixer's least-squares init.
+    input_copies = 2 if cuda else 3
+    rows = text_tokens + 2 * images  # L_attn's query rows (attn_rows "text": every token that is not an image pad)
 
     parts = {
         "student weights": 4 * s.params / shards,
@@ -233,38 +253,42 @@ def plan(teacher: str, student: str, *, gpus: int, gpu_memory_gb: float, images:
         "optimizer states": 8 * s.trainable / shards + (0 if cuda else 4 * s.trainable_tensors),
         "mixer": 16 * mixer_params + (0 if cuda else 4 * 3),
         "teacher weights": teacher_bytes * ((t.params - t.whole) / shards + t.whole if fsdp else t.params),
-        "inputs": 4 * patches * PATCH_VALUES + 8 * 6 * n,
+        "inputs": input_copies * (4 * patches * PATCH_VALUES + 8 * 6 * n),
     }
     if fsdp:
         gathered_layer = 2 * max(s.layer, s.vision_block)
         parts["FSDP gathered units"] = (2 * (s.whole - s.embed) + 2 * gathered_layer + 6 * s.layer
                                         + 2 * 2 * max(t.layer, t.vision_block))
 
+    student_qk = n * (s.heads + s.kv_heads) * d * compute  # one [N, Hs + Hs_kv, D] tensor pair
     checkpoints = (s.layers + 1) * n * s.hidden * residual + n * s.hidden * 4  # layer inputs, output, final norm
-    captured = n * (s.heads + s.kv_heads) * d * compute + n * (t.heads + t.kv_heads) * d * teacher_bytes
-    loss_buffers = 3 * n * (s.heads + s.kv_heads) * d * compute + ANSWER_TOKENS * (s.vocab + t.vocab) * 12
+    captured = student_qk + n * (t.heads + t.kv_heads) * d * teacher_bytes
+    loss_buffers = (2 * student_qk + ANSWER_TOKENS * (s.vocab + t.vocab) * 12
+                    + 3 * rows * (s.heads + t.heads) * d * 4 + attn_match_blocks(s.heads, t.heads, rows, n, device))
     teacher_mlp = 3 * n * (t.intermediate + t.hidden) * teacher_bytes
     vision_mlp = 3 * patches * (max(t.vision_intermediate, s.vision_intermediate) + s.vision_hidden) * teacher_bytes
     moments = {
         "teacher forward": {"teacher forward (no grad)": max(teacher_mlp, vision_mlp)},
         "student forward end": {"activations (checkpoints)": checkpoints, "captured Q/K": captured,
                                 "autocast bf16 weight copies": 2 * (s.trainable - s.embed) if autocast else 0},
-        "student backward": {"activations (checkpoints)": checkpoints,
-                             "activations (one layer recomputed)": layer_saved_bytes(s, n, compute, residual,
-                                                                                     autocast)
-                             + 2 * n * s.hidden * residual,
-                             "captured Q/K": captured, "fused losses' buffers": loss_buffers},
+        "loss backward": {"activations (checkpoints)": checkpoints, "captured Q/K": captured,
+                          "fused losses' buffers": loss_buffers},
+        "layer backward": {"activations (checkpoints)": checkpoints, "captured Q/K": captured,
+                           "activations (one layer recomputed)": layer_saved_bytes(s, n, compute, residual, autocast)
+                           + 2 * n * s.hidden * residual + student_qk},
         "optimizer step": {"optimizer step temporaries": 4 * (s.trainable / shards if cuda else s.largest_trainable)},
     }
     peak_moment = max(moments, key=lambda name: sum(moments[name].values()))
     breakdown = {**parts, **{f"peak: {k}": v for k, v in moments[peak_moment].items() if v}}
     if cuda:
         breakdown["reserve (CUDA context, NCCL, fragmentation)"] = reserve_gb * 1e9
-    per_gpu = sum(breakdown.values()) / 1e9
+    per_gpu_bytes = sum(breakdown.values())
+    per_gpu = per_gpu_bytes / 1e9
     return {
         "teacher": teacher, "student": student, "strategy": strategy, "gpus": gpus, "device": device,
         "gpu_memory_gb": gpu_memory_gb, "images": images, "tokens_per_image": tokens_per_image,
-        "text_tokens": text_tokens, "tokens": n, "per_gpu_gb": round(per_gpu, 3), "fits": per_gpu <= gpu_memory_gb,
+        "text_tokens": text_tokens, "tokens": n, "per_gpu_gb": round(per_gpu, 3),
+        "per_gpu_bytes": round(per_gpu_bytes), "fits": per_gpu <= gpu_memory_gb,
         "peak_moment": peak_moment, "breakdown_gb": {k: round(v / 1e9, 4) for k, v in breakdown.items()},
         "moments_gb": {k: round(sum(v.values()) / 1e9, 4) for k, v in moments.items()},
         "teacher_shape": asdict(t), "student_shape": asdict(s),
