@@ -289,7 +289,7 @@ def plan(teacher: str, student: str, *, gpus: int, gpu_memory_gb: float, images:
         "gpu_memory_gb": gpu_memory_gb, "images": images, "tokens_per_image": tokens_per_image,
         "text_tokens": text_tokens, "tokens": n, "per_gpu_gb": round(per_gpu, 3),
         "per_gpu_bytes": round(per_gpu_bytes), "fits": per_gpu <= gpu_memory_gb,
-        "peak_moment": peak_moment, "breakdown_gb": {k: round(v / 1e9, 4) for k, v in breakdown.items()},
+        "peak_moment": peak_moment, "breakdown_gb": {k: v / 1e9 for k, v in breakdown.items()},
         "moments_gb": {k: round(sum(v.values()) / 1e9, 4) for k, v in moments.items()},
         "teacher_shape": asdict(t), "student_shape": asdict(s),
     }
