@@ -7,13 +7,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import Qwen2_5_VLForConditionalGeneration
 
 from laid.cli import main
-from laid.plan import QWEN25_VL, Shape, load_config, plan
+from laid.plan import QWEN25_VL, Shape, layer_saved_bytes, load_config, plan
 from laid.tiny import TINY_STUDENT, TINY_TEACHER, save_tiny_model, tiny_qwen25vl_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from plan_check import TOLERANCE, check, student_state_bytes  # noqa: E402
+from plan_check import STUDENT, TOLERANCE, check, student_state_bytes  # noqa: E402
 
 T32, S7, S3 = "Qwen/Qwen2.5-VL-32B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct", "Qwen/Qwen2.5-VL-3B-Instruct"
 
@@ -54,6 +56,32 @@ def test_estimate_matches_the_measured_peak_of_a_tiny_training_run(tmp_path):
     models and prompt is within TOLERANCE of the peak of live tensor bytes."""
     row = check(4, tmp_path)
     assert abs(row["ratio"] - 1) <= TOLERANCE, row
+
+
+def test_one_layer_saved_tensors_match_the_formula():
+    """What autograd saves for one real decoder layer run with gradients (its recomputation under checkpointing),
+    counted by storage with saved-tensor hooks, against layer_saved_bytes in fp32 within 5% (the formula leaves out
+    RoPE's cos / sin, shared by all layers)."""
+    config = tiny_qwen25vl_config(**STUDENT)
+    config.text_config._attn_implementation = "sdpa"
+    language = Qwen2_5_VLForConditionalGeneration(config).model.language_model
+    tokens = 600
+    hidden = torch.randn(1, tokens, config.text_config.hidden_size, requires_grad=True)
+    positions = torch.arange(tokens)[None].expand(3, 1, tokens)
+    saved = {}
+
+    def pack(tensor):
+        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        language.layers[0](hidden, attention_mask=None, position_ids=positions,
+                           position_embeddings=language.rotary_emb(hidden, positions))
+    not_activations = {p.untyped_storage().data_ptr() for p in language.parameters()}
+    not_activations.add(hidden.untyped_storage().data_ptr())  # the checkpoint, counted apart
+    measured = sum(size for pointer, size in saved.items() if pointer not in not_activations)
+    expected = layer_saved_bytes(Shape.of(config), tokens, compute=4, residual=4, autocast=False)
+    assert measured == pytest.approx(expected, rel=0.05)
 
 
 def test_fsdp_shards_what_ddp_replicates():
