@@ -42,6 +42,10 @@ of every decoder layer, one aligned layer pair, L_qk + L_attn + L_KL + L_SFT. Pe
 - on CUDA, ``reserve_gb`` for the CUDA context, NCCL buffers and the caching allocator's fragmentation (an
   assumption, not a measurement).
 
+Start-up is not modelled: the estimate is of training. It assumes issue 16's fix of ``shard_teacher`` (no whole
+teacher on each GPU before sharding; today that is a 64 GB spike per GPU for the 32B teacher) and says nothing of
+host memory (today every process reads both full checkpoints into host RAM first).
+
 Dtypes on CUDA (bf16 autocast): DDP keeps the residual stream in fp32 (fp32 embeddings), FSDP2 in bf16 (bf16
 gathered parameters). On the CPU everything is fp32 and nothing is sharded (one process): that is the case the
 tests and benchmarks/plan_check.py measure against real tiny training runs.
