@@ -126,8 +126,8 @@ class Shape:
 
     ``trainable`` / ``trainable_tensors`` / ``largest_trainable``: the language model with its embeddings and
     lm_head, as ``load_student`` trains it. ``layer`` / ``vision_block``: parameters of one decoder layer / vision
-    block (FSDP units); ``embed``: the input embeddings; ``tail``: lm_head and final norm (the embeddings when tied
-    are counted in ``embed``); ``whole``: everything outside decoder layers and vision blocks.
+    block (FSDP units); ``embed``: the input embeddings (and the lm_head when tied); ``whole``: everything outside
+    decoder layers and vision blocks.
     """
 
     params: int
@@ -137,7 +137,6 @@ class Shape:
     layer: int
     vision_block: int
     embed: int
-    tail: int
     whole: int
     hidden: int
     intermediate: int
@@ -156,21 +155,18 @@ class Shape:
             model = Qwen2_5_VLForConditionalGeneration(config)
         text, vision = config.text_config, config.vision_config
         language = model.model.language_model
-        trainable = [p for p in [*language.parameters(), *model.lm_head.parameters()]]
-        trainable = list({id(p): p for p in trainable}.values())  # tied lm_head and embeddings: one tensor
+        # tied lm_head and embeddings: one tensor
+        trainable = list({id(p): p for p in [*language.parameters(), *model.lm_head.parameters()]}.values())
 
         def count(module) -> int:
             return sum(p.numel() for p in module.parameters())
 
         params = count(model)
-        embed = count(language.embed_tokens)
-        tied = model.lm_head.weight is language.embed_tokens.weight
-        tail = count(language.norm) + (0 if tied else count(model.lm_head))
         layers = count(language.layers)
         blocks = count(model.model.visual.blocks)
         return cls(params=params, trainable=sum(p.numel() for p in trainable), trainable_tensors=len(trainable),
                    largest_trainable=max(p.numel() for p in trainable), layer=count(language.layers[0]),
-                   vision_block=count(model.model.visual.blocks[0]), embed=embed, tail=tail,
+                   vision_block=count(model.model.visual.blocks[0]), embed=count(language.embed_tokens),
                    whole=params - layers - blocks, hidden=text.hidden_size, intermediate=text.intermediate_size,
                    layers=text.num_hidden_layers, heads=text.num_attention_heads, kv_heads=text.num_key_value_heads,
                    head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
