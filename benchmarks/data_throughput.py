@@ -6,10 +6,15 @@ hundred tokens besides the image tokens, so the tokenizer does not matter). Vari
 with 0, 1 and 2 workers (batch 1, as the paper's recipe), timed over --items items after one warm-up item:
 
 - ``before``: what laid did until 2026-12: ``qwen_vl_utils.fetch_image`` for every image, then
-  ``processor(text, images)``;
-- ``cold``: ``laid.data.VHsDataset`` with an empty ``laid.image_cache`` (decode, resize and store every image),
-  pixels written by ``laid.prompt_inputs.encode_prompt``;
+  ``processor(text, images)`` (the batch holds the fp32 ``pixel_values``);
+- ``cold``: ``laid.data.VHsDataset`` with an empty ``laid.image_cache`` (decode, resize and store every image);
+  the batch holds the images' uint8 pixels (``laid.prompt_inputs.encode_prompt``);
 - ``warm``: the same with every image already cached.
+
+The time per item is what the consuming process waits for the loader. For ``cold`` / ``warm`` the fp32
+``pixel_values`` are then made where the model runs (``laid.prompt_inputs.model_inputs``): on a GPU, on the
+device; this script also times ``model_inputs`` on the CPU (one thread) on the last batch, which is what a CPU run
+pays in its training step (the ``before`` batch already holds them: about 0).
 
     python benchmarks/data_throughput.py                  # 20 and 150 images, 0 / 1 / 2 workers
     python benchmarks/data_throughput.py --sizes 20 --workers 0 --items 2
@@ -37,6 +42,7 @@ from qwen_vl_utils import fetch_image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 from laid.data import VHsDataset, build_messages, collate, haystack_order  # noqa: E402
 from laid.image_cache import ImageCache  # noqa: E402
+from laid.prompt_inputs import model_inputs  # noqa: E402
 from laid.tiny import build_tiny_processor  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -84,8 +90,9 @@ def write_entries(path: Path, names: list[str], size: int, count: int) -> Path:
     return path
 
 
-def time_loader(dataset, workers: int, items: int) -> float:
-    """Seconds per item over ``items`` items of a DataLoader (batch 1) after its first item."""
+def time_loader(dataset, workers: int, items: int) -> tuple[float, float]:
+    """(seconds per item over ``items`` items of a DataLoader (batch 1) after its first item, seconds of
+    ``model_inputs`` on the CPU for the last batch)."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=workers,
                                          collate_fn=lambda batch: collate(batch, pad_token_id=0),
                                          prefetch_factor=2 if workers else None)
@@ -93,8 +100,12 @@ def time_loader(dataset, workers: int, items: int) -> float:
     next(batches)  # worker start-up and the first item
     start = time.perf_counter()
     for _ in range(items):
-        next(batches)
-    return (time.perf_counter() - start) / items
+        batch = next(batches)
+    per_item = (time.perf_counter() - start) / items
+    del batches, loader  # workers gone before the CPU conversion is timed
+    start = time.perf_counter()
+    model_inputs(batch, "cpu")
+    return per_item, time.perf_counter() - start
 
 
 def main() -> None:
@@ -120,10 +131,12 @@ def main() -> None:
                 cls = BeforeDataset if variant == "before" else VHsDataset
                 dataset = cls(data, work / "images", processor,
                               image_cache=None if variant == "before" else ImageCache(cache_dir))
-                seconds = time_loader(dataset, workers, args.items)
+                seconds, to_fp32 = time_loader(dataset, workers, args.items)
                 results.append({"images": size, "workers": workers, "variant": variant, "seconds_per_item": seconds,
-                                "items_per_s": 1 / seconds})
-                print(f"{size} images, {workers} workers, {variant}: {seconds:.2f} s per item", flush=True)
+                                "items_per_s": 1 / seconds, "model_inputs_cpu_s": to_fp32,
+                                "load_average": os.getloadavg()[0]})
+                print(f"{size} images, {workers} workers, {variant}: {seconds:.2f} s per item, model_inputs on CPU "
+                      f"{to_fp32:.2f} s (load average {os.getloadavg()[0]:.1f})", flush=True)
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
             "cpu": next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                          if line.startswith("model name")), "?") if Path("/proc/cpuinfo").exists() else "?",
@@ -137,16 +150,18 @@ def main() -> None:
 
 
 def report(results: list[dict]) -> str:
-    """Markdown table: seconds per item of each variant, and the speed-up of warm over before, per size/workers."""
-    lines = ["| images | workers | before s/item | cold s/item | warm s/item | warm items/s | warm vs before |",
-             "|---|---|---|---|---|---|---|"]
+    """Markdown table: seconds per item of each variant, the speed-up of warm over before, and warm's
+    ``model_inputs`` on the CPU, per size and workers."""
+    lines = ["| images | workers | before s/item | cold s/item | warm s/item | warm items/s | warm vs before | "
+             "warm model_inputs on CPU s |", "|---|---|---|---|---|---|---|---|"]
     keys = sorted({(r["images"], r["workers"]) for r in results})
     for size, workers in keys:
         row = {r["variant"]: r for r in results if (r["images"], r["workers"]) == (size, workers)}
         lines.append(f"| {size} | {workers} | {row['before']['seconds_per_item']:.2f} | "
                      f"{row['cold']['seconds_per_item']:.2f} | {row['warm']['seconds_per_item']:.2f} | "
                      f"{row['warm']['items_per_s']:.2f} | "
-                     f"{row['before']['seconds_per_item'] / row['warm']['seconds_per_item']:.1f}x |")
+                     f"{row['before']['seconds_per_item'] / row['warm']['seconds_per_item']:.1f}x | "
+                     f"{row['warm']['model_inputs_cpu_s']:.2f} |")
     return "\n".join(lines)
 
 
@@ -163,6 +178,10 @@ def plot(results: list[dict], path: Path) -> None:
             rows = sorted((r for r in results if r["images"] == size and r["variant"] == variant),
                           key=lambda r: r["workers"])
             ax.plot([r["workers"] for r in rows], [r["items_per_s"] for r in rows], marker="o", label=variant)
+        rows = sorted((r for r in results if r["images"] == size and r["variant"] == "warm"),
+                      key=lambda r: r["workers"])
+        ax.plot([r["workers"] for r in rows], [1 / (r["seconds_per_item"] + r["model_inputs_cpu_s"]) for r in rows],
+                marker="o", linestyle="--", label="warm + model_inputs on the CPU")
         ax.set_title(f"{size}-image training items")
         ax.set_xlabel("DataLoader workers")
         ax.set_ylabel("items / s")
