@@ -162,13 +162,13 @@ def haystack_order(entry: dict, *, seed: int, index: int, max_images: int | None
 class VHsDataset(torch.utils.data.Dataset):
     """Visual Haystacks entries as Qwen2.5-VL training examples (prompt with every image, supervised answer).
 
-    Item ``i`` is a dict of tensors, N the token count and P the patch count of all its images:
+    Item ``i`` is a dict (of tensors, and ``pixel_format``), N the token count and P the patch count of all its images:
 
     - ``input_ids`` [N], ``attention_mask`` [N] (all ones), ``mm_token_type_ids`` [N] (1 on ``<|image_pad|>``),
     - ``labels`` [N]: ``IGNORE_INDEX`` (-100) everywhere except the answer tokens and the ``<|im_end|>`` closing the
       assistant turn (aligned with ``input_ids``: the model shifts them itself),
-    - ``image_grid_thw`` [n_images, 3] and the images' uint8 pixels ``image_pixels`` with ``pixel_norm`` and
-      ``pixel_layout`` (``laid.prompt_inputs.encode_prompt``): ``laid.prompt_inputs.model_inputs`` turns them into
+    - ``image_grid_thw`` [n_images, 3] and the images' uint8 pixels ``image_pixels`` with their
+      ``pixel_format`` (``laid.prompt_inputs.encode_prompt``): ``laid.prompt_inputs.model_inputs`` turns them into
       the processor's ``pixel_values`` [P, 3 * 2 * 14 * 14] on the device that runs the model.
 
     Images are ``pos_image + neg_image`` (see ``haystack_order`` for ``max_images``), shuffled by the seed and the
@@ -272,7 +272,7 @@ def collate(batch: list[dict[str, torch.Tensor]], *, pad_token_id: int = 0) -> d
     ``attention_mask`` / ``mm_token_type_ids`` and -100 in ``labels``. Returns ``input_ids``, ``attention_mask``,
     ``labels`` (and ``mm_token_type_ids`` when the items have it) [B, N_max], ``image_grid_thw`` [sum n_images, 3]
     and ``image_pixels`` (or, from the processor's path, ``pixel_values`` [sum P, C]) concatenated in batch order,
-    as Qwen2.5-VL expects, and the items' ``pixel_norm`` / ``pixel_layout`` (which must agree).
+    as Qwen2.5-VL expects, and the items' ``pixel_format`` (which must agree).
     ``laid.prompt_inputs.model_inputs`` turns the batch into model inputs on a device.
     """
     if not batch:
@@ -293,11 +293,10 @@ def collate(batch: list[dict[str, torch.Tensor]], *, pad_token_id: int = 0) -> d
     for key in ("image_pixels", "pixel_values", "image_grid_thw"):
         if key in batch[0]:
             out[key] = batch[0][key] if len(batch) == 1 else torch.cat([item[key] for item in batch])
-    for key in ("pixel_norm", "pixel_layout"):
-        if key in batch[0]:
-            if not all(torch.equal(item[key], batch[0][key]) for item in batch):
-                raise ValueError(f"collate: items normalised or patched differently ({key} differs)")
-            out[key] = batch[0][key]
+    if "pixel_format" in batch[0]:
+        if any(item["pixel_format"] != batch[0]["pixel_format"] for item in batch):
+            raise ValueError("collate: items normalised or patched differently (pixel_format differs)")
+        out["pixel_format"] = batch[0]["pixel_format"]
     return out
 
 

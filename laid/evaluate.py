@@ -121,13 +121,13 @@ def load_for_eval(model_or_path, *, method: str, device: torch.device, attn_impl
 
 
 def prompt_inputs(processor, image_paths: list[Path], question: str, *,
-                  image_cache: ImageCache | None = None) -> dict[str, torch.Tensor]:
+                  image_cache: ImageCache | None = None) -> dict:
     """The model inputs of one question as the official Qwen adapter builds them: ``build_messages`` within the
     processor's pixel bounds (``pixel_budget``: for the real processor, qwen-vl-utils' defaults), every image read
     as ``qwen_vl_utils.process_vision_info`` reads it (through ``image_cache`` when given), the chat template with
     the generation prompt, then ``laid.prompt_inputs.encode_prompt``: ``input_ids`` / ``attention_mask`` /
-    ``mm_token_type_ids`` [1, N], ``image_grid_thw`` [images, 3] and the images' uint8 ``image_pixels`` (with
-    ``pixel_norm``, ``pixel_layout``), which ``laid.prompt_inputs.model_inputs`` turns into the processor's
+    ``mm_token_type_ids`` [1, N], ``image_grid_thw`` [images, 3] and the images' uint8 ``image_pixels`` (with their
+    ``pixel_format``), which ``laid.prompt_inputs.model_inputs`` turns into the processor's
     ``pixel_values`` on the model's device."""
     messages = build_messages(image_paths, question, **pixel_budget(processor))
     cache = image_cache if image_cache is not None else ImageCache(None)

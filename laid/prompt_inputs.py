@@ -4,10 +4,11 @@ Two steps, so that a DataLoader never builds (nor copies between processes, nor 
 
 1. ``encode_prompt(processor, text, images)`` (in the loader) tokenizes the prompt and packs the images' uint8 RGB
    pixels, as they are, into one tensor: ``image_pixels`` (138 MB for 150 COCO images, against 1.1 GB of fp32
-   ``pixel_values``), with ``pixel_norm`` and ``pixel_layout``, what the processor would normalise and patch them
-   with. This is for images already at the size the image processor would resize them to, which is what
-   ``qwen_vl_utils.fetch_image`` (and so ``laid.image_cache``) gives within the same pixel bounds; for any other
-   image it returns the processor's own output (with ``pixel_values``).
+   ``pixel_values``), with ``pixel_format``, what the processor would normalise and patch them with (plain Python
+   numbers, not tensors: a DataLoader worker sends each tensor through its own shared-memory segment, which costs
+   milliseconds per tensor on a loaded machine). This is for images already at the size the image processor
+   would resize them to, which is what ``qwen_vl_utils.fetch_image`` (and so ``laid.image_cache``) gives within
+   the same pixel bounds; for any other image it returns the processor's own output (with ``pixel_values``).
 2. ``model_inputs(batch, device)`` (in the process that runs the model) moves a batch to ``device`` and there turns
    ``image_pixels`` into ``pixel_values``: patch layout, fp32, normalised, repeated over the temporal patch.
 
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
-PIXEL_KEYS = ("image_pixels", "pixel_norm", "pixel_layout")  # what model_inputs turns into pixel_values
+PIXEL_KEYS = ("image_pixels", "pixel_format")  # what model_inputs turns into pixel_values
 
 
 def _bounds(image_processor, size: dict | None) -> tuple[int, int]:
@@ -43,11 +44,12 @@ def encode_prompt(processor, text: str, images: list, *, size: dict | None = Non
     ``attention_mask``, ``mm_token_type_ids`` [1, N] and ``image_grid_thw`` [len(images), 3], and
 
     - ``image_pixels`` uint8 [sum of H * W * 3]: each image's pixels, row-major H x W x 3, one after the other;
-    - ``pixel_norm`` fp32 [2, 3]: the per-channel mean and std on the 0-255 scale, as the processor computes them;
-    - ``pixel_layout`` int64 [3]: the processor's patch size, merge size and temporal patch size;
+    - ``pixel_format``: ``{"mean": (3 floats), "std": (3 floats), "patch_size", "merge_size",
+      "temporal_patch_size"}``: the per-channel mean and std on the 0-255 scale (fp32 values, as the processor
+      computes them) and the processor's patch, merge and temporal patch sizes;
 
     or, for images not at the processor's size (or a processor that does not rescale, normalise and resize), the
-    processor's output with ``pixel_values`` [P, 1176] fp32 instead of those three.
+    processor's output with ``pixel_values`` [P, 1176] fp32 instead of those two.
     """
     ip = processor.image_processor
     patch, merge, temporal = ip.patch_size, ip.merge_size, ip.temporal_patch_size
@@ -64,8 +66,8 @@ def encode_prompt(processor, text: str, images: list, *, size: dict | None = Non
     flat = [a.reshape(-1) for a in arrays]
     image_pixels = torch.from_numpy(np.concatenate(flat) if flat else np.zeros(0, np.uint8))
     # The processor's fused rescale and normalisation: (x - mean / rescale) / (std / rescale), in fp32.
-    norm = torch.stack([torch.tensor(ip.image_mean) * (1.0 / ip.rescale_factor),
-                        torch.tensor(ip.image_std) * (1.0 / ip.rescale_factor)]).float()
+    mean, std = (tuple((torch.tensor(v, dtype=torch.float32) * (1.0 / ip.rescale_factor)).tolist())
+                 for v in (ip.image_mean, ip.image_std))
     image_grid_thw = torch.tensor([[1, gh, gw] for gh, gw in grids], dtype=torch.long).view(len(grids), 3)
 
     # Text: the pieces between images tokenized as they are, and one run of image tokens per image (the image
@@ -81,15 +83,15 @@ def encode_prompt(processor, text: str, images: list, *, size: dict | None = Non
     input_ids = torch.tensor([ids], dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
             "mm_token_type_ids": (input_ids == processor.image_token_id).long(), "image_grid_thw": image_grid_thw,
-            "image_pixels": image_pixels, "pixel_norm": norm,
-            "pixel_layout": torch.tensor([patch, merge, temporal], dtype=torch.long)}
+            "image_pixels": image_pixels, "pixel_format": {"mean": mean, "std": std, "patch_size": patch,
+                                                           "merge_size": merge, "temporal_patch_size": temporal}}
 
 
 def model_inputs(batch: dict, device: str | torch.device) -> dict:
     """A loader batch (``encode_prompt``'s output, a ``laid.data.VHsDataset`` item or a ``laid.data.collate``
-    batch) as model inputs on ``device``: every tensor moved there, and ``image_pixels`` / ``pixel_norm`` /
-    ``pixel_layout`` replaced by ``pixel_values`` [P, 3 * T * p * p] fp32, built on ``device`` (a batch that
-    already holds ``pixel_values`` keeps them). The one way training, evaluation and analysis feed a model."""
+    batch) as model inputs on ``device``: every tensor moved there, and ``image_pixels`` / ``pixel_format``
+    replaced by ``pixel_values`` [P, 3 * T * p * p] fp32, built on ``device`` (a batch that already holds
+    ``pixel_values`` keeps them). The one way training, evaluation and analysis feed a model."""
     device = torch.device(device)
     inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k not in PIXEL_KEYS}
     present = [k for k in PIXEL_KEYS if k in batch]
@@ -98,15 +100,15 @@ def model_inputs(batch: dict, device: str | torch.device) -> dict:
                          f"{sorted(batch)}")
     if present:
         inputs["pixel_values"] = _pixel_values(batch["image_pixels"].to(device, non_blocking=True),
-                                               batch["image_grid_thw"].tolist(), batch["pixel_norm"].to(device),
-                                               batch["pixel_layout"].tolist())
+                                               batch["image_grid_thw"].tolist(), batch["pixel_format"])
     return inputs
 
 
-def _pixel_values(pixels: torch.Tensor, grids: list, norm: torch.Tensor, layout: list) -> torch.Tensor:
+def _pixel_values(pixels: torch.Tensor, grids: list, form: dict) -> torch.Tensor:
     """pixel_values [P, 3 * temporal * patch ** 2] fp32 on ``pixels``' device from the uint8 images ``pixels``
-    [sum of H * W * 3] of grids ``grids`` [[1, gh, gw], ...], normalised by ``norm`` [2, 3] (mean, std)."""
-    patch, merge, temporal = layout
+    [sum of H * W * 3] of grids ``grids`` [[1, gh, gw], ...] in the ``pixel_format`` ``form``."""
+    patch, merge, temporal = form["patch_size"], form["merge_size"], form["temporal_patch_size"]
+    norm = torch.tensor([form["mean"], form["std"]], dtype=torch.float32, device=pixels.device)  # [2, 3]
     if any(t != 1 for t, _, _ in grids):
         raise ValueError(f"image_grid_thw: images have one temporal patch (t = 1), got {grids}")
     expected = sum(gh * gw for _, gh, gw in grids) * patch * patch * 3

@@ -169,8 +169,9 @@ def test_dataset_uses_the_seeded_image_order(synth, processor):
     json_path, root = synth
     a, b = VHsDataset(json_path, root, processor, seed=1), VHsDataset(json_path, root, processor, seed=1)
     item = a[2]
-    assert all(torch.equal(item[k], b[2][k]) for k in item)
-    assert all(torch.equal(a[len(a) - 1][k], a[-1][k]) for k in item)
+    tensors = [k for k in item if k != "pixel_format"]
+    assert item["pixel_format"] == b[2]["pixel_format"] and all(torch.equal(item[k], b[2][k]) for k in tensors)
+    assert all(torch.equal(a[len(a) - 1][k], a[-1][k]) for k in tensors)
     with pytest.raises(IndexError):
         a[len(a)]
     order = haystack_order(load_vhs(json_path)[2], seed=1, index=2)
@@ -242,11 +243,10 @@ def test_collate_right_pads_and_keeps_rows_equivalent(synth, processor, tmp_path
     with pytest.raises(ValueError, match="empty batch"):
         collate([])
     processed = {**{k: v for k, v in items[1].items() if k not in PIXEL_KEYS}, "pixel_values": torch.zeros(1, 1176)}
-    with pytest.raises(ValueError, match=r"differ in keys \['image_pixels', 'pixel_layout', 'pixel_norm', "
-                                         r"'pixel_values'\]"):
+    with pytest.raises(ValueError, match=r"differ in keys \['image_pixels', 'pixel_format', 'pixel_values'\]"):
         collate([items[0], processed])
-    with pytest.raises(ValueError, match="pixel_norm differs"):
-        collate([items[0], {**items[1], "pixel_norm": items[1]["pixel_norm"] + 1}])
+    with pytest.raises(ValueError, match="pixel_format differs"):
+        collate([items[0], {**items[1], "pixel_format": {**items[1]["pixel_format"], "std": (1.0, 1.0, 1.0)}}])
 
     model = save_tiny_model(tmp_path / "student", tiny_qwen25vl_config(**TINY_STUDENT), seed=0)
     short = min(range(3), key=lambda k: lengths[k])

@@ -93,6 +93,6 @@ def test_model_inputs_rejects_inconsistent_pixels(tmp_path):
         model_inputs({**encoded, "image_pixels": encoded["image_pixels"].float()}, "cpu")
     with pytest.raises(ValueError, match="one temporal patch"):
         model_inputs({**encoded, "image_grid_thw": encoded["image_grid_thw"] * torch.tensor([2, 1, 1])}, "cpu")
-    without_norm = {k: v for k, v in encoded.items() if k != "pixel_norm"}
+    without_format = {k: v for k, v in encoded.items() if k != "pixel_format"}
     with pytest.raises(ValueError, match="need each other and image_grid_thw"):
-        model_inputs(without_norm, "cpu")
+        model_inputs(without_format, "cpu")
