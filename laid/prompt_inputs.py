@@ -115,7 +115,8 @@ def _pixel_values(pixels: torch.Tensor, grids: list, form: dict) -> torch.Tensor
     if pixels.dtype != torch.uint8 or pixels.shape != (expected,):
         raise ValueError(f"image_pixels must be uint8 [{expected}] for image_grid_thw {grids} (patch {patch}), got "
                          f"{pixels.dtype} {list(pixels.shape)}")
-    values = torch.empty(expected // 3 // patch ** 2, 3, temporal, patch, patch, device=pixels.device)
+    values = torch.empty(expected // 3 // patch ** 2, 3, temporal, patch, patch, dtype=torch.float32,
+                         device=pixels.device)
     first = values[:, :, 0]  # [P, C, ph, pw]: the first temporal copy, written once, then repeated
     start = row = 0
     for _, gh, gw in grids:
