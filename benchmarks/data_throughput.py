@@ -6,16 +6,27 @@ hundred tokens besides the image tokens, so the tokenizer does not matter). Vari
 with 0, 1 and 2 workers (batch 1, as the paper's recipe), timed over --items items after one warm-up item:
 
 - ``before``: what laid did until 2026-12: ``qwen_vl_utils.fetch_image`` for every image, then
-  ``processor(text, images)``;
-- ``cold``: ``laid.data.VHsDataset`` with an empty ``laid.image_cache`` (decode, resize and store every image),
-  pixels written by ``laid.prompt_inputs.encode_prompt``;
+  ``processor(text, images)`` (the batch holds the fp32 ``pixel_values``);
+- ``cold``: ``laid.data.VHsDataset`` with an empty ``laid.image_cache`` (decode, resize and store every image);
+  the batch holds the images' uint8 pixels (``laid.prompt_inputs.encode_prompt``);
 - ``warm``: the same with every image already cached.
 
-    python benchmarks/data_throughput.py                  # 20 and 150 images, 0 / 1 / 2 workers
-    python benchmarks/data_throughput.py --sizes 20 --workers 0 --items 2
+The time per item is what the consuming process waits for the loader. For ``cold`` / ``warm`` the fp32
+``pixel_values`` are then made where the model runs (``laid.prompt_inputs.model_inputs``): on a GPU, on the
+device; this script also times ``model_inputs`` on the CPU (one thread) on the last batch, which is what a CPU run
+pays in its training step (the ``before`` batch already holds them: about 0).
 
-Writes data_throughput.{json,md,png} to --out (default benchmarks/out/). Timings on a shared machine are noisy:
-compare variants of the same run (the ratios), not runs of different days.
+Then the tiny-model CPU training run of ``configs/tiny_cpu.yaml`` (tiny random models, 32 synthetic haystacks of
+2 to 6 images, 2 epochs of 8 steps) with each of ``--train-workers``: the share of each step the trainer waited
+for the loader (``data_wait_share`` in its metrics.jsonl): mean, mean after step 1 (which includes starting the
+workers) and max.
+
+    python benchmarks/data_throughput.py                  # 20 and 150 images, 0 / 1 / 2 workers
+    python benchmarks/data_throughput.py --sizes 20 --workers 0 --items 2 --train-workers
+
+Writes data_throughput.{json,md,png} (the training wait in the same JSON and page) and data_wait.png to --out
+(default benchmarks/out/). Timings on a shared machine are noisy: compare variants of the same run (the ratios),
+not runs of different days.
 """
 
 from __future__ import annotations
@@ -35,9 +46,12 @@ from PIL import Image
 from qwen_vl_utils import fetch_image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-from laid.data import VHsDataset, build_messages, collate, haystack_order  # noqa: E402
-from laid.image_cache import ImageCache  # noqa: E402
-from laid.tiny import build_tiny_processor  # noqa: E402
+from laid.data import VHsDataset, build_messages, collate, haystack_order, pixel_budget, synth_haystacks  # noqa: E402
+from laid.image_cache import ImageCache, fill_cache  # noqa: E402
+from laid.prompt_inputs import model_inputs  # noqa: E402
+from laid.tiny import (TINY_STUDENT, TINY_TEACHER, build_tiny_processor, save_tiny_model,  # noqa: E402
+                       save_tiny_processor, tiny_qwen25vl_config)
+from laid.trainer import train  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 QWEN_PIXEL_BOUNDS = {"min_pixels": 56 * 56, "max_pixels": 14 * 14 * 4 * 16384}  # Qwen2.5-VL's processor defaults
@@ -84,8 +98,9 @@ def write_entries(path: Path, names: list[str], size: int, count: int) -> Path:
     return path
 
 
-def time_loader(dataset, workers: int, items: int) -> float:
-    """Seconds per item over ``items`` items of a DataLoader (batch 1) after its first item."""
+def time_loader(dataset, workers: int, items: int) -> tuple[float, float]:
+    """(seconds per item over ``items`` items of a DataLoader (batch 1) after its first item, seconds of
+    ``model_inputs`` on the CPU for the last batch)."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=workers,
                                          collate_fn=lambda batch: collate(batch, pad_token_id=0),
                                          prefetch_factor=2 if workers else None)
@@ -93,8 +108,12 @@ def time_loader(dataset, workers: int, items: int) -> float:
     next(batches)  # worker start-up and the first item
     start = time.perf_counter()
     for _ in range(items):
-        next(batches)
-    return (time.perf_counter() - start) / items
+        batch = next(batches)
+    per_item = (time.perf_counter() - start) / items
+    del batches, loader  # workers gone before the CPU conversion is timed
+    start = time.perf_counter()
+    model_inputs(batch, "cpu")
+    return per_item, time.perf_counter() - start
 
 
 def main() -> None:
@@ -102,6 +121,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[20, 150])
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--items", type=int, default=3, help="timed items per variant (after one warm-up item)")
+    parser.add_argument("--train-workers", type=int, nargs="*", default=[0, 1, 2],
+                        help="DataLoader workers of the tiny CPU training runs (none: no training run)")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -120,33 +141,93 @@ def main() -> None:
                 cls = BeforeDataset if variant == "before" else VHsDataset
                 dataset = cls(data, work / "images", processor,
                               image_cache=None if variant == "before" else ImageCache(cache_dir))
-                seconds = time_loader(dataset, workers, args.items)
+                seconds, to_fp32 = time_loader(dataset, workers, args.items)
                 results.append({"images": size, "workers": workers, "variant": variant, "seconds_per_item": seconds,
-                                "items_per_s": 1 / seconds})
-                print(f"{size} images, {workers} workers, {variant}: {seconds:.2f} s per item", flush=True)
+                                "items_per_s": 1 / seconds, "model_inputs_cpu_s": to_fp32,
+                                "load_average": os.getloadavg()[0]})
+                print(f"{size} images, {workers} workers, {variant}: {seconds:.2f} s per item, model_inputs on CPU "
+                      f"{to_fp32:.2f} s (load average {os.getloadavg()[0]:.1f})", flush=True)
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
             "cpu": next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                          if line.startswith("model name")), "?") if Path("/proc/cpuinfo").exists() else "?",
             "cores": os.cpu_count(), "load_average": os.getloadavg(), "torch": torch.__version__,
             "items": args.items}
-    (args.out / "data_throughput.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    table = report(results)
+    waits = [train_wait(work / "train", workers) for workers in args.train_workers]
+    (args.out / "data_throughput.json").write_text(json.dumps({"meta": meta, "results": results,
+                                                               "training_wait": waits}, indent=1))
+    table = report(results) + ("\n\n" + wait_report(waits) if waits else "")
     (args.out / "data_throughput.md").write_text(table + "\n")
     print(table)
     plot(results, args.out / "data_throughput.png")
+    if waits:
+        plot_wait(waits, args.out / "data_wait.png")
+
+
+def train_wait(work: Path, workers: int) -> dict:
+    """``laid.train`` of configs/tiny_cpu.yaml on tiny models and synthetic haystacks under ``work`` with
+    ``workers`` DataLoader workers; the ``data_wait_share`` of its steps (mean, mean after step 1, max)."""
+    processor = save_tiny_processor(work / "processor")
+    save_tiny_model(work / "teacher", tiny_qwen25vl_config(**TINY_TEACHER), seed=0)
+    save_tiny_model(work / "student", tiny_qwen25vl_config(**TINY_STUDENT), seed=1)
+    data = synth_haystacks(work / "synth", n_entries=32, min_images=2, max_images=6, seed=0)
+    fill_cache([data], work / "synth", work / "cache", **pixel_budget(processor))  # as `laid data cache` would
+    run = work / f"run_{workers}_workers"
+    shutil.rmtree(run, ignore_errors=True)
+    start = time.perf_counter()
+    train(Path(__file__).resolve().parent.parent / "configs" / "tiny_cpu.yaml", teacher=str(work / "teacher"),
+          student=str(work / "student"), processor=str(work / "processor"), data=str(data),
+          image_root=str(work / "synth"), output_dir=str(run), num_workers=workers, image_cache=str(work / "cache"),
+          save_every=1000)
+    seconds = time.perf_counter() - start
+    shares = [json.loads(line)["data_wait_share"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    result = {"workers": workers, "steps": len(shares), "seconds": seconds, "wait_share_mean": float(np.mean(shares)),
+              "wait_share_mean_after_step_1": float(np.mean(shares[1:])), "wait_share_max": max(shares),
+              "wait_shares": shares, "load_average": os.getloadavg()[0]}
+    print(f"training with {workers} workers: {len(shares)} steps in {seconds:.0f} s, data_wait_share mean "
+          f"{result['wait_share_mean']:.3f}, max {result['wait_share_max']:.3f}", flush=True)
+    return result
+
+
+def wait_report(waits: list[dict]) -> str:
+    """Markdown table of the tiny CPU training runs' data_wait_share per worker count."""
+    lines = ["| training workers | steps | run s | wait share mean | mean after step 1 | max |",
+             "|---|---|---|---|---|---|"]
+    for w in waits:
+        lines.append(f"| {w['workers']} | {w['steps']} | {w['seconds']:.0f} | {w['wait_share_mean']:.3f} | "
+                     f"{w['wait_share_mean_after_step_1']:.3f} | {w['wait_share_max']:.3f} |")
+    return "\n".join(lines)
+
+
+def plot_wait(waits: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for w in waits:
+        ax.plot(range(1, w["steps"] + 1), w["wait_shares"], marker="o", label=f"{w['workers']} workers")
+    ax.set_title("tiny CPU training (configs/tiny_cpu.yaml): time waiting for data")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("data_wait_share")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def report(results: list[dict]) -> str:
-    """Markdown table: seconds per item of each variant, and the speed-up of warm over before, per size/workers."""
-    lines = ["| images | workers | before s/item | cold s/item | warm s/item | warm items/s | warm vs before |",
-             "|---|---|---|---|---|---|---|"]
+    """Markdown table: seconds per item of each variant, the speed-up of warm over before, and warm's
+    ``model_inputs`` on the CPU, per size and workers."""
+    lines = ["| images | workers | before s/item | cold s/item | warm s/item | warm items/s | warm vs before | "
+             "warm model_inputs on CPU s |", "|---|---|---|---|---|---|---|---|"]
     keys = sorted({(r["images"], r["workers"]) for r in results})
     for size, workers in keys:
         row = {r["variant"]: r for r in results if (r["images"], r["workers"]) == (size, workers)}
         lines.append(f"| {size} | {workers} | {row['before']['seconds_per_item']:.2f} | "
                      f"{row['cold']['seconds_per_item']:.2f} | {row['warm']['seconds_per_item']:.2f} | "
                      f"{row['warm']['items_per_s']:.2f} | "
-                     f"{row['before']['seconds_per_item'] / row['warm']['seconds_per_item']:.1f}x |")
+                     f"{row['before']['seconds_per_item'] / row['warm']['seconds_per_item']:.1f}x | "
+                     f"{row['warm']['model_inputs_cpu_s']:.2f} |")
     return "\n".join(lines)
 
 
@@ -163,6 +244,10 @@ def plot(results: list[dict], path: Path) -> None:
             rows = sorted((r for r in results if r["images"] == size and r["variant"] == variant),
                           key=lambda r: r["workers"])
             ax.plot([r["workers"] for r in rows], [r["items_per_s"] for r in rows], marker="o", label=variant)
+        rows = sorted((r for r in results if r["images"] == size and r["variant"] == "warm"),
+                      key=lambda r: r["workers"])
+        ax.plot([r["workers"] for r in rows], [1 / (r["seconds_per_item"] + r["model_inputs_cpu_s"]) for r in rows],
+                marker="o", linestyle="--", label="warm + model_inputs on the CPU")
         ax.set_title(f"{size}-image training items")
         ax.set_xlabel("DataLoader workers")
         ax.set_ylabel("items / s")

@@ -35,6 +35,7 @@ from .capture import QKCapture, decoder_layers, mrope_positions, resolve_layer, 
 from .data import haystack_order, load_vhs
 from .evaluate import haystack_entries, load_for_eval, prompt_inputs, resolve_device
 from .head_flow import MIXER_FILE, explained_share, load_mixing, pair_weights
+from .prompt_inputs import model_inputs
 from .rope_spectrum import low_frequency_pairs, low_frequency_share, pair_shares, wavelengths
 
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
@@ -91,7 +92,7 @@ def haystack_prompt(processor, entry: dict, index: int, size: int, image_root: P
 def capture_qk(model, layers: list[int], inputs) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
     """(queries [N, H, D] per layer, keys [N, H_kv, D] per layer, positions [3, N]) of one prompt (batch 1): the
     decoder runs up to the last of ``layers`` (no lm_head)."""
-    inputs = {k: v.to(unwrap(model).device) for k, v in inputs.items()}
+    inputs = model_inputs(inputs, unwrap(model).device)
     positions = mrope_positions(model, inputs["input_ids"], inputs["attention_mask"], inputs["image_grid_thw"])
     capture = QKCapture(model, layers)
     try:

@@ -162,12 +162,14 @@ def haystack_order(entry: dict, *, seed: int, index: int, max_images: int | None
 class VHsDataset(torch.utils.data.Dataset):
     """Visual Haystacks entries as Qwen2.5-VL training examples (prompt with every image, supervised answer).
 
-    Item ``i`` is a dict of tensors, N the token count and P the patch count of all its images:
+    Item ``i`` is a dict (of tensors, and ``pixel_format``), N the token count and P the patch count of all its images:
 
     - ``input_ids`` [N], ``attention_mask`` [N] (all ones), ``mm_token_type_ids`` [N] (1 on ``<|image_pad|>``),
     - ``labels`` [N]: ``IGNORE_INDEX`` (-100) everywhere except the answer tokens and the ``<|im_end|>`` closing the
       assistant turn (aligned with ``input_ids``: the model shifts them itself),
-    - ``pixel_values`` [P, 3 * 2 * 14 * 14], ``image_grid_thw`` [n_images, 3].
+    - ``image_grid_thw`` [n_images, 3] and the images' uint8 pixels ``image_pixels`` with their
+      ``pixel_format`` (``laid.prompt_inputs.encode_prompt``): ``laid.prompt_inputs.model_inputs`` turns them into
+      the processor's ``pixel_values`` [P, 3 * 2 * 14 * 14] on the device that runs the model.
 
     Images are ``pos_image + neg_image`` (see ``haystack_order`` for ``max_images``), shuffled by the seed and the
     index, loaded and resized by ``qwen_vl_utils`` exactly as ``process_vision_info`` does, within
@@ -217,7 +219,7 @@ class VHsDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.entries)
 
-    def _load_images(self, messages: list[dict], index: int) -> list[Image.Image]:
+    def _load_images(self, messages: list[dict], index: int) -> list[np.ndarray]:
         """The images of ``build_messages`` output, read and resized one by one as ``process_vision_info`` does."""
         images = []
         for item in messages[0]["content"]:
@@ -243,8 +245,7 @@ class VHsDataset(torch.utils.data.Dataset):
         messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
         text = self.processor.apply_chat_template(messages, tokenize=False)
         enc = encode_prompt(self.processor, text, images, size=self._size_kwargs.get("size"))
-        item = {k: v[0] for k, v in enc.items() if k in ("input_ids", "attention_mask", "mm_token_type_ids")}
-        item["pixel_values"], item["image_grid_thw"] = enc["pixel_values"], enc["image_grid_thw"]
+        item = {k: v[0] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v for k, v in enc.items()}
         item["labels"] = self._answer_labels(item["input_ids"], index)
         return item
 
@@ -269,8 +270,10 @@ def collate(batch: list[dict[str, torch.Tensor]], *, pad_token_id: int = 0) -> d
     Right padding (real tokens start at index 0 of every row) is for training; ``get_rope_index`` and the losses
     exclude padding through ``attention_mask``. Padding gets ``pad_token_id`` in ``input_ids``, 0 in
     ``attention_mask`` / ``mm_token_type_ids`` and -100 in ``labels``. Returns ``input_ids``, ``attention_mask``,
-    ``labels`` (and ``mm_token_type_ids`` when the items have it) [B, N_max], ``pixel_values`` [sum P, C] and
-    ``image_grid_thw`` [sum n_images, 3] concatenated in batch order, as Qwen2.5-VL expects.
+    ``labels`` (and ``mm_token_type_ids`` when the items have it) [B, N_max], ``image_grid_thw`` [sum n_images, 3]
+    and ``image_pixels`` (or, from the processor's path, ``pixel_values`` [sum P, C]) concatenated in batch order,
+    as Qwen2.5-VL expects, and the items' ``pixel_format`` (which must agree).
+    ``laid.prompt_inputs.model_inputs`` turns the batch into model inputs on a device.
     """
     if not batch:
         raise ValueError("collate: empty batch")
@@ -282,9 +285,18 @@ def collate(batch: list[dict[str, torch.Tensor]], *, pad_token_id: int = 0) -> d
             continue
         rows = [item[key] for item in batch]
         out[key] = torch.stack([torch.nn.functional.pad(r, (0, n_max - r.shape[0]), value=value) for r in rows])
-    # One item (batch 1, the long-haystack case): its pixel_values as they are, not a copy of up to a GB.
-    for key in ("pixel_values", "image_grid_thw"):
-        out[key] = batch[0][key] if len(batch) == 1 else torch.cat([item[key] for item in batch])
+    keys = [set(item) for item in batch]
+    if set.union(*keys) != set.intersection(*keys):
+        raise ValueError(f"collate: items differ in keys {sorted(set.union(*keys) - set.intersection(*keys))} "
+                         f"(uint8 image_pixels and the processor's pixel_values cannot share a batch)")
+    # One item (batch 1, the long-haystack case): its pixels as they are, not a copy of up to a GB.
+    for key in ("image_pixels", "pixel_values", "image_grid_thw"):
+        if key in batch[0]:
+            out[key] = batch[0][key] if len(batch) == 1 else torch.cat([item[key] for item in batch])
+    if "pixel_format" in batch[0]:
+        if any(item["pixel_format"] != batch[0]["pixel_format"] for item in batch):
+            raise ValueError("collate: items normalised or patched differently (pixel_format differs)")
+        out["pixel_format"] = batch[0]["pixel_format"]
     return out
 
 

@@ -18,10 +18,11 @@ each entry's negatives (``CUT_FROM``; ``laid.data.haystack_order`` says which), 
 ``visual_haystack_150.json`` (a synthetic benchmark). Image paths are relative to ``image_root`` (the COCO root;
 default ``DATA``). ``limit`` asks a seeded random subset of each size's questions (:func:`question_indices`).
 
-Speed: the prompts (images read through ``laid.image_cache``, then the processor) are built by DataLoader workers
-while the model answers, and under ``accelerate launch`` / ``torchrun`` the questions are split across processes
-(question k of the run's list goes to process k mod the number of processes), each writing the answers it
-computed; after all processes finish, the summary is computed once, by the main process.
+Speed: the prompts (images read through ``laid.image_cache``, tokens and uint8 pixels by ``laid.prompt_inputs``;
+the fp32 ``pixel_values`` are made on the model's device) are built by DataLoader workers while the model
+answers, and under ``accelerate launch`` / ``torchrun`` the questions are split across processes (question k of
+the run's list goes to process k mod the number of processes), each writing the answers it computed; after all
+processes finish, the summary is computed once, by the main process.
 
 Output (``output_dir``), readable by the official scorer::
 
@@ -47,7 +48,7 @@ import torch
 from .data import build_messages, first_missing_image, haystack_order, load_vhs, pixel_budget, vhs_json_name
 from .image_cache import ImageCache, image_cache_dir
 from .loading import loader_options
-from .prompt_inputs import encode_prompt
+from .prompt_inputs import encode_prompt, model_inputs
 from .scoring import vhs_metrics
 
 SIZES = (1, 2, 5, 10, 20, 50, 100, 150)
@@ -120,12 +121,14 @@ def load_for_eval(model_or_path, *, method: str, device: torch.device, attn_impl
 
 
 def prompt_inputs(processor, image_paths: list[Path], question: str, *,
-                  image_cache: ImageCache | None = None) -> dict[str, torch.Tensor]:
+                  image_cache: ImageCache | None = None) -> dict:
     """The model inputs of one question as the official Qwen adapter builds them: ``build_messages`` within the
     processor's pixel bounds (``pixel_budget``: for the real processor, qwen-vl-utils' defaults), every image read
     as ``qwen_vl_utils.process_vision_info`` reads it (through ``image_cache`` when given), the chat template with
-    the generation prompt, then the processor's output (``laid.prompt_inputs.encode_prompt``): ``input_ids`` /
-    ``attention_mask`` / ``mm_token_type_ids`` [1, N], ``pixel_values`` [P, 1176], ``image_grid_thw`` [images, 3]."""
+    the generation prompt, then ``laid.prompt_inputs.encode_prompt``: ``input_ids`` / ``attention_mask`` /
+    ``mm_token_type_ids`` [1, N], ``image_grid_thw`` [images, 3] and the images' uint8 ``image_pixels`` (with their
+    ``pixel_format``), which ``laid.prompt_inputs.model_inputs`` turns into the processor's
+    ``pixel_values`` on the model's device."""
     messages = build_messages(image_paths, question, **pixel_budget(processor))
     cache = image_cache if image_cache is not None else ImageCache(None)
     images = [cache.load(item) for item in messages[0]["content"] if "image" in item]
@@ -145,8 +148,8 @@ class HaystackPrompts(torch.utils.data.Dataset):
     """The prompts of the questions to ask, built where the DataLoader runs them (its workers, or in process).
 
     ``jobs``: (size, index, entry) triples. Item k: ``{"size", "index", "order"}`` (the relative image paths in
-    the order shown) and ``"inputs"``, the processor's output for the official messages with the generation prompt
-    (``input_ids`` [1, N], ``attention_mask`` [1, N], ``pixel_values`` [P, 1176], ``image_grid_thw`` [n, 3]).
+    the order shown) and ``"inputs"``, :func:`prompt_inputs` of the official messages with the generation prompt
+    (uint8 pixels: the loader never builds the fp32 ``pixel_values``; ``answer`` does, on the model's device).
     Images are read through ``image_cache`` exactly as ``qwen_vl_utils.process_vision_info`` reads them.
     """
 
@@ -174,7 +177,7 @@ def answer(model, processor, inputs: dict[str, torch.Tensor], *, max_new_tokens:
     apply as in a plain ``generate`` call. Returns ``{"response": str, "input_tokens": N, "output_tokens": T}``.
     Only this question's tensors live: the prompt and the KV cache of ``generate``.
     """
-    inputs = {k: v.to(model.device, non_blocking=True) for k, v in inputs.items()}
+    inputs = model_inputs(inputs, model.device)
     n_input = inputs["input_ids"].shape[1]
     output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                             temperature=None, top_p=None, top_k=None)

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from qwen_vl_utils import fetch_image
 from qwen_vl_utils.vision_process import IMAGE_MAX_TOKEN_NUM, IMAGE_MIN_TOKEN_NUM, SPATIAL_MERGE_SIZE
 
@@ -51,8 +50,9 @@ def effective_bounds(item: dict) -> tuple[int, int]:
 
 
 class ImageCache:
-    """``load(item)`` returns ``fetch_image(item)`` for an image item of ``laid.data.build_messages`` (a dict with
-    "image": a local path, and optional "min_pixels" / "max_pixels"), from the cache folder when it holds it.
+    """``load(item)`` returns the pixels of ``fetch_image(item)`` for an image item of ``laid.data.build_messages``
+    (a dict with "image": a local path, and optional "min_pixels" / "max_pixels"), from the cache folder when it
+    holds it.
 
     ``folder`` None: no cache, every call decodes and resizes. ``hits`` / ``misses`` count this object's calls.
     """
@@ -73,22 +73,23 @@ class ImageCache:
         digest = hashlib.sha256(key.encode()).hexdigest()
         return self.folder / digest[:2] / f"{digest}.npy"
 
-    def load(self, item: dict) -> Image.Image:
-        """The decoded, resized RGB image of ``item``, exactly as ``qwen_vl_utils.fetch_image`` gives it."""
+    def load(self, item: dict) -> np.ndarray:
+        """The decoded, resized RGB pixels of ``item``, uint8 [H, W, 3], exactly as ``qwen_vl_utils.fetch_image``
+        gives them (an array, not a PIL image: ``laid.prompt_inputs`` reads the pixels as they are)."""
         if self.folder is None:
             self.misses += 1
-            return fetch_image(item)
+            return np.asarray(fetch_image(item), dtype=np.uint8)
         path = self.path(item)
         try:
             pixels = np.load(path, allow_pickle=False)
             self.hits += 1
-            return Image.fromarray(pixels)
+            return pixels
         except (FileNotFoundError, ValueError, EOFError, OSError):  # absent (or unreadable: written again below)
             pass
-        image = fetch_image(item)
+        pixels = np.asarray(fetch_image(item), dtype=np.uint8)
         self.misses += 1
-        self._write(path, np.asarray(image, dtype=np.uint8))
-        return image
+        self._write(path, pixels)
+        return pixels
 
     def _write(self, path: Path, pixels: np.ndarray) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,8 +6,9 @@ a long haystack, so both loops build items in worker processes while the model c
 - workers: ``num_workers`` when given, else :func:`default_workers` (half of this process's share of the CPUs,
   at most 4: 1 on a 2-core machine, 4 per process on a node with 8 cores per GPU process);
 - ``prefetch_factor`` 2 (two items ready per worker) and persistent workers (training: no restart per epoch);
-- pinned memory on CUDA only, so that the host-to-device copy of ``pixel_values`` is asynchronous; on CPU pinning
-  would be one more copy of every batch for nothing.
+- pinned memory on CUDA only, so that the host-to-device copy of a batch (its images as uint8 ``image_pixels``,
+  8x smaller than the fp32 ``pixel_values`` that ``laid.prompt_inputs.model_inputs`` makes on the GPU) is
+  asynchronous; on CPU pinning would be one more copy of every batch for nothing.
 """
 
 from __future__ import annotations

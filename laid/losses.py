@@ -126,6 +126,8 @@ class LAidObjective:
                  keep: torch.Tensor | None) -> torch.Tensor | None:
         """Logits [B, K, V] at positions ``keep`` [K]; with keep None, only the decoder runs (no lm_head) and
         the result is None."""
+        if "image_pixels" in batch:  # a loader batch: its images would be silently left out
+            raise ValueError("batch holds uint8 image_pixels: pass laid.prompt_inputs.model_inputs(batch, device)")
         inputs = {k: batch[k] for k in ("pixel_values", "image_grid_thw") if batch.get(k) is not None}
         inputs.update(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=positions,
                       use_cache=False)

@@ -41,6 +41,7 @@ from .loading import loader_options
 from .losses import LAidObjective
 from .mixer import HeadMixer
 from .models import head_dim, load_processor, load_student, load_teacher, merge_lora, shard_teacher, text_config
+from .prompt_inputs import model_inputs
 
 
 def resolve_config(config: LAidConfig | str | Path | None, overrides: dict) -> LAidConfig:
@@ -183,7 +184,7 @@ def train(config: LAidConfig | str | Path | None = None, /, **overrides) -> dict
     else:
         state = RunState()
         first = collate_fn([dataset[i] for i in range(min(config.batch_size, len(dataset)))])
-        objective.init_mixer({k: v.to(device) for k, v in first.items()})
+        objective.init_mixer(model_inputs(first, device))
     metrics_path = output_dir / "metrics.jsonl"
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -216,7 +217,7 @@ def train(config: LAidConfig | str | Path | None = None, /, **overrides) -> dict
                 waited += time.perf_counter() - asked  # time the step stood waiting for the loader
                 sync = micro == window - 1
                 with nullcontext() if sync else accelerator.no_sync(student):
-                    terms = objective(batch, progress=state.step / total_steps)
+                    terms = objective(model_inputs(batch, device), progress=state.step / total_steps)
                     accelerator.backward(terms["loss"] / window)
                 for name, value in terms.items():
                     sums[name] = sums.get(name, 0.0) + value.detach() / window

@@ -18,6 +18,7 @@ from laid.cli import main
 from laid.data import synth_benchmark
 from laid.head_flow import explained_share, load_mixing, mix, pair_weights
 from laid.mixer import HeadMixer
+from laid.prompt_inputs import model_inputs
 from laid.rope_spectrum import low_frequency_pairs, low_frequency_share, pair_shares
 from laid.tiny import TINY_STUDENT, TINY_TEACHER, save_tiny_model, save_tiny_processor, tiny_qwen25vl_config
 from laid_kernels import reference
@@ -66,7 +67,7 @@ def test_streamed_attention_by_distance_equals_the_models_dense_attention(family
     entry = json.loads((family / "vhs" / "visual_haystack_3.json").read_text())[0]
     inputs, needle, image = haystack_prompt(processor, entry, 0, 3, family / "vhs", seed=0)
     with torch.no_grad():
-        attentions = model(**inputs, output_attentions=True).attentions  # layers x [1, H, N, N]
+        attentions = model(**model_inputs(inputs, "cpu"), output_attentions=True).attentions  # layers x [1, H, N, N]
     queries, keys, positions = capture_qk(model, list(range(len(attentions))), inputs)
     rows = torch.arange(int(image.nonzero().max()) + 1, len(image))
     rotary = model.model.language_model.rotary_emb

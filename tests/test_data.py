@@ -26,6 +26,7 @@ from laid.data import (
     synth_haystacks,
     synth_retrieval,
 )
+from laid.prompt_inputs import PIXEL_KEYS, model_inputs
 from laid.tiny import TINY_STUDENT, build_tiny_processor, save_tiny_model, tiny_qwen25vl_config
 
 # The regexes the benchmark's OWLv2 baseline uses to read anchor and target from a single-needle question.
@@ -149,7 +150,8 @@ def test_dataset_item_supervises_only_the_answer(synth, processor):
         entry = entries[i]
         n_images = len(entry["pos_image"]) + len(entry["neg_image"])
         assert item["image_grid_thw"].shape == (n_images, 3)
-        assert item["pixel_values"].shape == (int(item["image_grid_thw"].prod(-1).sum()), 1176)
+        assert item["image_pixels"].dtype == torch.uint8 and "pixel_values" not in item  # uint8 through the loader
+        assert model_inputs(item, "cpu")["pixel_values"].shape == (int(item["image_grid_thw"].prod(-1).sum()), 1176)
         assert int((item["input_ids"] == image_pad).sum()) == int(item["image_grid_thw"].prod(-1).sum()) // 4
         assert torch.equal(item["mm_token_type_ids"].bool(), item["input_ids"] == image_pad)
         assert item["attention_mask"].all()
@@ -167,15 +169,15 @@ def test_dataset_uses_the_seeded_image_order(synth, processor):
     json_path, root = synth
     a, b = VHsDataset(json_path, root, processor, seed=1), VHsDataset(json_path, root, processor, seed=1)
     item = a[2]
-    assert all(torch.equal(item[k], b[2][k]) for k in item)
-    assert all(torch.equal(a[len(a) - 1][k], a[-1][k]) for k in item)
+    tensors = [k for k in item if k != "pixel_format"]
+    assert item["pixel_format"] == b[2]["pixel_format"] and all(torch.equal(item[k], b[2][k]) for k in tensors)
+    assert all(torch.equal(a[len(a) - 1][k], a[-1][k]) for k in tensors)
     with pytest.raises(IndexError):
         a[len(a)]
     order = haystack_order(load_vhs(json_path)[2], seed=1, index=2)
     images = [fetch_image({"image": str(root / p)}) for p in order]
     expected = processor.image_processor(images=images, return_tensors="pt")
-    # laid.prompt_inputs normalises as x * (1/255)/std - mean/std: equal up to fp32 rounding (tests/test_prompt_inputs.py)
-    torch.testing.assert_close(item["pixel_values"], expected["pixel_values"], rtol=0, atol=2e-6)
+    assert torch.equal(model_inputs(item, "cpu")["pixel_values"], expected["pixel_values"])  # bitwise
     other = [haystack_order(load_vhs(json_path)[2], seed=s, index=2) for s in range(2, 8)]
     assert any(o != order for o in other)
 
@@ -235,16 +237,23 @@ def test_collate_right_pads_and_keeps_rows_equivalent(synth, processor, tmp_path
         assert batch["attention_mask"][k].sum() == length and (batch["mm_token_type_ids"][k, length:] == 0).all()
     assert batch["input_ids"].shape == (3, n)
     assert torch.equal(batch["image_grid_thw"], torch.cat([it["image_grid_thw"] for it in items]))
-    assert torch.equal(batch["pixel_values"], torch.cat([it["pixel_values"] for it in items]))
+    assert torch.equal(batch["image_pixels"], torch.cat([it["image_pixels"] for it in items]))
+    assert torch.equal(model_inputs(batch, "cpu")["pixel_values"],
+                       torch.cat([model_inputs(it, "cpu")["pixel_values"] for it in items]))
     with pytest.raises(ValueError, match="empty batch"):
         collate([])
+    processed = {**{k: v for k, v in items[1].items() if k not in PIXEL_KEYS}, "pixel_values": torch.zeros(1, 1176)}
+    with pytest.raises(ValueError, match=r"differ in keys \['image_pixels', 'pixel_format', 'pixel_values'\]"):
+        collate([items[0], processed])
+    with pytest.raises(ValueError, match="pixel_format differs"):
+        collate([items[0], {**items[1], "pixel_format": {**items[1]["pixel_format"], "std": (1.0, 1.0, 1.0)}}])
 
     model = save_tiny_model(tmp_path / "student", tiny_qwen25vl_config(**TINY_STUDENT), seed=0)
     short = min(range(3), key=lambda k: lengths[k])
     with torch.no_grad():
-        batched = model(**batch).logits[short, : lengths[short]]
-        alone = model(**collate([items[short]])).logits[0]
-        assert torch.isfinite(model(**batch).loss)
+        batched = model(**model_inputs(batch, "cpu")).logits[short, : lengths[short]]
+        alone = model(**model_inputs(collate([items[short]]), "cpu")).logits[0]
+        assert torch.isfinite(model(**model_inputs(batch, "cpu")).loss)
     torch.testing.assert_close(batched, alone, atol=1e-4, rtol=1e-4)
 
 
@@ -316,7 +325,7 @@ def test_synth_retrieval_alternates_what_else_and_yes_no_questions_over_the_same
     # Shown as written: the yes/no entries tokenise exactly as the vhs task shows the official question.
     free = VHsDataset(path, tmp_path / "r", processor, task="free")[1]
     official = VHsDataset(tmp_path / "h" / "visual_haystack_synth.json", tmp_path / "h", processor)[1]
-    assert all(torch.equal(free[key], official[key]) for key in ("input_ids", "labels", "pixel_values"))
+    assert all(torch.equal(free[key], official[key]) for key in ("input_ids", "labels", "image_pixels"))
 
 
 def test_synth_log_uniform_sizes_favour_short_haystacks(tmp_path):

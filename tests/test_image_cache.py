@@ -30,25 +30,30 @@ def _pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
+def _is_array(pixels) -> bool:
+    """What ImageCache.load returns: the uint8 pixels [H, W, 3] themselves, not a PIL image."""
+    return isinstance(pixels, np.ndarray) and pixels.dtype == np.uint8 and pixels.ndim == 3 and pixels.shape[2] == 3
+
+
 def test_a_hit_is_exactly_what_fetch_image_gives(tmp_path, photo):
     item = {"image": str(photo)}
     cache = ImageCache(tmp_path / "cache")
     first, second = cache.load(item), cache.load(item)
     expected = _pixels(fetch_image(item))
     assert (cache.misses, cache.hits) == (1, 1)
-    assert first.size == second.size == (644, 476)
-    assert np.array_equal(_pixels(first), expected) and np.array_equal(_pixels(second), expected)
+    assert _is_array(first) and _is_array(second) and first.shape == second.shape == (476, 644, 3)
+    assert np.array_equal(first, expected) and np.array_equal(second, expected)
     assert cache.path(item).is_file() and not list(cache.path(item).parent.glob("*.tmp"))
 
 
 def test_a_changed_file_or_bound_is_a_miss_never_a_stale_image(tmp_path, photo):
     cache = ImageCache(tmp_path / "cache")
     small = {"image": str(photo), "max_pixels": 112 * 112}
-    assert cache.load(small).size != cache.load({"image": str(photo)}).size  # other bounds, other entries
+    assert cache.load(small).shape != cache.load({"image": str(photo)}).shape  # other bounds, other entries
     assert cache.misses == 2
     Image.fromarray(np.zeros((480, 640, 3), dtype=np.uint8)).save(photo)  # same path, new content
     os.utime(photo, ns=(1, 1))  # even with an old modification time, the size differs
-    assert _pixels(cache.load(small)).max() == 0 and cache.misses == 3
+    assert cache.load(small).max() == 0 and cache.misses == 3
 
 
 def test_an_unreadable_entry_is_rewritten(tmp_path, photo):
@@ -56,13 +61,13 @@ def test_an_unreadable_entry_is_rewritten(tmp_path, photo):
     cache = ImageCache(tmp_path / "cache")
     cache.load(item)
     cache.path(item).write_bytes(b"truncated")
-    assert np.array_equal(_pixels(cache.load(item)), _pixels(fetch_image(item))) and cache.misses == 2
-    assert np.array_equal(_pixels(ImageCache(tmp_path / "cache").load(item)), _pixels(fetch_image(item)))
+    assert np.array_equal(cache.load(item), _pixels(fetch_image(item))) and cache.misses == 2
+    assert np.array_equal(ImageCache(tmp_path / "cache").load(item), _pixels(fetch_image(item)))
 
 
 def _load_in_process(args):
     folder, path = args
-    return _pixels(ImageCache(folder).load({"image": path})).tobytes()
+    return ImageCache(folder).load({"image": path}).tobytes()
 
 
 def test_processes_filling_one_entry_at_once_agree(tmp_path, photo):

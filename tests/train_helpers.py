@@ -14,6 +14,7 @@ from pathlib import Path
 
 from laid.config import LAidConfig
 from laid.data import VHsDataset, collate, synth_haystacks
+from laid.prompt_inputs import model_inputs
 from laid.tiny import TINY_STUDENT, TINY_TEACHER, save_tiny_model, save_tiny_processor, tiny_qwen25vl_config
 
 
@@ -38,9 +39,10 @@ def tiny_config(paths: dict[str, str], output_dir: Path, **overrides) -> LAidCon
 
 
 def first_batch(paths: dict[str, str], processor, size: int = 1) -> dict:
-    """The first ``size`` VHs items of the tiny data set, collated."""
+    """The first ``size`` VHs items of the tiny data set, collated, as model inputs on the CPU."""
     dataset = VHsDataset(paths["data"], paths["image_root"], processor)
-    return partial(collate, pad_token_id=processor.tokenizer.pad_token_id)([dataset[i] for i in range(size)])
+    batch = partial(collate, pad_token_id=processor.tokenizer.pad_token_id)([dataset[i] for i in range(size)])
+    return model_inputs(batch, "cpu")
 
 
 def free_port() -> int:
