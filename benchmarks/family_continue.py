@@ -53,7 +53,7 @@ def main() -> None:
     stage = replace(demo._family_stages(recipe)[-1], steps=args.chunk_steps)
     rows, minutes, model = [], 0.0, args.model
     for chunk in range(1, args.chunks + 1):
-        data = demo._family_data(args.out / "work", stage, recipe.image_size, 900 + chunk)
+        data = demo._family_data(args.out / "work", stage, recipe.image_size, 900 + chunk, recipe.retrieval_share)
         run_dir = args.out / f"chunk{chunk}"
         config = demo.family_config(model, args.processor, data, run_dir, stage, hidden, recipe.seed)
         if not demo._finished(run_dir, config):

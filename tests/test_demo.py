@@ -20,7 +20,7 @@ from laid.cli import main
 from laid.config import LAidConfig
 from laid.data import pixel_budget
 from laid.demo import (BASELINE, FAMILY_DIR, FAMILY_STAGES, VARIANTS, DemoGrid, FamilyRecipe, build_family,
-                       family_image_size, family_paths, folder_name, run_demo)
+                       family_image_size, family_paths, folder_name, recipe_from_json, run_demo)
 from laid.models import load_processor
 
 MINI = DemoGrid(seeds=(0,), steps=2, batch_size=2, train_entries=8, questions=2, sizes=(1, 150))
@@ -132,8 +132,36 @@ def test_demo_family_cli_builds_one_role(tmp_path, capsys):
 
 
 def test_default_recipe_is_the_committed_familys():
-    assert asdict(FamilyRecipe()) == {"long_batch_size": 1, "image_size": 56,
+    # the committed recipe.json predates the fields whose values that build had fixed in code
+    assert asdict(FamilyRecipe()) == {"long_batch_size": 1, "image_size": 56, "wide_images": (2, 20),
+                                      "long_images": (1, 150), "retrieval_share": 0.5,
                                       **json.loads((FAMILY_DIR / "logs" / "recipe.json").read_text())}
+
+
+def test_recipe_haystack_sizes_and_retrieval_share_reach_the_stage_data(tmp_path):
+    """wide_images / long_images set the stages' haystack sizes and retrieval_share the share of "what else is
+    there?" questions; a stage whose data differ from the default recipe's gets its own folder."""
+    from laid.demo import _family_data, _family_stages
+
+    recipe = recipe_from_json('{"long_images": [20, 30], "retrieval_share": 0.75, "long_steps": 2, '
+                              '"long_grad_accum": 2}')
+    assert recipe.long_images == (20, 30)
+    long = _family_stages(recipe)[-1]
+    assert (long.min_images, long.max_images) == (20, 30)
+    path = _family_data(tmp_path, long, 28, 0, recipe.retrieval_share)
+    assert path.parent.name == "long-4-28px-seed0-images20-30-share0.75"
+    entries = json.loads(path.read_text())
+    assert all(20 <= len(e["pos_image"]) + len(e["neg_image"]) <= 30 for e in entries)
+    asks = ["what else is there?" in e["conversations"][0]["value"] for e in entries]
+    assert asks == [True, False, True, True]  # entry k asks when floor(k * 0.75) steps up
+    default = _family_data(tmp_path, _family_stages(FamilyRecipe(long_steps=2, long_grad_accum=2))[-1], 28, 0, 0.5)
+    assert default.parent.name == "long-4-28px-seed0"  # the committed recipe's folder names are unchanged
+    for bad, message in (('{"long_images": [30, 20]}', "long_images must be"),
+                         ('{"wide_images": 20}', "wide_images must be a list of two ints")):
+        with pytest.raises(ValueError, match=message):
+            recipe_from_json(bad)
+    with pytest.raises(ValueError, match="retrieval_share must be in"):
+        _family_data(tmp_path, long, 28, 1, 1.5)
 
 
 def test_miniature_demo_distils_evaluates_and_reports(family, tmp_path, capsys):
