@@ -213,3 +213,31 @@ def test_the_committed_family_is_complete():
         assert (paths[role] / "model.safetensors").is_file() and (paths[role] / "config.json").is_file()
         for stage in FAMILY_STAGES:
             assert (FAMILY_DIR / "logs" / f"{role}_{stage}_metrics.jsonl").is_file()
+
+
+def test_family_probe_places_the_needle_and_reads_its_attention(family, tmp_path):
+    """benchmarks/family_probe.py: the needle lands where asked, and at one image all image attention is on it."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from family_probe import place_needle
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    entry = {"pos_image": ["n"], "neg_image": ["a", "b", "c"]}
+    assert [place_needle(entry, 0, place).index("n") for place in ("first", "middle", "last")] == [0, 1, 3]
+    assert sorted(place_needle(entry, 0, "shuffled")) == ["a", "b", "c", "n"]
+    out = tmp_path / "probe"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "family_probe.py"), "--model",
+                           str(family / "teacher"), "--processor", str(family / "processor"), "--image-size", "28",
+                           "--sizes", "1", "3", "--questions", "2", "--places", "first", "last", "--blank",
+                           "--out", str(out)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((out / "probe.json").read_text())["rows"]
+    assert [(r["size"], r["distractors"], r["needle"]) for r in rows] == [
+        (1, "normal", "first"), (1, "blank", "first"), (3, "normal", "first"), (3, "normal", "last"),
+        (3, "blank", "first"), (3, "blank", "last")]
+    layers = json.loads((family / "teacher" / "config.json").read_text())["text_config"]["num_hidden_layers"]
+    for row in rows:
+        shares = row["needle_share_best_head_per_layer"]
+        assert len(shares) == layers and 0 <= row["p_right"] <= 1
+        assert shares == pytest.approx([1.0] * layers) if row["size"] == 1 else all(0 < s < 1 for s in shares)
