@@ -5,9 +5,11 @@
         --out runs/continue_student
 
 The protocol of ``shared/notes/demo-family-long-window.md``: chunks of ``--chunk-steps`` steps of the recipe's long
-stage (``synth_retrieval``, 1 to 150 images, log-uniform, ``long_batch_size`` haystacks per step, a fresh data seed
-per chunk: 900 + chunk), each from the previous chunk's export, at the role's long-stage learning rate
-(``family_config``: the student's rate scaled by 64 / hidden). Prints and writes ``OUT/continue.md`` /
+stage (``synth_retrieval``, ``long_images``: 1 to 150 images, log-uniform, ``long_batch_size`` haystacks per
+micro-batch, ``long_grad_accum`` micro-batches per step, a fresh data seed per chunk: 900 + chunk), each from the
+previous chunk's export, at the role's long-stage learning rate (``family_config``: the student's rate scaled by
+64 / hidden). ``--recipe`` takes ``FamilyRecipe`` fields as JSON (default: the committed recipe), e.g.
+``'{"long_images": [10, 150], "retrieval_share": 0.75, "long_grad_accum": 2}'``. Prints and writes ``OUT/continue.md`` /
 ``OUT/continue.json``: training minutes (cumulative over chunks) and accuracy (%) per size.
 """
 
@@ -44,16 +46,17 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=4)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 50, 100, 150])
     parser.add_argument("--limit", type=int, default=40)
+    parser.add_argument("--recipe", default="{}", help="FamilyRecipe fields as a JSON object")
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    recipe = demo.FamilyRecipe()
+    recipe = demo.recipe_from_json(args.recipe)
     hidden = (demo.TEACHER_SHAPE if args.role == "teacher" else demo.STUDENT_SHAPE)["hidden"]
     stage = replace(demo._family_stages(recipe)[-1], steps=args.chunk_steps)
     rows, minutes, model = [], 0.0, args.model
     for chunk in range(1, args.chunks + 1):
-        data = demo._family_data(args.out / "work", stage, recipe.image_size, 900 + chunk)
+        data = demo._family_data(args.out / "work", stage, recipe.image_size, 900 + chunk, recipe.retrieval_share)
         run_dir = args.out / f"chunk{chunk}"
         config = demo.family_config(model, args.processor, data, run_dir, stage, hidden, recipe.seed)
         if not demo._finished(run_dir, config):

@@ -8,7 +8,8 @@
 training time is the time between its ``config.yaml`` (written when the stage starts) and its ``final/summary.json``;
 the curve's x axis adds them up per role. Answers are kept under ``OUT/eval`` (a rerun scores only new stages);
 ``OUT/curve.json`` and ``OUT/curve.md`` hold the table: one row per (role, stage), accuracy (%) per size and the
-mean over 50-150.
+mean over 50-150; ``OUT/curve.png`` plots, per role, the mean over 1 and 2 images and the mean over 50-150 against
+the cumulative training minutes.
 """
 
 from __future__ import annotations
@@ -28,6 +29,32 @@ LONG = (50, 100, 150)
 def stage_minutes(run_dir: Path) -> float:
     """Wall minutes of one finished stage: from its config.yaml to its final/summary.json."""
     return ((run_dir / "final" / "summary.json").stat().st_mtime - (run_dir / "config.yaml").stat().st_mtime) / 60
+
+
+def plot(rows: list[dict], path: Path) -> Path:
+    """Per role: mean accuracy at 1-2 images (dashed) and at 50-150 images (solid) against training minutes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for role in dict.fromkeys(row["role"] for row in rows):
+        mine = [row for row in rows if row["role"] == role]
+        minutes = [row["train_minutes"] for row in mine]
+        short = [sum(row["accuracy"].get(s, float("nan")) for s in (1, 2)) / 2 for row in mine]
+        line, = axis.plot(minutes, [row["mean_50_150"] for row in mine], marker="o", label=f"{role}, 50-150 images")
+        axis.plot(minutes, short, marker="o", ls="--", color=line.get_color(), label=f"{role}, 1-2 images")
+        for row, x, y in zip(mine, minutes, short):
+            axis.annotate(row["stage"], (x, y), fontsize=7, textcoords="offset points", xytext=(2, 4))
+    axis.axhline(50, color="grey", lw=0.5)
+    axis.set(xlabel="training minutes (cumulative, this machine)", ylabel="accuracy (%)", ylim=(0, 100),
+             title="family build: accuracy after each stage")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
 
 
 def main() -> None:
@@ -71,6 +98,8 @@ def main() -> None:
         lines.append("| " + " | ".join(cells) + " |")
     (args.out / "curve.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    if any(row["mean_50_150"] is not None for row in rows):
+        print(plot(rows, args.out / "curve.png"))
 
 
 if __name__ == "__main__":

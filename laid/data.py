@@ -455,23 +455,28 @@ def synth_retrieval(
     seed: int = 0,
     variants: int = 4,
     log_uniform: bool = False,
+    retrieval_share: float = 0.5,
     json_name: str = "retrieval_synth.json",
 ) -> Path:
     """Write ``synth_haystacks``'s haystacks as ``task="free"`` data that teaches finding the needle image.
 
-    Entries 0, 2, 4, ... ask "For the image with a {anchor}, what else is there?", answered with the needle image's
+    A ``retrieval_share`` of the entries (spread evenly: entry k when ``floor(k * share)`` steps up, so 0.5 gives
+    entries 0, 2, 4, ...) ask "For the image with a {anchor}, what else is there?", answered with the needle image's
     other object ("blue square"); the others keep their yes/no question, written after ``VHS_PROMPT`` as the
     ``vhs`` task shows it. The yes/no answer depends on the needle image only through one bit, which a model trained
     from scratch did not learn from in thousands of steps on haystacks of 2 to 4 images; naming the object gives a
     first-order signal for attending to the anchor's image, and the model then answers the yes/no questions too.
     Same arguments as ``synth_haystacks`` (same seed, same haystacks and images); returns the JSON path.
     """
+    if not 0.0 <= retrieval_share <= 1.0:
+        raise ValueError(f"retrieval_share must be in [0, 1] (the share of 'what else is there?' questions), got "
+                         f"{retrieval_share}")
     out, entries = _haystack_entries(out_dir, n_entries, min_images, max_images, image_size, seed, variants,
                                      log_uniform)
     written = []
     for k, (entry, anchor) in enumerate(entries):
         question, answer = entry["conversations"][0]["value"], entry["conversations"][1]["value"]
-        if k % 2 == 0:
+        if math.floor(k * retrieval_share) != math.floor((k - 1) * retrieval_share):
             question, answer = _retrieval_question(anchor), next(o for o in entry["objects"][0] if o != anchor)
         else:
             question = VHS_PROMPT + question

@@ -192,7 +192,9 @@ class FamilyRecipe:
 
     The defaults are the committed family's recipe (its ``logs/recipe.json``). ``image_size=28`` shows every image
     as one visual token (a 150-image prompt of about 540 tokens instead of about 990); measured on this VM, see
-    benchmarks/RESULTS.md, "The one-token family".
+    benchmarks/RESULTS.md, "The one-token family". ``wide_images`` / ``long_images`` move the wide and long stages
+    to other haystack sizes (a curriculum toward long haystacks) and ``retrieval_share`` asks more or fewer of the
+    questions that name the needle's other object (``synth_retrieval``); measured in "The family, session 3".
 
     Learning rates are those of the student's hidden size (64) and scale by ``64 / hidden`` (the teacher, 128,
     takes half), as muP scales Adam's step with width: at the student's rate the teacher stayed at chance for the
@@ -213,6 +215,10 @@ class FamilyRecipe:
     # pixels per side of every image, also the processor's minimum: 56 is 2 x 2 merged patches (4 visual tokens an
     # image, the committed family), 28 one merged patch (one visual token an image)
     image_size: int = 56
+    # haystack sizes (fewest, most images) of the wide and long stages: a curriculum moves most steps to long ones
+    wide_images: tuple[int, int] = (2, 20)
+    long_images: tuple[int, int] = (1, 150)
+    retrieval_share: float = 0.5  # share of "what else is there?" questions in the find, wide and long stages
     seed: int = 0
 
 
@@ -234,28 +240,45 @@ class _Stage:
 
 def _family_stages(recipe: FamilyRecipe) -> list[_Stage]:
     r = recipe
+    for name, (low, high) in (("wide_images", r.wide_images), ("long_images", r.long_images)):
+        if not 1 <= low <= high:
+            raise ValueError(f"recipe: {name} must be (fewest, most) images with 1 <= fewest <= most, got "
+                             f"{(low, high)}")
     return [_Stage("align", "captions", r.align_steps, r.batch_size, 1, 1, 1, r.lr),
             _Stage("single", "haystacks", r.single_steps, r.batch_size, 1, 1, 1, r.lr),
             _Stage("find", "retrieval", r.find_steps, r.batch_size, 1, 2, 4, r.find_lr),
-            _Stage("wide", "retrieval", r.wide_steps, r.batch_size, 1, 2, 20, r.find_lr),
-            _Stage("long", "retrieval", r.long_steps, r.long_batch_size, r.long_grad_accum, 1, 150, r.long_lr)]
+            _Stage("wide", "retrieval", r.wide_steps, r.batch_size, 1, *r.wide_images, r.find_lr),
+            _Stage("long", "retrieval", r.long_steps, r.long_batch_size, r.long_grad_accum, *r.long_images, r.long_lr)]
 
 
-FAMILY_STAGES = tuple(stage.name for stage in _family_stages(FamilyRecipe()))  # in order; FamilyRecipe.<name>_steps
+_DEFAULT_STAGES = {stage.name: stage for stage in _family_stages(FamilyRecipe())}
 
 
-def _family_data(work: Path, stage: _Stage, image_size: int, seed: int) -> Path:
-    """The stage's training set under ``work/data/<stage>-<entries>-<image_size>px-seed<seed>`` (one epoch holds
-    exactly its steps; a stage given more steps, another image size or another seed gets a new set), written once."""
+FAMILY_STAGES = tuple(_DEFAULT_STAGES)  # in order; FamilyRecipe.<name>_steps
+
+
+def _family_data(work: Path, stage: _Stage, image_size: int, seed: int, retrieval_share: float) -> Path:
+    """The stage's training set under ``work/data/<stage>-<entries>-<image_size>px-seed<seed>``, with
+    ``-images<fewest>-<most>`` / ``-share<retrieval_share>`` when those differ from the default recipe's (one epoch
+    holds exactly its steps; a stage given more steps, other sizes, another image size or another seed gets a new
+    set), written once."""
     n_entries = stage.steps * stage.batch_size * stage.grad_accum
-    folder = work / "data" / f"{stage.name}-{n_entries}-{image_size}px-seed{seed}"
+    folder = f"{stage.name}-{n_entries}-{image_size}px-seed{seed}"
+    default = _DEFAULT_STAGES[stage.name]
+    if (stage.min_images, stage.max_images) != (default.min_images, default.max_images):
+        folder += f"-images{stage.min_images}-{stage.max_images}"
     write, name = {"captions": (synth_captions, "captions_synth.json"),
                    "haystacks": (synth_haystacks, "visual_haystack_synth.json"),
                    "retrieval": (synth_retrieval, "retrieval_synth.json")}[stage.data]
+    options = {} if stage.data == "captions" else dict(min_images=stage.min_images, max_images=stage.max_images,
+                                                        log_uniform=True)
+    if stage.data == "retrieval":
+        options["retrieval_share"] = retrieval_share
+        if retrieval_share != FamilyRecipe.retrieval_share:
+            folder += f"-share{retrieval_share:g}"
+    folder = work / "data" / folder
     if not (folder / name).is_file():
-        sizes = {} if stage.data == "captions" else dict(min_images=stage.min_images, max_images=stage.max_images,
-                                                          log_uniform=True)
-        _write_once(folder, lambda tmp: write(tmp, n_entries=n_entries, image_size=image_size, seed=seed, **sizes))
+        _write_once(folder, lambda tmp: write(tmp, n_entries=n_entries, image_size=image_size, seed=seed, **options))
     return folder / name
 
 
@@ -315,7 +338,7 @@ def build_family(out_dir: str | Path, *, recipe: FamilyRecipe = FamilyRecipe(), 
         raise ValueError(f"{str(processor)!r} was built for {built_for}-pixel images, the recipe asks for image_size "
                          f"{recipe.image_size}; build this recipe into another out_dir")
     stages = _family_stages(recipe)
-    data = {stage.name: _family_data(work, stage, recipe.image_size, recipe.seed + 303 + k)
+    data = {stage.name: _family_data(work, stage, recipe.image_size, recipe.seed + 303 + k, recipe.retrieval_share)
             for k, stage in enumerate(stages)}
     shapes = {"teacher": (TEACHER_SHAPE, recipe.seed), "student": (STUDENT_SHAPE, recipe.seed + 1)}
     (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -354,7 +377,15 @@ def recipe_from_json(text: str) -> FamilyRecipe:
     unknown = sorted(set(fields) - set(FamilyRecipe.__dataclass_fields__))
     if unknown:
         raise ValueError(f"recipe: unknown FamilyRecipe fields {unknown}")
-    return replace(FamilyRecipe(), **fields)
+    for name in ("wide_images", "long_images"):
+        if name in fields:
+            sizes = fields[name]
+            if not (isinstance(sizes, list) and len(sizes) == 2 and all(isinstance(n, int) for n in sizes)):
+                raise ValueError(f"recipe: {name} must be a list of two ints [fewest, most], got {sizes!r}")
+            fields[name] = tuple(sizes)
+    recipe = replace(FamilyRecipe(), **fields)
+    _family_stages(recipe)  # checks the sizes
+    return recipe
 
 
 def overridden(settings, **changes):

@@ -20,7 +20,7 @@ from laid.cli import main
 from laid.config import LAidConfig
 from laid.data import pixel_budget
 from laid.demo import (BASELINE, FAMILY_DIR, FAMILY_STAGES, VARIANTS, DemoGrid, FamilyRecipe, build_family,
-                       family_image_size, family_paths, folder_name, run_demo)
+                       family_image_size, family_paths, folder_name, recipe_from_json, run_demo)
 from laid.models import load_processor
 
 MINI = DemoGrid(seeds=(0,), steps=2, batch_size=2, train_entries=8, questions=2, sizes=(1, 150))
@@ -132,8 +132,36 @@ def test_demo_family_cli_builds_one_role(tmp_path, capsys):
 
 
 def test_default_recipe_is_the_committed_familys():
-    assert asdict(FamilyRecipe()) == {"long_batch_size": 1, "image_size": 56,
+    # the committed recipe.json predates the fields whose values that build had fixed in code
+    assert asdict(FamilyRecipe()) == {"long_batch_size": 1, "image_size": 56, "wide_images": (2, 20),
+                                      "long_images": (1, 150), "retrieval_share": 0.5,
                                       **json.loads((FAMILY_DIR / "logs" / "recipe.json").read_text())}
+
+
+def test_recipe_haystack_sizes_and_retrieval_share_reach_the_stage_data(tmp_path):
+    """wide_images / long_images set the stages' haystack sizes and retrieval_share the share of "what else is
+    there?" questions; a stage whose data differ from the default recipe's gets its own folder."""
+    from laid.demo import _family_data, _family_stages
+
+    recipe = recipe_from_json('{"long_images": [20, 30], "retrieval_share": 0.75, "long_steps": 2, '
+                              '"long_grad_accum": 2}')
+    assert recipe.long_images == (20, 30)
+    long = _family_stages(recipe)[-1]
+    assert (long.min_images, long.max_images) == (20, 30)
+    path = _family_data(tmp_path, long, 28, 0, recipe.retrieval_share)
+    assert path.parent.name == "long-4-28px-seed0-images20-30-share0.75"
+    entries = json.loads(path.read_text())
+    assert all(20 <= len(e["pos_image"]) + len(e["neg_image"]) <= 30 for e in entries)
+    asks = ["what else is there?" in e["conversations"][0]["value"] for e in entries]
+    assert asks == [True, False, True, True]  # entry k asks when floor(k * 0.75) steps up
+    default = _family_data(tmp_path, _family_stages(FamilyRecipe(long_steps=2, long_grad_accum=2))[-1], 28, 0, 0.5)
+    assert default.parent.name == "long-4-28px-seed0"  # the committed recipe's folder names are unchanged
+    for bad, message in (('{"long_images": [30, 20]}', "long_images must be"),
+                         ('{"wide_images": 20}', "wide_images must be a list of two ints")):
+        with pytest.raises(ValueError, match=message):
+            recipe_from_json(bad)
+    with pytest.raises(ValueError, match="retrieval_share must be in"):
+        _family_data(tmp_path, long, 28, 1, 1.5)
 
 
 def test_miniature_demo_distils_evaluates_and_reports(family, tmp_path, capsys):
@@ -185,3 +213,31 @@ def test_the_committed_family_is_complete():
         assert (paths[role] / "model.safetensors").is_file() and (paths[role] / "config.json").is_file()
         for stage in FAMILY_STAGES:
             assert (FAMILY_DIR / "logs" / f"{role}_{stage}_metrics.jsonl").is_file()
+
+
+def test_family_probe_places_the_needle_and_reads_its_attention(family, tmp_path):
+    """benchmarks/family_probe.py: the needle lands where asked, and at one image all image attention is on it."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from family_probe import place_needle
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    entry = {"pos_image": ["n"], "neg_image": ["a", "b", "c"]}
+    assert [place_needle(entry, 0, place).index("n") for place in ("first", "middle", "last")] == [0, 1, 3]
+    assert sorted(place_needle(entry, 0, "shuffled")) == ["a", "b", "c", "n"]
+    out = tmp_path / "probe"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "family_probe.py"), "--model",
+                           str(family / "teacher"), "--processor", str(family / "processor"), "--image-size", "28",
+                           "--sizes", "1", "3", "--questions", "2", "--places", "first", "last", "--blank",
+                           "--out", str(out)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((out / "probe.json").read_text())["rows"]
+    assert [(r["size"], r["distractors"], r["needle"]) for r in rows] == [
+        (1, "normal", "first"), (1, "blank", "first"), (3, "normal", "first"), (3, "normal", "last"),
+        (3, "blank", "first"), (3, "blank", "last")]
+    layers = json.loads((family / "teacher" / "config.json").read_text())["text_config"]["num_hidden_layers"]
+    for row in rows:
+        shares = row["needle_share_best_head_per_layer"]
+        assert len(shares) == layers and 0 <= row["p_right"] <= 1
+        assert shares == pytest.approx([1.0] * layers) if row["size"] == 1 else all(0 < s < 1 for s in shares)
