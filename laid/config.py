@@ -107,7 +107,8 @@ class LAidConfig:
     lr: float = field(default=1e-5, metadata={"help": "AdamW learning rate of the student weights"})
     mixer_lr: float = field(default=1e-4, metadata={
         "help": "AdamW learning rate of the mixer (W_q, W_k and the RoPE gain)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    weight_decay: float = field(default=0.0, metadata={
+        "help": "AdamW weight decay of the student's weights (never of the mixer and the gain)"})
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata={
         "help": "AdamW betas, [beta1, beta2]"})
     epochs: int = field(default=10, metadata={"help": "passes over the training data"})
@@ -147,6 +148,9 @@ class LAidConfig:
     keep_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept; 0 keeps all"})
     resume_from: str | None = field(default=None, metadata={
         "help": "a checkpoint folder, or latest (the newest under output_dir/checkpoints, if any); null starts afresh"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "start afresh in an output_dir that already holds a run (its checkpoints, final/ and metrics.jsonl "
+                "are deleted); without it such a folder is refused unless resume_from is set"})
     log_every: int = field(default=1, metadata={"help": "optimizer steps between metrics.jsonl lines"})
     trackers: list[str] = field(default_factory=list, metadata={
         "help": "accelerate trackers, e.g. [tensorboard]"})

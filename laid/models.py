@@ -68,22 +68,21 @@ def load_teacher(source: str, *, device: torch.device, attn_implementation: str 
     return teacher.eval()
 
 
-def shard_teacher(teacher, device: torch.device):
-    """Shard the frozen teacher over all processes with FSDP2 (``fully_shard``), for runs under FSDP.
+def shard_teacher(teacher, accelerator):
+    """Shard the frozen teacher over all processes with FSDP2, exactly as ``accelerator.prepare`` shards the
+    student (accelerate's ``fsdp2_prepare_model`` with the run's FSDP plugin), for runs under FSDP2.
 
-    Each decoder layer and vision block is its own unit (parameters gathered just for its forward), the inner
-    ``teacher.model`` holds the rest (embeddings, vision patch embedding and merger, final norm); the lm_head stays
-    whole on every device, so both the decoder-only forward (``teacher.model``) and the full forward enter the same
-    FSDP root. The teacher is not part of accelerate's prepared models: it never enters checkpoints.
+    Units: each decoder layer and vision block (the model's ``_no_split_modules``), the input embeddings, the final
+    norm with the lm_head, and the root (the whole model: vision patch embedding, merger, rotary buffers), so every
+    forward must call the model itself. The teacher is never moved to a device whole: ``fully_shard`` moves one
+    unit at a time and keeps each process's shard; with ``fsdp_cpu_ram_efficient_loading`` (the paper's
+    configs/fsdp_8gpu.yaml) transformers loads the weights on rank 0 only (the other ranks hold a meta model), and
+    accelerate broadcasts each tensor from rank 0 into the shards. The teacher is not one of accelerate's prepared
+    models: it never enters checkpoints.
     """
-    from torch.distributed.fsdp import fully_shard
+    from accelerate.utils import fsdp2_prepare_model
 
-    teacher.to(device)
-    for module in list(teacher.modules()):
-        if type(module).__name__ in teacher._no_split_modules:
-            fully_shard(module)
-    fully_shard(teacher.model)
-    return teacher
+    return fsdp2_prepare_model(accelerator, teacher)
 
 
 # The language model's linear layers that get LoRA adapters (a full match on the module name, as peft reads it).
