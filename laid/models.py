@@ -1,6 +1,8 @@
 """Loading the teacher, the student and the processor through transformers' real Qwen2.5-VL classes.
 
 - Source: a local folder (``save_pretrained`` output) or a hub id; nothing is downloaded when a folder is given.
+  Under FSDP with rank-0-only loading only rank 0 reads weights (:func:`reads_weights`); the others build the
+  model on the meta device and :func:`shard_teacher` / accelerate broadcast their shards.
 - Attention: ``flash_attention_2`` when flash-attn imports and the run is on CUDA, else ``sdpa``
   (:func:`choose_attention`).
 - Teacher: frozen (``requires_grad_(False)``), eval mode, bf16 on CUDA (fp32 on CPU).
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 
 import torch
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
@@ -39,12 +42,38 @@ def load_model(source: str, *, dtype: torch.dtype, attn_implementation: str,
     and a bar per model loaded would interleave with them.
     """
     try:
+        if not reads_weights():
+            return _empty_model(source, dtype=dtype, attn_implementation=attn_implementation)
         with _no_transformers_progress_bars():
             return Qwen2_5_VLForConditionalGeneration.from_pretrained(source, dtype=dtype,
                                                                        attn_implementation=attn_implementation)
     except (OSError, ValueError) as error:
         raise ValueError(f"{role}: cannot load a Qwen2.5-VL model from {source!r} (a folder written by "
                          f"save_pretrained or a hub id was expected): {error}") from error
+
+
+def reads_weights() -> bool:
+    """Whether this process reads model weights from disk: False only on the processes other than rank 0 of an FSDP
+    run with rank-0-only loading (accelerate's ``fsdp_cpu_ram_efficient_loading``), which get their shards by
+    broadcast from rank 0 when the model is sharded (transformers 5.24 reads the whole checkpoint on every process
+    otherwise)."""
+    return not (os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+                and os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false").lower() == "true"
+                and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0)
+
+
+def _empty_model(source: str, *, dtype: torch.dtype, attn_implementation: str):
+    """The model of ``source``'s config with its parameters on the meta device (no memory, no weights read) and its
+    buffers (rotary frequencies) computed for real, as rank-0-only FSDP loading expects of the other ranks."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(source)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    if not isinstance(model, Qwen2_5_VLForConditionalGeneration):
+        raise ValueError(f"{source!r} holds a {type(model).__name__}, not a Qwen2.5-VL model")
+    return model
 
 
 @contextlib.contextmanager
@@ -76,8 +105,8 @@ def shard_teacher(teacher, accelerator):
     norm with the lm_head, and the root (the whole model: vision patch embedding, merger, rotary buffers), so every
     forward must call the model itself. The teacher is never moved to a device whole: ``fully_shard`` moves one
     unit at a time and keeps each process's shard; with ``fsdp_cpu_ram_efficient_loading`` (the paper's
-    configs/fsdp_8gpu.yaml) transformers loads the weights on rank 0 only (the other ranks hold a meta model), and
-    accelerate broadcasts each tensor from rank 0 into the shards. The teacher is not one of accelerate's prepared
+    configs/fsdp_8gpu.yaml) only rank 0 has read the weights (:func:`reads_weights`; the other ranks hold a meta
+    model), and accelerate broadcasts each tensor from rank 0 into the shards. The teacher is not one of accelerate's prepared
     models: it never enters checkpoints.
     """
     from accelerate.utils import fsdp2_prepare_model
