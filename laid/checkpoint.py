@@ -17,6 +17,7 @@ A run folder that already holds something is refused unless the run resumes or `
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shutil
@@ -138,11 +139,11 @@ def export(accelerator: Accelerator, student, processor, mixer: HeadMixer | None
                 state_dict[prefix + "bias"] = bias
         out.mkdir(parents=True, exist_ok=True)
         model = accelerator.unwrap_model(student)
-        trained_dtype, model.config.dtype = model.config.dtype, dtype  # the dtype written to config.json
-        try:
-            model.save_pretrained(str(out), state_dict=state_dict, safe_serialization=True)
-        finally:
-            model.config.dtype = trained_dtype
+        model.save_pretrained(str(out), state_dict=state_dict, safe_serialization=True)
+        config = copy.deepcopy(model.config)  # save_pretrained writes the fp32 master weights' dtype: the export's
+        for part in [config, *(getattr(config, name) for name in config.sub_configs)]:
+            part.dtype = dtype
+        config.save_pretrained(str(out))
         processor.save_pretrained(str(out))
         if mixer is not None:
             mixer.save(out / "mixer.safetensors")
