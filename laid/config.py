@@ -254,6 +254,10 @@ class LAidConfig:
                              "lambda_laid is 0 (the mixer is unused)")
         if self.lambda_laid > 0 and self.qk_weight == 0 and self.beta == 0:
             raise ValueError("lambda_laid > 0 but qk_weight and beta are both 0: the LAid term is empty")
+        if self.lora_rank and self.lambda_laid > 0:
+            raise ValueError("lora_rank > 0 needs lambda_laid = 0: the RoPE gain of LAid computes the aligned layers' "
+                             "q_proj with its weight rows scaled, which a LoRA q_proj does not have (use LoRA for the "
+                             "SFT / KD baselines)")
         if self.lambda_laid + self.lambda_kl + self.lambda_sft == 0:
             raise ValueError("lambda_laid, lambda_kl and lambda_sft are all 0: the loss is empty")
         return self

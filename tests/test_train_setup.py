@@ -125,3 +125,9 @@ def test_captured_queries_and_keys_are_released_after_the_loss(paths):
     assert all(t is None for c in captures for t in (*c.queries, *c.keys))
     objective(batch, progress=0.0)["loss"].backward()
     assert all(t is None for c in captures for t in (*c.queries, *c.keys))
+
+
+def test_lora_with_the_laid_term_is_refused_by_the_config(paths):
+    with pytest.raises(ValueError, match="lora_rank > 0 needs lambda_laid = 0"):
+        tiny_config(paths, "unused", lora_rank=4)
+    assert tiny_config(paths, "unused", lora_rank=4, lambda_laid=0.0).lora_rank == 4
