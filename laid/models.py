@@ -34,16 +34,18 @@ def choose_attention(requested: str, device: torch.device) -> str:
     return "sdpa"
 
 
-def load_model(source: str, *, dtype: torch.dtype, attn_implementation: str,
-               role: str) -> Qwen2_5_VLForConditionalGeneration:
-    """``Qwen2_5_VLForConditionalGeneration.from_pretrained(source)`` with a clear error naming ``role``.
+def load_model(source: str, *, dtype: torch.dtype, attn_implementation: str, role: str,
+               trains: bool = False) -> Qwen2_5_VLForConditionalGeneration:
+    """``Qwen2_5_VLForConditionalGeneration.from_pretrained(source)`` with a clear error naming ``role``; on a
+    process that reads no weights (:func:`reads_weights`) the model without them (``trains``: a model an optimizer
+    will be built for, see :func:`_empty_model`).
 
     transformers' own "Loading weights" progress bar is silenced while it loads: laid's commands show their own bars,
     and a bar per model loaded would interleave with them.
     """
     try:
         if not reads_weights():
-            return _empty_model(source, dtype=dtype, attn_implementation=attn_implementation)
+            return _empty_model(source, dtype=dtype, attn_implementation=attn_implementation, allocate=trains)
         with _no_transformers_progress_bars():
             return Qwen2_5_VLForConditionalGeneration.from_pretrained(source, dtype=dtype,
                                                                        attn_implementation=attn_implementation)
@@ -62,9 +64,11 @@ def reads_weights() -> bool:
                 and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0)
 
 
-def _empty_model(source: str, *, dtype: torch.dtype, attn_implementation: str):
-    """The model of ``source``'s config with its parameters on the meta device (no memory, no weights read) and its
-    buffers (rotary frequencies) computed for real, as rank-0-only FSDP loading expects of the other ranks."""
+def _empty_model(source: str, *, dtype: torch.dtype, attn_implementation: str, allocate: bool):
+    """The model of ``source``'s config without its weights, its buffers (rotary frequencies) computed for real, as
+    rank-0-only FSDP loading expects of the other ranks. Parameters on the meta device, or with ``allocate`` in
+    CPU memory that is allocated but never written (the OS backs it with no RAM until touched): accelerate pairs a
+    prepared optimizer with the model's parameters by their storage address, which meta tensors lack."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForImageTextToText
 
@@ -73,6 +77,14 @@ def _empty_model(source: str, *, dtype: torch.dtype, attn_implementation: str):
         model = AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     if not isinstance(model, Qwen2_5_VLForConditionalGeneration):
         raise ValueError(f"{source!r} holds a {type(model).__name__}, not a Qwen2.5-VL model")
+    if allocate:
+        allocated: dict[int, torch.nn.Parameter] = {}  # by id: a tied parameter stays one parameter
+        for module in model.modules():
+            for name, param in list(module.named_parameters(recurse=False)):
+                if id(param) not in allocated:
+                    allocated[id(param)] = torch.nn.Parameter(torch.empty_like(param, device="cpu"),
+                                                              requires_grad=param.requires_grad)
+                module.register_parameter(name, allocated[id(param)])
     return model
 
 
@@ -128,7 +140,8 @@ def load_student(source: str, *, device: torch.device, attn_implementation: str 
     adapters); the model stays a Qwen2_5_VLForConditionalGeneration and :func:`merge_lora` folds them back.
     """
     student = load_model(source, dtype=torch.float32,
-                         attn_implementation=choose_attention(attn_implementation, device), role="student")
+                         attn_implementation=choose_attention(attn_implementation, device), role="student",
+                         trains=True)
     student.requires_grad_(False)
     inner = student.model
     if lora_rank:
