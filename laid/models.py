@@ -118,8 +118,8 @@ def shard_teacher(teacher, accelerator):
     forward must call the model itself. The teacher is never moved to a device whole: ``fully_shard`` moves one
     unit at a time and keeps each process's shard; with ``fsdp_cpu_ram_efficient_loading`` (the paper's
     configs/fsdp_8gpu.yaml) only rank 0 has read the weights (:func:`reads_weights`; the other ranks hold a meta
-    model), and accelerate broadcasts each tensor from rank 0 into the shards. The teacher is not one of accelerate's prepared
-    models: it never enters checkpoints.
+    model), and accelerate broadcasts each tensor from rank 0 into the shards. The teacher is not one of
+    accelerate's prepared models: it never enters checkpoints.
     """
     from accelerate.utils import fsdp2_prepare_model
 

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import (DistributedDataParallelKwargs, DistributedType, FullyShardedDataParallelPlugin, LoggerType,
-                              broadcast, set_seed)
+from accelerate.utils import (DistributedDataParallelKwargs, DistributedType, FullyShardedDataParallelPlugin,
+                              LoggerType, broadcast, set_seed)
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 

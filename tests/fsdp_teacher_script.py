@@ -13,18 +13,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from accelerate import PartialState
 from accelerate.utils import DistributedType
 
 from laid.capture import QKCapture, stop_after
 from laid.config import LAidConfig
 from laid.models import load_teacher, shard_teacher
 from laid.trainer import make_accelerator
-from train_helpers import fsdp_launch_env
+from train_helpers import fsdp_launch_env, mark_cpu_group_as_gpu_group
 
 os.environ.update(fsdp_launch_env(Path(__file__).parents[1] / "configs" / "fsdp_8gpu.yaml"))
-PartialState(cpu=True)  # gloo; accelerate builds FSDP only for GPU groups, so mark this one as such
-PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
+mark_cpu_group_as_gpu_group()
 accelerator = make_accelerator(LAidConfig(), "fp32", Path("."))
 assert accelerator.distributed_type == DistributedType.FSDP
 cpu = torch.device("cpu")

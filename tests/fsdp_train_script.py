@@ -5,9 +5,9 @@ configs/fsdp_8gpu.yaml (the environment accelerate launch would give each proces
 accelerate 1.15 builds FSDP only on GPUs (on CPU it falls back to plain processes), so this script marks the
 process group as a GPU group before the trainer builds its Accelerator; everything after that is accelerate's and
 laid's own FSDP2 code (fully_shard, DTensor gradients, sharded save_state / load_state, the gathered export).
-Each process writes rank{i}.pt beside CONFIG.yaml just before the export: its mixer, what it checked after every backward (all
-student gradients already sharded DTensors), and the FSDP facts of the run. With $LAID_TEST_KILL_AT_BACKWARD set, each
-process SIGKILLs itself at that backward (train_helpers.kill_at_backward).
+Each process writes rank{i}.pt beside CONFIG.yaml just before the export: its mixer, what it checked after every
+backward (all student gradients already sharded DTensors), and the FSDP facts of the run. With
+$LAID_TEST_KILL_AT_BACKWARD set, each process SIGKILLs itself at that backward (train_helpers.kill_at_backward).
 
     torchrun --nproc_per_node 2 tests/fsdp_train_script.py CONFIG.yaml
 """
@@ -17,15 +17,12 @@ import sys
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
-from accelerate.utils import DistributedType
 from torch.distributed.tensor import DTensor
 
-from train_helpers import fsdp_launch_env, kill_at_backward
+from train_helpers import fsdp_launch_env, kill_at_backward, mark_cpu_group_as_gpu_group
 
 os.environ.update(fsdp_launch_env(Path(__file__).parents[1] / "configs" / "fsdp_8gpu.yaml"))
-PartialState(cpu=True)  # gloo over the torchrun environment
-PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU  # so that AcceleratorState picks FSDP
+mark_cpu_group_as_gpu_group()
 
 import laid.trainer as trainer  # noqa: E402
 

@@ -94,6 +94,25 @@ def kill_at_backward(backward):
     return wrapped
 
 
+def mark_cpu_group_as_gpu_group() -> None:
+    """Join the torchrun process group over gloo (CPU) and mark it as a GPU group, so that the next Accelerator
+    builds FSDP from the environment as it does on GPUs (accelerate 1.15 leaves FSDP off for CPU groups).
+
+    Writes accelerate's private shared state: checked against the accelerate release it was written for.
+    """
+    import accelerate
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType
+
+    if not accelerate.__version__.startswith("1.15."):
+        raise RuntimeError(f"mark_cpu_group_as_gpu_group reads accelerate 1.15's PartialState internals; accelerate "
+                           f"{accelerate.__version__} is installed: check accelerate/state.py and update this helper")
+    state = PartialState(cpu=True)
+    if state.distributed_type != DistributedType.MULTI_CPU:
+        raise RuntimeError(f"expected a MULTI_CPU (gloo) group under torchrun, got {state.distributed_type}")
+    PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
+
+
 def run_launcher(command: list[str], env: dict[str, str], log: Path, killed: bool = False,
                  timeout: float = 300) -> None:
     """Run a multi-process launch (torchrun / accelerate launch) to its end, asserting success, or with
@@ -118,8 +137,9 @@ def read_metrics(run: Path) -> list[dict]:
 def check_kill_and_resume(launch: list[str], env: dict[str, str], paths: dict[str, str], tmp: Path,
                           **fields) -> Path:
     """Train the tiny pair three times with ``launch + [CONFIG.yaml]`` (4 steps of 2 micro-batches, a checkpoint
-    every 2): uninterrupted; killed (SIGKILL) during step 4, its last checkpoint at step 2; resumed from it. Asserts that the resumed run logs the uninterrupted run's losses
-    and ends with its parameters and mixer; returns the resumed run's folder."""
+    every 2): uninterrupted; killed (SIGKILL) during step 4, its last checkpoint at step 2; resumed from it. Asserts
+    that the resumed run logs the uninterrupted run's losses and ends with its parameters and mixer; returns the
+    resumed run's folder."""
     import pytest
     import torch
     import yaml
