@@ -2,10 +2,11 @@
 
 - :class:`QKCapture` puts forward hooks on the ``q_proj`` / ``k_proj`` of chosen decoder layers. Their outputs are
   the queries / keys before RoPE, in the layout the projections give: q [B, N, H, D], k [B, N, H_kv, D] (a view,
-  no copy). Given a ``gain``, the q_proj hook also scales the output (channel pair (f, f + D/2) of head h by
-  G[h, f]) and returns it, so the model's own attention and every loss see the gained queries. The gain is applied
-  on every call (recomputation under gradient checkpointing included); recording happens only inside
-  :meth:`QKCapture.record`.
+  no copy). Given a ``gain``, the q_proj computes with its weight rows scaled (channel pair (f, f + D/2) of head h
+  by G[h, f], :func:`laid.mixer.fold_gain` in the dtype the projection computes in), so the model's own attention
+  and every loss see the gained queries, and the training forward uses bit for bit the q_proj weight the export
+  writes. The gain is applied on every call (recomputation under gradient checkpointing included); recording
+  happens only inside :meth:`QKCapture.record`, and :meth:`QKCapture.clear` drops the recordings.
 - :func:`stop_after` runs a model's decoder only up to a layer: later layers never run (call the inner
   ``model.model`` so that no lm_head runs either).
 - :func:`mrope_positions`: the [3, B, N] M-RoPE positions of transformers' ``get_rope_index``.
@@ -17,7 +18,10 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from .mixer import fold_gain
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -46,7 +50,8 @@ class QKCapture:
     Args:
         model: a Qwen2_5_VLForConditionalGeneration (possibly wrapped).
         layers: decoder layer indices (non-negative, distinct); captured tensors are returned in this order.
-        gain: optional ``gain(i) -> [H, D]`` giving the per-channel query scale for ``layers[i]``.
+        gain: optional ``gain(i) -> [H, D]`` giving the per-channel query scale for ``layers[i]`` (each of their
+            q_proj must be a plain nn.Linear).
 
     After a forward inside ``with capture.record():``, ``capture.queries[i]`` is [B, N, H, D] and
     ``capture.keys[i]`` is [B, N, H_kv, D] for ``layers[i]``.
@@ -65,21 +70,37 @@ class QKCapture:
         self.keys: list[torch.Tensor | None] = [None] * len(self.layers)
         modules = decoder_layers(model)
         self._handles = []
+        self._gained: list[nn.Linear] = []
         for slot, index in enumerate(self.layers):
             attention = modules[index].self_attn
+            if gain is not None:
+                self._gain_q_proj(attention.q_proj, slot)
             self._handles.append(attention.q_proj.register_forward_hook(self._query_hook(slot)))
             self._handles.append(attention.k_proj.register_forward_hook(self._key_hook(slot)))
+
+    def _gain_q_proj(self, q_proj: nn.Module, slot: int) -> None:
+        """Make ``q_proj`` compute x W_g^T + b_g with (W_g, b_g) = fold_gain(W, b, gain(slot)) in its compute dtype
+        (the autocast dtype inside autocast, else the weight's: FSDP2's param_dtype)."""
+        if type(q_proj) is not nn.Linear:
+            raise ValueError(f"the RoPE gain needs the aligned layers' q_proj to be a plain nn.Linear, got "
+                             f"{type(q_proj).__name__} (LoRA adapters on an aligned layer: use lambda_laid = 0)")
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            device = x.device.type
+            dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+                     else q_proj.weight.dtype)
+            return F.linear(x, *fold_gain(q_proj.weight, q_proj.bias, self.gain(slot), dtype))
+
+        q_proj.forward = forward  # an instance attribute: nn.Module.__call__ (and every hook) runs it
+        self._gained.append(q_proj)
 
     def _heads(self, output: torch.Tensor) -> torch.Tensor:
         return output.view(*output.shape[:-1], -1, self.head_dim)  # [B, N, H * D] -> [B, N, H, D]
 
     def _query_hook(self, slot: int):
         def hook(module: nn.Module, args, output: torch.Tensor):
-            if self.gain is not None:
-                output = (self._heads(output) * self.gain(slot).to(output.dtype)).flatten(-2)
             if self.recording:
                 self.queries[slot] = self._heads(output)
-            return output
         return hook
 
     def _key_hook(self, slot: int):
@@ -88,11 +109,15 @@ class QKCapture:
                 self.keys[slot] = self._heads(output)
         return hook
 
+    def clear(self) -> None:
+        """Drop the recorded q / k (the autograd graph keeps what backward needs; nothing else stays alive)."""
+        self.queries = [None] * len(self.layers)
+        self.keys = [None] * len(self.layers)
+
     @contextmanager
     def record(self) -> Iterator["QKCapture"]:
         """Record the q / k of the forwards run inside the block (previous recordings are dropped first)."""
-        self.queries = [None] * len(self.layers)
-        self.keys = [None] * len(self.layers)
+        self.clear()
         self.recording = True
         try:
             yield self
@@ -106,7 +131,9 @@ class QKCapture:
         """Remove the hooks (the gain stops being applied)."""
         for handle in self._handles:
             handle.remove()
-        self._handles = []
+        for q_proj in self._gained:
+            del q_proj.forward  # back to nn.Linear.forward
+        self._handles, self._gained = [], []
 
 
 @contextmanager

@@ -107,7 +107,8 @@ class LAidConfig:
     lr: float = field(default=1e-5, metadata={"help": "AdamW learning rate of the student weights"})
     mixer_lr: float = field(default=1e-4, metadata={
         "help": "AdamW learning rate of the mixer (W_q, W_k and the RoPE gain)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    weight_decay: float = field(default=0.0, metadata={
+        "help": "AdamW weight decay of the student's weights (never of the mixer and the gain)"})
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata={
         "help": "AdamW betas, [beta1, beta2]"})
     epochs: int = field(default=10, metadata={"help": "passes over the training data"})
@@ -147,6 +148,9 @@ class LAidConfig:
     keep_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept; 0 keeps all"})
     resume_from: str | None = field(default=None, metadata={
         "help": "a checkpoint folder, or latest (the newest under output_dir/checkpoints, if any); null starts afresh"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "start afresh in an output_dir that already holds a run (its checkpoints, final/ and metrics.jsonl "
+                "are deleted); without it such a folder is refused unless resume_from is set"})
     log_every: int = field(default=1, metadata={"help": "optimizer steps between metrics.jsonl lines"})
     trackers: list[str] = field(default_factory=list, metadata={
         "help": "accelerate trackers, e.g. [tensorboard]"})
@@ -250,6 +254,10 @@ class LAidConfig:
                              "lambda_laid is 0 (the mixer is unused)")
         if self.lambda_laid > 0 and self.qk_weight == 0 and self.beta == 0:
             raise ValueError("lambda_laid > 0 but qk_weight and beta are both 0: the LAid term is empty")
+        if self.lora_rank and self.lambda_laid > 0:
+            raise ValueError("lora_rank > 0 needs lambda_laid = 0: the RoPE gain of LAid computes the aligned layers' "
+                             "q_proj with its weight rows scaled, which a LoRA q_proj does not have (use LoRA for the "
+                             "SFT / KD baselines)")
         if self.lambda_laid + self.lambda_kl + self.lambda_sft == 0:
             raise ValueError("lambda_laid, lambda_kl and lambda_sft are all 0: the loss is empty")
         return self

@@ -31,6 +31,7 @@ from .mixer import HeadMixer
 from .models import check_compatible
 
 IGNORE_INDEX = -100
+_NO_POSITIONS = torch.zeros(0, dtype=torch.long)  # logits_to_keep of a forward whose logits are not needed
 
 
 def answer_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -124,17 +125,21 @@ class LAidObjective:
     @staticmethod
     def _forward(model: nn.Module, batch: dict, positions: torch.Tensor,
                  keep: torch.Tensor | None) -> torch.Tensor | None:
-        """Logits [B, K, V] at positions ``keep`` [K]; with keep None, only the decoder runs (no lm_head) and
-        the result is None."""
+        """Logits [B, K, V] at positions ``keep`` [K]; with keep None, the lm_head projects zero positions and the
+        result is None.
+
+        Always a call of ``model`` itself (the DDP / FSDP root with accelerate's autocast), never of an inner
+        module: under FSDP2 the root's parameters (vision patch embedding, merger) are gathered only by the root's
+        forward, and accelerate's autocast wraps the prepared model's forward.
+        """
         if "image_pixels" in batch:  # a loader batch: its images would be silently left out
             raise ValueError("batch holds uint8 image_pixels: pass laid.prompt_inputs.model_inputs(batch, device)")
         inputs = {k: batch[k] for k in ("pixel_values", "image_grid_thw") if batch.get(k) is not None}
         inputs.update(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=positions,
                       use_cache=False)
-        if keep is None:
-            unwrap(model).model(**inputs)
-            return None
-        return model(logits_to_keep=keep, **inputs).logits
+        logits = model(logits_to_keep=keep if keep is not None else _NO_POSITIONS.to(positions.device),
+                       **inputs).logits
+        return logits if keep is not None else None
 
     def __call__(self, batch: dict, progress: float) -> dict[str, torch.Tensor]:
         config = self.config
@@ -148,11 +153,10 @@ class LAidObjective:
             with torch.no_grad(), stop_after(self.teacher, self.teacher_last), self.teacher_capture.record():
                 teacher_logits = self._forward(self.teacher, batch, positions,
                                                None if self.teacher_last is not None else keep)
-        # The student always runs through its (DDP) wrapper, so that gradients are synchronised; with no logits
-        # needed it keeps zero positions.
+        # The student always runs through its (DDP / FSDP) wrapper, so that gradients are synchronised.
         with stop_after(self.student, self.student_last), self.student_capture.record():
             student_logits = self._forward(self.student, batch, positions,
-                                           keep[:0] if self.student_last is not None else keep)
+                                           None if self.student_last is not None else keep)
         if self.check_grad and torch.is_grad_enabled():
             for q, k in zip(self.student_capture.queries, self.student_capture.keys):
                 if not (q.requires_grad and k.requires_grad):
@@ -189,10 +193,19 @@ class LAidObjective:
         laid = config.qk_weight * terms.get("qk", 0.0) + config.beta * terms.get("attn", 0.0)
         terms["loss"] = (config.lambda_laid * laid + config.lambda_kl * terms.get("kl", 0.0)
                          + config.lambda_sft * terms.get("sft", 0.0))
+        self._release()
         return terms
 
+    def _release(self) -> None:
+        """Drop the captured Q/K: the loss's graph keeps what backward needs and frees it during backward, so nothing
+        captured lives through the optimizer step and the next teacher forward."""
+        self.student_capture.clear()
+        if self.teacher_capture is not None:
+            self.teacher_capture.clear()
+
     def init_mixer(self, batch: dict) -> None:
-        """Initialise the mixer's W_q / W_k by ``config.mixer_init`` ("lstsq" uses this batch's Q/K)."""
+        """Initialise the mixer's W_q / W_k by ``config.mixer_init`` ("lstsq" uses this batch's Q/K, from forwards
+        of the models as given: the prepared student, under accelerate's autocast and FSDP root)."""
         if self.mixer is None:
             return
         if self.config.mixer_init == "uniform":
@@ -213,6 +226,7 @@ class LAidObjective:
             query_stats = self.mixer.lstsq_statistics(student.queries[pair], teacher.queries[slot], valid)
             key_stats = self.mixer.lstsq_statistics(student.keys[pair], teacher.keys[slot], valid)
             self.mixer.init_lstsq(pair, query_stats, key_stats, ridge=self.config.mixer_ridge)
+        self._release()
 
     def remove_hooks(self) -> None:
         """Detach the capture hooks (and the gain) from both models."""

@@ -141,17 +141,21 @@ class HeadMixer(nn.Module):
         return mixer
 
 
-@torch.no_grad()
-def fold_gain(weight: torch.Tensor, bias: torch.Tensor | None,
-              gain_channels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """q_proj weight [Hs * D, hidden] and bias [Hs * D] with output row (h, c) scaled by gain_channels[h, c].
+def fold_gain(weight: torch.Tensor, bias: torch.Tensor | None, gain_channels: torch.Tensor,
+              dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """q_proj weight [Hs * D, hidden] and bias [Hs * D] with output row (h, c) scaled by gain_channels[h, c], in
+    ``dtype`` (None: the weight's): each is rounded to ``dtype`` first, multiplied by the fp32 gain, and rounded to
+    ``dtype`` again.
 
     Rows are head-major, as Qwen2.5-VL views the q_proj output; gain_channels is [Hs, D]. Because a common scale on
     a rotated channel pair commutes with RoPE, the folded model computes what the model with the gain applied in
-    its forward computes. Returns new tensors in the input dtypes (the product is taken in fp32).
+    its forward computes. The student's training forward (``laid.capture``) and the export both call this with the
+    dtype the projection computes in, so the exported weight is the one training used. Differentiable in weight,
+    bias and gain.
     """
+    dtype = dtype or weight.dtype
     scale = gain_channels.reshape(-1).to(weight.device, torch.float32)
     if scale.numel() != weight.shape[0]:
         raise ValueError(f"gain has {scale.numel()} channels, the q_proj weight has {weight.shape[0]} rows")
-    folded = (weight.float() * scale[:, None]).to(weight.dtype)
-    return folded, None if bias is None else (bias.float() * scale).to(bias.dtype)
+    folded = (weight.to(dtype).float() * scale[:, None]).to(dtype)
+    return folded, None if bias is None else (bias.to(dtype).float() * scale).to(dtype)

@@ -1,6 +1,8 @@
 """Loading the teacher, the student and the processor through transformers' real Qwen2.5-VL classes.
 
 - Source: a local folder (``save_pretrained`` output) or a hub id; nothing is downloaded when a folder is given.
+  Under FSDP with rank-0-only loading only rank 0 reads weights (:func:`reads_weights`); the others build the
+  model on the meta device and :func:`shard_teacher` / accelerate broadcast their shards.
 - Attention: ``flash_attention_2`` when flash-attn imports and the run is on CUDA, else ``sdpa``
   (:func:`choose_attention`).
 - Teacher: frozen (``requires_grad_(False)``), eval mode, bf16 on CUDA (fp32 on CPU).
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 
 import torch
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
@@ -31,20 +34,58 @@ def choose_attention(requested: str, device: torch.device) -> str:
     return "sdpa"
 
 
-def load_model(source: str, *, dtype: torch.dtype, attn_implementation: str,
-               role: str) -> Qwen2_5_VLForConditionalGeneration:
-    """``Qwen2_5_VLForConditionalGeneration.from_pretrained(source)`` with a clear error naming ``role``.
+def load_model(source: str, *, dtype: torch.dtype, attn_implementation: str, role: str,
+               trains: bool = False) -> Qwen2_5_VLForConditionalGeneration:
+    """``Qwen2_5_VLForConditionalGeneration.from_pretrained(source)`` with a clear error naming ``role``; on a
+    process that reads no weights (:func:`reads_weights`) the model without them (``trains``: a model an optimizer
+    will be built for, see :func:`_empty_model`).
 
     transformers' own "Loading weights" progress bar is silenced while it loads: laid's commands show their own bars,
     and a bar per model loaded would interleave with them.
     """
     try:
+        if not reads_weights():
+            return _empty_model(source, dtype=dtype, attn_implementation=attn_implementation, allocate=trains)
         with _no_transformers_progress_bars():
             return Qwen2_5_VLForConditionalGeneration.from_pretrained(source, dtype=dtype,
                                                                        attn_implementation=attn_implementation)
     except (OSError, ValueError) as error:
         raise ValueError(f"{role}: cannot load a Qwen2.5-VL model from {source!r} (a folder written by "
                          f"save_pretrained or a hub id was expected): {error}") from error
+
+
+def reads_weights() -> bool:
+    """Whether this process reads model weights from disk: False only on the processes other than rank 0 of an FSDP
+    run with rank-0-only loading (accelerate's ``fsdp_cpu_ram_efficient_loading``), which get their shards by
+    broadcast from rank 0 when the model is sharded (transformers 5.24 reads the whole checkpoint on every process
+    otherwise)."""
+    return not (os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+                and os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false").lower() == "true"
+                and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0)
+
+
+def _empty_model(source: str, *, dtype: torch.dtype, attn_implementation: str, allocate: bool):
+    """The model of ``source``'s config without its weights, its buffers (rotary frequencies) computed for real, as
+    rank-0-only FSDP loading expects of the other ranks. Parameters on the meta device, or with ``allocate`` in
+    CPU memory that is allocated but never written (the OS backs it with no RAM until touched): accelerate pairs a
+    prepared optimizer with the model's parameters by their storage address, which meta tensors lack."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(source)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    if not isinstance(model, Qwen2_5_VLForConditionalGeneration):
+        raise ValueError(f"{source!r} holds a {type(model).__name__}, not a Qwen2.5-VL model")
+    if allocate:
+        allocated: dict[int, torch.nn.Parameter] = {}  # by id: a tied parameter stays one parameter
+        for module in model.modules():
+            for name, param in list(module.named_parameters(recurse=False)):
+                if id(param) not in allocated:
+                    allocated[id(param)] = torch.nn.Parameter(torch.empty_like(param, device="cpu"),
+                                                              requires_grad=param.requires_grad)
+                module.register_parameter(name, allocated[id(param)])
+    return model
 
 
 @contextlib.contextmanager
@@ -68,22 +109,21 @@ def load_teacher(source: str, *, device: torch.device, attn_implementation: str 
     return teacher.eval()
 
 
-def shard_teacher(teacher, device: torch.device):
-    """Shard the frozen teacher over all processes with FSDP2 (``fully_shard``), for runs under FSDP.
+def shard_teacher(teacher, accelerator):
+    """Shard the frozen teacher over all processes with FSDP2, exactly as ``accelerator.prepare`` shards the
+    student (accelerate's ``fsdp2_prepare_model`` with the run's FSDP plugin), for runs under FSDP2.
 
-    Each decoder layer and vision block is its own unit (parameters gathered just for its forward), the inner
-    ``teacher.model`` holds the rest (embeddings, vision patch embedding and merger, final norm); the lm_head stays
-    whole on every device, so both the decoder-only forward (``teacher.model``) and the full forward enter the same
-    FSDP root. The teacher is not part of accelerate's prepared models: it never enters checkpoints.
+    Units: each decoder layer and vision block (the model's ``_no_split_modules``), the input embeddings, the final
+    norm with the lm_head, and the root (the whole model: vision patch embedding, merger, rotary buffers), so every
+    forward must call the model itself. The teacher is never moved to a device whole: ``fully_shard`` moves one
+    unit at a time and keeps each process's shard; with ``fsdp_cpu_ram_efficient_loading`` (the paper's
+    configs/fsdp_8gpu.yaml) only rank 0 has read the weights (:func:`reads_weights`; the other ranks hold a meta
+    model), and accelerate broadcasts each tensor from rank 0 into the shards. The teacher is not one of
+    accelerate's prepared models: it never enters checkpoints.
     """
-    from torch.distributed.fsdp import fully_shard
+    from accelerate.utils import fsdp2_prepare_model
 
-    teacher.to(device)
-    for module in list(teacher.modules()):
-        if type(module).__name__ in teacher._no_split_modules:
-            fully_shard(module)
-    fully_shard(teacher.model)
-    return teacher
+    return fsdp2_prepare_model(accelerator, teacher)
 
 
 # The language model's linear layers that get LoRA adapters (a full match on the module name, as peft reads it).
@@ -100,7 +140,8 @@ def load_student(source: str, *, device: torch.device, attn_implementation: str 
     adapters); the model stays a Qwen2_5_VLForConditionalGeneration and :func:`merge_lora` folds them back.
     """
     student = load_model(source, dtype=torch.float32,
-                         attn_implementation=choose_attention(attn_implementation, device), role="student")
+                         attn_implementation=choose_attention(attn_implementation, device), role="student",
+                         trains=True)
     student.requires_grad_(False)
     inner = student.model
     if lora_rank:

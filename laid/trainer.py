@@ -7,10 +7,13 @@
 One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` per process. Each micro-batch: the teacher runs
 without gradient (up to its last aligned layer only when lambda_kl = 0), the student runs with Q/K capture and the
 RoPE gain, ``LAidObjective`` gives the four terms, and the gradients accumulate (DDP synchronises on the last
-micro-batch only). A pure SFT run (lambda_laid = lambda_kl = 0) loads no teacher and has no mixer: it fine-tunes
-the student alone (the SFT baseline, or training a model from scratch). Then: the mixer's gradients are averaged over processes (the mixer lives outside DDP), the model's
-and the mixer's gradients are clipped (each to ``max_grad_norm``), both AdamW optimizers step, both warmup + cosine
-schedules advance. Progress p = step / total steps feeds L_attn. Runs under ``accelerate launch`` unchanged.
+micro-batch only; FSDP2 reduce-scatters every micro-batch in fp32, so that each process only ever keeps its shard
+of the student's gradients). A pure SFT run (lambda_laid = lambda_kl = 0) loads no teacher and has no mixer: it fine-tunes
+the student alone (the SFT baseline, or training a model from scratch). Then: the mixer's gradients are averaged over
+processes (the mixer lives outside DDP / FSDP, the same on every process), the model's and the mixer's gradients are
+clipped (each to ``max_grad_norm``), both AdamW optimizers step (weight decay on the student only), both warmup +
+cosine schedules advance. Progress p = step / total steps feeds L_attn. Runs under ``accelerate launch`` unchanged:
+DDP, or FSDP2 for both models (configs/fsdp_8gpu.yaml; the teacher sharded by ``laid.models.shard_teacher``).
 
 Outputs in ``output_dir``: ``metrics.jsonl`` (one line per logged step), ``checkpoints/step_*/`` (see
 ``laid.checkpoint``) and ``final/`` (the export: a plain Qwen2.5-VL checkpoint with the gain folded in).
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import time
 from contextlib import nullcontext
@@ -28,12 +32,13 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
+from accelerate.utils import (DistributedDataParallelKwargs, DistributedType, FullyShardedDataParallelPlugin,
+                              LoggerType, broadcast, set_seed)
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .capture import unwrap
-from .checkpoint import RunState, export, load_checkpoint, resolve_resume, save_checkpoint
+from .checkpoint import RunState, check_output_dir, clear_run, export, load_checkpoint, resolve_resume, save_checkpoint
 from .config import LAidConfig
 from .data import VHsDataset, collate, first_missing_image
 from .image_cache import ImageCache, image_cache_dir
@@ -84,6 +89,61 @@ def metrics_until(path: Path, step: int) -> str:
     return "".join(kept)
 
 
+def check_trackers(trackers: list[str]) -> None:
+    """ValueError, before anything loads, for a requested tracker that accelerate does not know or cannot use here
+    (accelerate itself drops an unavailable one with a log line only)."""
+    from accelerate.tracking import get_available_trackers
+
+    available = {str(getattr(t, "value", t)) for t in get_available_trackers()}
+    for name in trackers:
+        if name not in LoggerType.list():
+            raise ValueError(f"trackers: unknown tracker {name!r}; accelerate knows {LoggerType.list()}")
+        if name != "all" and name not in available:
+            raise ValueError(f"trackers: {name!r} is requested but its package is not installed (e.g. pip install "
+                             f"{name}); usable here: {sorted(available) or 'none'}")
+
+
+def tracker_hparams(config: LAidConfig) -> dict[str, int | float | str | bool]:
+    """The config as flat scalar hyperparameters for ``init_trackers`` (TensorBoard's add_hparams takes only
+    int, float, str and bool): lists and None become their JSON text."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in config.to_dict().items()}
+
+
+def make_accelerator(config: LAidConfig, precision: str, output_dir: Path) -> Accelerator:
+    """The run's Accelerator. Under FSDP (``accelerate launch`` with an FSDP config) its plugin gets the mixed
+    precision policy of laid: parameters gathered in bf16 under bf16 precision, gradients reduced in fp32
+    (accelerate's default would reduce in bf16)."""
+    fsdp_plugin = None
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        param_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        fsdp_plugin = FullyShardedDataParallelPlugin(
+            mixed_precision_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32))
+    return Accelerator(
+        mixed_precision="bf16" if precision == "bf16" else "no",
+        log_with=config.trackers or None,
+        project_dir=str(output_dir),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
+        fsdp_plugin=fsdp_plugin,
+        # A student without logits to compute (lambda_kl = lambda_sft = 0) stops after its last aligned layer:
+        # DDP must then allow the later layers to get no gradient.
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(find_unused_parameters=config.lambda_kl + config.lambda_sft == 0)],
+    )
+
+
+def build_optimizers(student, mixer: HeadMixer | None, config: LAidConfig) -> list[torch.optim.Optimizer]:
+    """AdamW for the student's trainable weights (lr, weight_decay) and, with a mixer, AdamW for W_q, W_k and the
+    gain (mixer_lr, no weight decay: decay would pull the mixing to 0 and the gain to softplus(0) = 0.69)."""
+    betas = tuple(config.adam_betas)
+    optimizers = [torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=config.lr,
+                                    betas=betas, weight_decay=config.weight_decay)]
+    if mixer is not None:
+        optimizers.append(torch.optim.AdamW(mixer.parameters(), lr=config.mixer_lr, betas=betas, weight_decay=0.0))
+    return optimizers
+
+
 def check_images(entries: list[dict], image_root: Path, data: str) -> None:
     """FileNotFoundError naming the first missing image of any entry, before training starts (not hours into it)."""
     for index, entry in enumerate(entries):
@@ -116,19 +176,16 @@ def train(config: LAidConfig | str | Path | None = None, /, **overrides) -> dict
     if not config.data:
         raise ValueError("data must be the path of a Visual Haystacks-format JSON file (see `laid data synth`)")
     output_dir = Path(config.output_dir)
+    check_trackers(config.trackers)
+    check_output_dir(output_dir, config.resume_from, config.overwrite)
 
     # --- devices, precision, processes -------------------------------------------------------------------------
     precision = config.precision if config.precision != "auto" else ("bf16" if torch.cuda.is_available() else "fp32")
-    accelerator = Accelerator(
-        mixed_precision="bf16" if precision == "bf16" else "no",
-        log_with=config.trackers or None,
-        project_dir=str(output_dir),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
-        # A student without logits to compute (lambda_kl = lambda_sft = 0) stops after its last aligned layer:
-        # DDP must then allow the later layers to get no gradient.
-        kwargs_handlers=[
-            DistributedDataParallelKwargs(find_unused_parameters=config.lambda_kl + config.lambda_sft == 0)],
-    )
+    accelerator = make_accelerator(config, precision, output_dir)
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if config.overwrite and config.resume_from is None and accelerator.is_main_process:
+        clear_run(output_dir)
+    accelerator.wait_for_everyone()
     set_seed(config.seed)
     device = accelerator.device
 
@@ -155,23 +212,21 @@ def train(config: LAidConfig | str | Path | None = None, /, **overrides) -> dict
         mixer = HeadMixer(len(config.layer_pairs), s_cfg.num_attention_heads, s_cfg.num_key_value_heads,
                           t_cfg.num_attention_heads, t_cfg.num_key_value_heads, head_dim(s_cfg),
                           mixing=config.mixing).to(device)
-    adam = dict(betas=tuple(config.adam_betas), weight_decay=config.weight_decay)
-    optimizers = [torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=config.lr, **adam)]
-    if mixer is not None:
-        optimizers.append(torch.optim.AdamW(mixer.parameters(), lr=config.mixer_lr, **adam))
-    if teacher is not None and accelerator.distributed_type == DistributedType.FSDP:
-        shard_teacher(teacher, device)  # the student is sharded by accelerate below, the teacher here
+    optimizers = build_optimizers(student, mixer, config)
+    if teacher is not None and fsdp:
+        shard_teacher(teacher, accelerator)  # the student is sharded by accelerate below, the teacher here
     elif teacher is not None:
         teacher.to(device)
+    # One prepared model with its optimizer (accelerate's save_state / load_state pair them by index); the mixer
+    # and its optimizer are registered objects, the same on every process.
     student, optimizers[0], loader = accelerator.prepare(student, optimizers[0], loader)
-    optimizers[1:] = [accelerator.prepare_optimizer(opt) for opt in optimizers[1:]]
 
     steps_per_epoch = math.ceil(len(loader) / config.grad_accum)
     total_steps = steps_per_epoch * config.epochs
     last_step = min(total_steps, config.max_steps or total_steps)
     factor = partial(lr_factor, total=total_steps, warmup_ratio=config.warmup_ratio, min_ratio=config.min_lr_ratio)
     schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, factor) for opt in optimizers]
-    accelerator.register_for_checkpointing(*([mixer] if mixer is not None else []), *schedulers)
+    accelerator.register_for_checkpointing(*([mixer, optimizers[1]] if mixer is not None else []), *schedulers)
 
     objective = LAidObjective(teacher, student, mixer, config, vocab=len(processor.tokenizer))
     student_layers = objective.student_capture.layers  # pair p's student layer (non-negative); none without LAid
@@ -185,13 +240,17 @@ def train(config: LAidConfig | str | Path | None = None, /, **overrides) -> dict
         state = RunState()
         first = collate_fn([dataset[i] for i in range(min(config.batch_size, len(dataset)))])
         objective.init_mixer(model_inputs(first, device))
+        if mixer is not None and accelerator.num_processes > 1:
+            with torch.no_grad():  # every process starts from rank 0's fit, whatever its kernels computed
+                for p in mixer.parameters():
+                    p.copy_(broadcast(p.detach().clone(), from_process=0))
     metrics_path = output_dir / "metrics.jsonl"
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(config.to_yaml())
         metrics_path.write_text(metrics_until(metrics_path, state.step))
     if config.trackers:
-        accelerator.init_trackers("laid", config=config.to_dict())
+        accelerator.init_trackers("laid", config=tracker_hparams(config))
     accelerator.print(f"laid: {accelerator.distributed_type.value} x {accelerator.num_processes} processes, "
                       f"precision {precision}, attention {unwrap(student).config._attn_implementation}, "
                       f"{total_steps} optimizer steps of {config.grad_accum} x {config.batch_size} per process")
@@ -215,7 +274,9 @@ def train(config: LAidConfig | str | Path | None = None, /, **overrides) -> dict
                 asked = time.perf_counter()
                 batch = next(batches)
                 waited += time.perf_counter() - asked  # time the step stood waiting for the loader
-                sync = micro == window - 1
+                # FSDP2 reduce-scatters after every micro-batch: its no_sync would keep unsharded gradients of the
+                # whole student until the last one.
+                sync = micro == window - 1 or fsdp
                 with nullcontext() if sync else accelerator.no_sync(student):
                     terms = objective(model_inputs(batch, device), progress=state.step / total_steps)
                     accelerator.backward(terms["loss"] / window)
@@ -279,7 +340,8 @@ def train(config: LAidConfig | str | Path | None = None, /, **overrides) -> dict
     summary = {"steps": state.step, "total_steps": total_steps, "epochs_done": state.epoch, "qk_initial": initial_qk,
                "student_layers": student_layers, "gain_folded": True, "final_metrics": last_metrics,
                "config": config.to_dict()}
-    export(accelerator, student, processor, mixer, student_layers, output_dir / "final", summary)
+    export(accelerator, student, processor, mixer, student_layers, output_dir / "final", summary,
+           dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
     if config.trackers:
         accelerator.end_training()
     return summary

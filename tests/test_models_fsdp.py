@@ -1,6 +1,6 @@
-"""The FSDP2-sharded teacher (``laid.models.shard_teacher``) computes what the whole teacher computes: two CPU
-processes (gloo) under torchrun. The student's FSDP path goes through accelerate, which supports FSDP on GPUs only,
-and is not exercised here."""
+"""The FSDP2-sharded teacher (``laid.models.shard_teacher``) computes what the whole teacher computes, with rank 1
+loading no weights (rank-0-only loading and broadcast): two CPU processes (gloo) under torchrun. The student's FSDP
+path is tests/test_train_fsdp.py."""
 
 import shutil
 import subprocess

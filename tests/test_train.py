@@ -18,7 +18,7 @@ import laid
 from laid.capture import QKCapture, decoder_layers
 from laid.checkpoint import export, latest_checkpoint
 from laid.cli import main
-from laid.losses import LAidObjective, attention_rows
+from laid.losses import LAidObjective, answer_positions, attention_rows
 from laid.mixer import HeadMixer
 from laid.models import load_processor, load_student, load_teacher, text_config
 from laid.trainer import QK_UNEXPLAINED, metrics_until
@@ -129,15 +129,18 @@ def test_fixed_batch_loss_falls_and_mixer_gets_gradients(paths):
     assert losses[-1] < 0.9 * losses[0], losses
 
 
-@pytest.mark.parametrize("lambda_kl, expected_calls, lm_head_calls", [(0.0, [1, 1, 0], 0), (1.0, [1, 1, 1], 1)])
-def test_teacher_stops_after_its_last_aligned_layer(paths, lambda_kl, expected_calls, lm_head_calls):
+@pytest.mark.parametrize("lambda_kl, expected_calls, makes_logits", [(0.0, [1, 1, 0], False), (1.0, [1, 1, 1], True)])
+def test_teacher_stops_after_its_last_aligned_layer(paths, lambda_kl, expected_calls, makes_logits):
     objective, batch = objective_for(paths, lambda_kl=lambda_kl, layer_pairs=[[-1, 1]])
     teacher = objective.teacher
-    calls = [0] * len(decoder_layers(teacher)) + [0]
-    for i, module in enumerate([*decoder_layers(teacher), teacher.lm_head]):
+    calls = [0] * len(decoder_layers(teacher))
+    for i, module in enumerate(decoder_layers(teacher)):
         module.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
+    positions = []  # the forward always goes through the model (its FSDP root); without L_KL no logits are made
+    teacher.lm_head.register_forward_pre_hook(lambda m, a: positions.append(a[0].shape[1]))
     objective(batch, progress=0.0)["loss"].backward()
-    assert calls == expected_calls + [lm_head_calls]
+    answers = answer_positions(batch["labels"])[0].numel()
+    assert calls == expected_calls and positions == [answers if makes_logits else 0]
 
 
 def test_kill_and_resume_reproduces_the_uninterrupted_run(paths, tmp_path):
