@@ -97,18 +97,11 @@ CASES = [
 FORMS = [None, ("student", "head"), ("student", "frequency"), ("target", "frequency")]
 
 
-def supports(backend, mixing):
-    """Whether ``backend`` implements ``mixing`` (Triton: head mixing only; it raises for frequency mixing)."""
-    return not (backend == "triton" and mixing == "frequency")
-
-
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("form", FORMS, ids=["v1", "student-head", "student-frequency", "target-frequency"])
 @pytest.mark.parametrize("heads,batch,seq,dim,section,dtype,normalize,padded,weighted", CASES)
 def test_matches_reference(backend, form, heads, batch, seq, dim, section, dtype, normalize, padded, weighted):
     normalize, mixing = form or (normalize, "head")
-    if not supports(backend, mixing):
-        pytest.skip(f"{backend} does not implement {mixing} mixing (test_triton_refuses_frequency_mixing)")
     inputs = make_inputs(heads, batch, seq, dim, section, dtype, padded, weighted, mixing=mixing)
     grad_output = 0.73
     loss, grads = loss_and_grads(inputs, grad_output, normalize=normalize, backend=backend)
@@ -119,14 +112,6 @@ def test_matches_reference(backend, form, heads, batch, seq, dim, section, dtype
     for name, grad in grads.items():
         assert grad.dtype == inputs[name].dtype, name
         assert_within_pytorch_error(f"d{name}", grad, torch_grads[name], exact_grads[name], GRAD_FACTOR)
-
-
-@pytest.mark.skipif("triton" not in FUSED, reason="Triton interpreter not available")
-def test_triton_refuses_frequency_mixing():
-    """Triton implements head mixing only: frequency mixing is a clear error, never another definition."""
-    inputs = make_inputs((4, 2, 6, 3), batch=1, seq=4, dim=16, section=(2, 3, 3), mixing="frequency")
-    with pytest.raises(NotImplementedError, match=r"triton.*frequency mixing.*\[4, 6, 8, 2\]"):
-        loss_and_grads(inputs, 1.0, backend="triton")
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -181,8 +166,6 @@ ALL_FORMS = [("student", "head"), ("student", "frequency"), ("target", "head"), 
 def test_rotation_invariance(backend, normalize, mixing):
     """The rotation is orthogonal, shared by all heads of a token and commutes with both mixings: rope=True equals
     rope=False up to rounding."""
-    if not supports(backend, mixing):
-        pytest.skip(f"{backend} does not implement {mixing} mixing")
     inputs = make_inputs((16, 2, 40, 8), batch=2, seq=12, dim=64, section=SMALL_SECTION, mixing=mixing)
     rotated, rotated_grads = loss_and_grads(inputs, 1.0, normalize=normalize, backend=backend)
     plain, plain_grads = loss_and_grads(inputs, 1.0, normalize=normalize, rope=False, backend=backend)
@@ -343,8 +326,6 @@ def head_norm(x):
 def test_student_normalisation_at_the_fit_is_scale_invariant_and_orthogonal(backend, mixing):
     """At the least-squares W, normalize="student" is 1 - R^2 per head: unchanged when q_s is scaled by 10 (W
     refitted), and its gradient is orthogonal to q_s (and k_s) per head: sum_n <dL/dx_s,i(n), x_s,i(n)> = 0."""
-    if not supports(backend, mixing):
-        pytest.skip(f"{backend} does not implement {mixing} mixing")
     inputs = refit(small_inputs(mixing), mixing)
     loss, grads = loss_and_grads(inputs, 1.0, backend=backend)
     scaled = refit({**inputs, "q_s": inputs["q_s"] * 10}, mixing)
@@ -367,8 +348,6 @@ def test_student_normalisation_at_the_fit_is_scale_invariant_and_orthogonal(back
 def test_shrinking_the_student_raises_the_student_normalised_loss(backend, mixing):
     """With W fixed, E_i / S_i = ||x - m / c||^2 / ||x||^2 for x scaled by c: shrinking never helps (version 1's
     "target" normalisation, for comparison, falls when the student is halved)."""
-    if not supports(backend, mixing):
-        pytest.skip(f"{backend} does not implement {mixing} mixing")
     inputs = refit(small_inputs(mixing), mixing)
     losses = [loss_and_grads({**inputs, "q_s": inputs["q_s"] * c, "k_s": inputs["k_s"] * c}, 1.0,
                              backend=backend)[0] for c in (1.0, 0.5, 0.1)]
@@ -382,8 +361,6 @@ def test_shrinking_the_student_raises_the_student_normalised_loss(backend, mixin
 @pytest.mark.parametrize("normalize", ["student", "target", "none"])
 def test_frequency_mixing_with_real_constant_weights_is_head_mixing(backend, normalize):
     """C[i, j, f] = W[i, j] (imaginary part 0) gives head mixing's loss, and dC summed over f (real part) is dW."""
-    if not supports(backend, "frequency"):
-        pytest.skip(f"{backend} does not implement frequency mixing")
     inputs = make_inputs((16, 2, 40, 8), batch=2, seq=9, dim=64, section=SMALL_SECTION)
     as_frequency = {name: torch.stack((w[..., None].expand(*w.shape, 32), torch.zeros(*w.shape, 32)), dim=-1)
                     for name, w in (("w_q", inputs["w_q"]), ("w_k", inputs["w_k"]))}
@@ -422,8 +399,6 @@ def test_frequency_mixing_absorbs_a_per_frequency_complex_scale(backend):
     # the attention logits of head group 0 agree
     torch.testing.assert_close(logits(moved), logits(inputs), rtol=1e-5, atol=1e-5)
     for mixing, same in (("frequency", True), ("head", False)):
-        if not supports(backend, mixing):
-            continue
         before = loss_and_grads(refit(inputs, mixing), 1.0, backend=backend)[0]  # refit replaces w_q, w_k
         after = loss_and_grads(refit(moved, mixing), 1.0, backend=backend)[0]
         if same:
