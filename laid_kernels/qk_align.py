@@ -90,6 +90,9 @@ INPUT_PRECISION = "ieee"
 BLOCK_F = 16
 INTERPRETER_BLOCK_F = 64
 NUM_WARPS = 4
+# ptxas left alone gives the fp32-input query part 128 registers and 8 bytes of spills on sm_80; allowed 255 it
+# takes 164 and does not spill (4 warps: 255 registers per thread fit an SM's register file).
+HEAD_MAXNREG = 255
 MIN_TOKENS_PER_PROGRAM = 32  # keeps the [programs, Hs, Ht] partial-dW traffic below ~1% of the input traffic
 MAX_PROGRAMS = 1024
 # Frequency mixing holds a [HS_PAD, HT_PAD, BLOCK_F] block of C and of dC (real and imaginary) per program, so its
@@ -101,7 +104,7 @@ MAX_PROGRAMS = 1024
 # are at most MAX_CHUNKS (18 MB of partials at 54K tokens, 1.7% of the input bytes). Block size and warps chosen
 # with laid_kernels.aot (see benchmarks/RESULTS.md).
 FREQUENCY_BLOCK_F = 2
-FREQUENCY_NUM_WARPS = 8
+FREQUENCY_NUM_WARPS = 16
 MIN_TOKENS_PER_CHUNK = 1024
 MAX_CHUNKS = 32
 HEAD_SUMS = 3  # per-program, per-student-head partial sums: E_i (squared error), S_i (student energy), T_i (target)
@@ -315,7 +318,7 @@ def qk_align_launch(x_s: torch.Tensor, x_t: torch.Tensor, w: torch.Tensor, posit
                         BLOCK_F=block_f, F_SPLIT=f_split, HS_PAD=_pad_heads(hs), HT_PAD=_pad_heads(ht),
                         FREQUENCY=frequency, HAS_WEIGHT=weight is not None, HAS_VALID=valid is not None, ROPE=rope,
                         WRITE_GRAD=grad is not None, INPUT_PRECISION=INPUT_PRECISION),
-        num_warps=FREQUENCY_NUM_WARPS if frequency else NUM_WARPS)
+        num_warps=FREQUENCY_NUM_WARPS if frequency else NUM_WARPS, maxnreg=None if frequency else HEAD_MAXNREG)
 
 
 def qk_rescale_launch(grad: torch.Tensor, x_s: torch.Tensor | None, weight: torch.Tensor, alpha: torch.Tensor,
@@ -511,12 +514,13 @@ def _qk_align_loss_triton(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, sec
 
 
 def aot_launches(heads: Sequence[int] = (28, 4, 40, 8), tokens: int = 512, head_dim: int = 128,
-                 section: Sequence[int] = (16, 24, 24), dtype: str = "bfloat16",
-                 token_weight: bool = True) -> list[Launch]:
+                 section: Sequence[int] = (16, 24, 24), dtype: str = "bfloat16", token_weight: bool = True,
+                 mixing: str = "head", grads: bool = True) -> list[Launch]:
     """The launches qk_align_loss makes for student heads (Hs, Hs_kv) = heads[:2] against teacher heads
     (Ht, Ht_kv) = heads[2:], on meta tensors laid out as q_proj / k_proj outputs, with a valid mask and (unless
-    token_weight is False, as in the trainer) token weights: the fused pass of both parts, then the backward's
-    rescaling of both parts for normalize="student"; for ahead-of-time compilation (``laid_kernels.aot``)."""
+    token_weight is False, as in the trainer) token weights, head or frequency ``mixing``: the fused pass of both
+    parts, then (if ``grads``; else the pass without gradients, as under torch.no_grad) the backward's rescaling of
+    both parts for normalize="student"; for ahead-of-time compilation (``laid_kernels.aot``)."""
     hs, hs_kv, ht, ht_kv = heads
     meta = dict(device="meta", dtype=getattr(torch, dtype))
     positions = torch.empty(3, 1, tokens, dtype=torch.int64, device="meta")
@@ -527,12 +531,14 @@ def aot_launches(heads: Sequence[int] = (28, 4, 40, 8), tokens: int = 512, head_
     for h_s, h_t, name in ((hs, ht, "qk_align/query"), (hs_kv, ht_kv, "qk_align/key")):
         x_s = torch.empty(1, tokens, h_s * head_dim, **meta).view(1, tokens, h_s, head_dim)
         x_t = torch.empty(1, tokens, h_t * head_dim, **meta).view(1, tokens, h_t, head_dim)
-        w = torch.empty(h_s, h_t, device="meta")
-        grad, dw, sums = _outputs(x_s, w)
+        w = torch.empty(h_s, h_t, *((head_dim // 2, 2) if mixing == "frequency" else ()), device="meta")
+        grad, dw, sums = _outputs(x_s, w, grads)
+        label = f"{name}/{mixing}/Hs={h_s},Ht={h_t}" + ("" if grads else "/no grad")
         launches.append(qk_align_launch(x_s, x_t, w, positions, inv_freq, section, weight if token_weight else None,
-                                        valid, True, grad, dw, sums, f"{name}/Hs={h_s},Ht={h_t}"))
-        alpha = torch.empty(h_s, device="meta")
-        rescales.append(qk_rescale_launch(grad, x_s, weight, alpha, alpha.clone(), f"qk_align/rescale/Hs={h_s}"))
+                                        valid, True, grad, dw, sums, label))
+        if grads:
+            alpha = torch.empty(h_s, device="meta")
+            rescales.append(qk_rescale_launch(grad, x_s, weight, alpha, alpha.clone(), f"qk_align/rescale/Hs={h_s}"))
     return launches + rescales
 
 

@@ -1,7 +1,8 @@
 """Every Triton kernel of apply_mrope and qk_align_loss compiles ahead of time for sm_80 (A100) and sm_90 (H100),
 with the block sizes and warps it launches with for the 7B-student / 32B-teacher shapes (q heads 28 / 40, kv heads
-4 / 8, head_dim 128; qk_align also with the trainer's flags: 54K tokens, no token weights), the backward's rescaling
-kernel included, without register spills, and with accurate (libdevice) cos / sin.
+4 / 8, head_dim 128; qk_align in head and frequency mixing, also with the trainer's flags: 54K tokens, a valid
+mask, no token weights, for bf16, fp16 and fp32 inputs, and without gradients as under torch.no_grad), the
+backward's rescaling kernel included, without register spills, and with accurate (libdevice) cos / sin.
 
 The launches come from each module's ``aot_launches``, built by the same code that launches on the GPU (meta tensors
 stand in for the inputs), and are compiled in a subprocess without TRITON_INTERPRET (laid_kernels.aot).
@@ -27,10 +28,15 @@ TRAINER = {**SHAPES, "tokens": 54_000, "token_weight": False}  # the trainer's f
 pytestmark = pytest.mark.skipif(why_cannot_compile() is not None, reason=str(why_cannot_compile()))
 
 
-@pytest.fixture(scope="module", params=[("laid_kernels.mrope:aot_launches", SHAPES),
-                                        ("laid_kernels.qk_align:aot_launches", SHAPES),
-                                        ("laid_kernels.qk_align:aot_launches", TRAINER)],
-                ids=["mrope", "qk_align", "qk_align-trainer"])
+QK = "laid_kernels.qk_align:aot_launches"
+PARAMS = {"mrope": ("laid_kernels.mrope:aot_launches", SHAPES), "qk_align": (QK, SHAPES),
+          "qk_align-frequency": (QK, {**SHAPES, "mixing": "frequency"}),
+          "qk_align-frequency-no-grad": (QK, {**TRAINER, "mixing": "frequency", "grads": False}),
+          **{f"qk_align-{mixing}-trainer-{dtype}": (QK, {**TRAINER, "mixing": mixing, "dtype": dtype})
+             for mixing in ("head", "frequency") for dtype in ("bfloat16", "float16", "float32")}}
+
+
+@pytest.fixture(scope="module", params=list(PARAMS.values()), ids=list(PARAMS))
 def compiled(request):
     factory, shapes = request.param
     return compile_in_subprocess(factory, shapes, ARCHS)
