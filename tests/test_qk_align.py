@@ -228,13 +228,14 @@ def test_fp16_inputs_near_the_fp16_range_give_the_references_finite_gradients(ba
         assert_within_pytorch_error(f"d{name}", grad, torch_grads[name], exact_grads[name], GRAD_FACTOR)
 
 
-def test_triton_rotated_rows_are_the_mrope_rows(monkeypatch):
+@pytest.mark.parametrize("mixing", ["head", "frequency"])
+def test_triton_rotated_rows_are_the_mrope_rows(monkeypatch, mixing):
     """The loss cannot see the rotation (it is orthogonal and shared by both sides), so the rows the Triton kernel
     rotates are checked directly: every call of the shared rotation helper inside the fused pass is recorded and
     compared with apply_mrope of the reference."""
     if "triton" not in FUSED:
         pytest.skip("Triton interpreter not available")
-    inputs = make_inputs((4, 2, 6, 3), batch=2, seq=20, dim=64, section=SMALL_SECTION, padded=False)
+    inputs = make_inputs((4, 2, 6, 3), batch=2, seq=20, dim=64, section=SMALL_SECTION, padded=False, mixing=mixing)
     positions = inputs["positions"]
     assert (positions[0] != positions[1]).any() and (positions[1] != positions[2]).any()  # the image grids
     original, seen = qk_align_module.rotate_pair, []
@@ -247,9 +248,10 @@ def test_triton_rotated_rows_are_the_mrope_rows(monkeypatch):
     monkeypatch.setattr(qk_align_module, "rotate_pair", recording)
     loss_and_grads(inputs, 1.0, backend="triton")
     tokens, half = 2 * 20, 32
-    programs = qk_align_module.num_programs(tokens)
-    order = [token for pid in range(programs) for token in range(pid, tokens, programs)]  # the interpreter's order
-    assert programs > 1 and len(seen) == 2 * 2 * tokens  # one channel block: student then teacher, per token
+    _, chunks, f_split = qk_align_module.launch_shape(inputs["q_s"], inputs["w_q"])
+    order = [token for chunk in range(chunks) for token in range(chunk, tokens, chunks)]  # the interpreter's order
+    assert f_split == 1 and len(seen) == 2 * 2 * tokens  # one channel block: student then teacher, per token
+    assert chunks > 1 or mixing == "frequency"  # (frequency mixing: one chunk below MIN_TOKENS_PER_CHUNK tokens)
     calls = iter(seen)
     for name_s, name_t in (("q_s", "q_t"), ("k_s", "k_t")):
         expected = {name: reference.apply_mrope(inputs[name], positions, inputs["inv_freq"],
@@ -261,6 +263,32 @@ def test_triton_rotated_rows_are_the_mrope_rows(monkeypatch):
                 heads = expected[name].shape[1]
                 torch.testing.assert_close(torch.from_numpy(lo[:heads]), expected[name][token, :, :half])
                 torch.testing.assert_close(torch.from_numpy(hi[:heads]), expected[name][token, :, half:])
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("mixing", ["head", "frequency"])
+def test_no_gradient_pass_gives_the_loss_and_allocates_no_gradient(backend, mixing):
+    """Under torch.no_grad, or when no input requires grad, the fused pass writes no G / dW: the same loss, and
+    far less memory allocated than the gradients of q_s and k_s (the control: with gradients, at least those; what
+    remains is small per-program sums, and for the C++ backend's frequency mixing a copy of w_q in its layout)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    inputs = make_inputs((4, 2, 6, 3), batch=2, seq=100, dim=64, section=SMALL_SECTION, mixing=mixing)
+    expected = loss_and_grads(inputs, 1.0, backend=backend)[0]
+    args = [inputs[k] for k in ("q_s", "k_s", "q_t", "k_t", "w_q", "w_k", "positions", "inv_freq", "mrope_section")]
+    options = dict(valid=inputs["valid"], token_weight=inputs["token_weight"], backend=backend)
+    gradient_bytes = (inputs["q_s"].numel() + inputs["k_s"].numel()) * inputs["q_s"].element_size()
+
+    def allocated(requires_grad, grad_mode):
+        leaves = [args[0].detach().clone().requires_grad_(requires_grad), *args[1:]]
+        with torch.set_grad_enabled(grad_mode), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as p:
+            loss = qk_align_loss(*leaves, **options)
+        torch.testing.assert_close(loss.detach(), expected, rtol=1e-6, atol=0)
+        return sum(max(event.self_cpu_memory_usage, 0) for event in p.events())
+
+    assert allocated(requires_grad=True, grad_mode=True) >= gradient_bytes
+    assert allocated(requires_grad=True, grad_mode=False) < gradient_bytes / 4
+    assert allocated(requires_grad=False, grad_mode=True) < gradient_bytes / 4
 
 
 @pytest.mark.skipif("cpu" not in FUSED, reason="native CPU backend not available")
