@@ -33,7 +33,7 @@ import torch
 
 from . import backends, reference
 from .aot import Launch
-from .rope_triton import load_positions, mrope_cos_sin, rotate_pair, unrotate_pair
+from .rope_triton import load_block_positions, mrope_cos_sin, rotate_pair, unrotate_pair
 from .triton_support import tl, triton
 from .validation import check_qk_align_args
 
@@ -98,15 +98,16 @@ MAX_PROGRAMS = 1024
 # Frequency mixing holds a [HS_PAD, HT_PAD, BLOCK_F] block of C and of dC (real and imaginary) per program, so its
 # channel blocks are small and spread over the grid: program pid takes channel block pid % (D/2 / block) of token
 # chunk pid // (D/2 / block). The programs of one chunk are adjacent in the grid and walk the same tokens in the same
-# order, so a token's 32-byte sectors are fetched once from DRAM and served from L2 to the other blocks (a
-# prediction, unmeasured). Its dC partials are [chunks, Hs, Ht, D/2, 2] fp32 (0.57 MB per chunk for the 7B/32B query
-# heads), so chunks hold at least MIN_TOKENS_PER_CHUNK tokens (partials <= 4% of the fused pass's bytes) and there
-# are at most MAX_CHUNKS (18 MB of partials at 54K tokens, 1.7% of the input bytes). Block size and warps chosen
-# with laid_kernels.aot (see benchmarks/RESULTS.md).
+# order, so a token's 32-byte sectors should be fetched once from DRAM and served from L2 to the other blocks (a
+# prediction, unmeasured). Its dC partials are [chunks, Hs, Ht, D/2, 2] fp32 (0.59 MB per chunk for the 7B/32B
+# heads, written once and read once by the reduction), so chunks hold at least MIN_TOKENS_PER_CHUNK tokens (the
+# partials then move <= 3% of the fused pass's minimal bytes) and there are at most MAX_CHUNKS (9.4 MB at 54K
+# tokens, under 1% of the input bytes). 2 channel pairs and 16 warps compile to 128 registers without spills for
+# sm_80 and sm_90 (laid_kernels.aot); 2 / 8 warps takes 243 and 4 / 16 warps spills.
 FREQUENCY_BLOCK_F = 2
 FREQUENCY_NUM_WARPS = 16
-MIN_TOKENS_PER_CHUNK = 1024
-MAX_CHUNKS = 32
+MIN_TOKENS_PER_CHUNK = 2048
+MAX_CHUNKS = 16
 HEAD_SUMS = 3  # per-program, per-student-head partial sums: E_i (squared error), S_i (student energy), T_i (target)
 
 
@@ -186,7 +187,8 @@ def qk_align_kernel(xs_ptr, xt_ptr, w_ptr, pos_ptr, inv_freq_ptr, tw_ptr, valid_
             t_lo = tl.load(t_token + t_lo_off, mask=t_mask, other=0).to(tl.float32)
             t_hi = tl.load(t_token + t_hi_off, mask=t_mask, other=0).to(tl.float32)
             if ROPE:
-                p_t, p_h, p_w = load_positions(pos_ptr + b * stride_pb, stride_pr, n * stride_pn, weight != 0.0)
+                p_t, p_h, p_w = load_block_positions(pos_ptr + b * stride_pb, stride_pr, n * stride_pn, weight != 0.0,
+                                                     f0, f0 + BLOCK_F, SECTION_T, SECTION_TH)
                 cos, sin = mrope_cos_sin(p_t, p_h, p_w, inv_freq, f, SECTION_T, SECTION_TH)
                 s_lo, s_hi = rotate_pair(s_lo, s_hi, cos, sin)
                 t_lo, t_hi = rotate_pair(t_lo, t_hi, cos, sin)

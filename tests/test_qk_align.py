@@ -141,14 +141,20 @@ def test_bitwise_deterministic(backend):
         assert torch.equal(first[1][name], second[1][name]), name
 
 
+@pytest.mark.parametrize("mixing", ["head", "frequency"])
 @pytest.mark.parametrize("normalize", ["student", "target", "none"])
-def test_triton_gpu_block_size_under_interpreter(monkeypatch, normalize):
+def test_triton_gpu_block_size_under_interpreter(monkeypatch, normalize, mixing):
     """The interpreter normally runs all channel pairs in one block; run the block size the GPU launches with
-    (several channel blocks per token) against the reference too."""
+    (several channel blocks per token; frequency mixing: one per program, and several token chunks) against the
+    reference too."""
     if "triton" not in FUSED:
         pytest.skip("Triton interpreter not available")
-    monkeypatch.setattr(qk_align_module, "INTERPRETER_BLOCK_F", qk_align_module.BLOCK_F)
-    inputs = make_inputs((28, 4, 40, 8), batch=2, seq=5, dtype=torch.bfloat16)
+    gpu_block = qk_align_module.FREQUENCY_BLOCK_F if mixing == "frequency" else qk_align_module.BLOCK_F
+    monkeypatch.setattr(qk_align_module, "INTERPRETER_BLOCK_F", gpu_block)
+    monkeypatch.setattr(qk_align_module, "MIN_TOKENS_PER_CHUNK", 4)
+    inputs = make_inputs((28, 4, 40, 8), batch=2, seq=5, dtype=torch.bfloat16, mixing=mixing)
+    _, chunks, f_split = qk_align_module.launch_shape(inputs["q_s"], inputs["w_q"])
+    assert (chunks, f_split) == ((1, 1) if mixing == "head" else (3, 64 // gpu_block))
     loss, grads = loss_and_grads(inputs, 1.3, normalize=normalize, backend="triton")
     torch_loss, torch_grads = loss_and_grads(inputs, 1.3, normalize=normalize, backend="reference")
     exact_loss, exact_grads = loss_and_grads(as_double(inputs), 1.3, normalize=normalize, backend="reference")
