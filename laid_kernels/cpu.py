@@ -13,7 +13,8 @@ Ops (the C++ kernels are ``torch.ops.laid_cpu.*``, wrapped here as custom ops wi
 - ``laid_kernels::mrope_cpu``: R x or R^T x for x [B, N, H, D]; its gradient is the opposite rotation.
 - ``laid_kernels::qk_align_cpu``: one pass over q_s, k_s, q_t, k_t (head or frequency mixing) that returns the loss,
   the per-head coefficients and the gradients of the squared error (same outputs as
-  ``laid_kernels::qk_align_triton``, see ``laid_kernels.qk_align.finish_loss``); the backward rescales them per head
+  ``laid_kernels::qk_align_triton``, see ``laid_kernels.qk_align.finish_loss``; when no input needs a gradient,
+  only the loss terms: no gradient is computed or allocated); the backward rescales them per head
   in place by ``laid_kernels::qk_rescale_cpu`` (the saved gradients are used once, so no second copy of dq_s / dk_s
   exists; a second backward through the same graph raises torch's in-place modification error).
 

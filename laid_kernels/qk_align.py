@@ -1,16 +1,19 @@
 """``qk_align_loss``: L_qk, head-level Q/K alignment of a student to mixed teacher heads (shared/laid-spec.md).
 
-Fused Triton implementation (head mixing; frequency mixing is not implemented in Triton and raises): the query
-part (q_s, q_t, w_q) and the key part (k_s, k_t, w_k) have the same structure, x_s [B, N, Hs, D] against
-W [Hs, Ht] times x_t [B, N, Ht, D], and are two launches of one kernel. A persistent grid of :func:`num_programs`
-programs (a function of the token count only, never of the device, so the result is bit-reproducible) strides over
-the tokens. Per token it loads the first-half and second-half channel blocks of both sides through their strides,
-rotates them in registers (angles from positions and inv_freq), forms the target W @ (R x_t) with ``tl.dot`` (heads
-padded to a power of two >= 16, masked), and accumulates per student head the weighted squared error E_i, the
-student energy S_i and the target norm T_i, the token weight, and the partial gradient of W [Hs, Ht] per program.
-In the same pass it writes G = dE_i / dx_s = R^T (2 w (R x_s - target)), in the input dtype (fp32 for fp16 inputs:
-G overflows fp16 long before the scaled gradient does). No rotated or mixed [B, N, H, D] tensor exists. Padding
-tokens (weight 0) are not read; their gradient is written as 0.
+Fused Triton implementation: the query part (q_s, q_t, w_q) and the key part (k_s, k_t, w_k) have the same
+structure, x_s [B, N, Hs, D] against the mix by W of x_t [B, N, Ht, D], and are two launches of one kernel. A
+persistent grid (:func:`launch_shape`, a function of the token count only, never of the device, so the result is
+bit-reproducible) strides over the tokens. Per token it loads the first-half and second-half channel blocks of both
+sides through their strides, rotates them in registers (angles from positions and inv_freq), forms the target:
+head mixing W [Hs, Ht] @ (R x_t) with ``tl.dot`` (heads padded to a power of two >= 16, masked), frequency mixing
+sum_j C[i, j, f] z_t,j,f as complex products of a [Hs, Ht, channel block] tile of C held in registers (one channel
+block per program), and accumulates per student head the weighted squared error E_i, the student energy S_i and
+the target norm T_i, the token weight, and the partial gradient of W per program (per token chunk for frequency
+mixing). In the same pass it writes G = dE_i / dx_s = R^T (2 w (R x_s - target)), in the input dtype (fp32 for
+fp16 inputs: G overflows fp16 long before the scaled gradient does). No rotated or mixed [B, N, H, D] tensor
+exists. Padding tokens (weight 0) are not read; their gradient is written as 0. When no input needs a gradient
+(torch.no_grad, or none requires grad: :func:`wants_grads`) the pass computes the sums only: no G, no dW, and
+neither is allocated.
 
 Every normalisation makes the gradient a per-head combination dL/dx_s,i = alpha_i G_i + beta_i w_n x_s,i
 (:func:`finish_loss`): "target" and "none" have one alpha and beta = 0; "student" (L = mean_i E_i / S_i per side,
@@ -344,12 +347,12 @@ def grad_dtype(x_s: torch.Tensor) -> torch.dtype:
     return torch.float32 if x_s.dtype == torch.float16 else x_s.dtype
 
 
-def _outputs(x_s: torch.Tensor, w: torch.Tensor, grads: bool = True
+def _outputs(x_s: torch.Tensor, w: torch.Tensor, grads: bool = True, block_f: int | None = None
              ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """Empty (G [B, N, Hs, D] in :func:`grad_dtype`, dW partials [chunks, *w.shape] fp32, sums
-    [programs, 3 Hs + 1] fp32) for one part (:func:`launch_shape`); G and the dW partials are None without
-    ``grads``."""
-    _, chunks, f_split = launch_shape(x_s, w)
+    [programs, 3 Hs + 1] fp32) for one part launched with ``block_f`` (:func:`launch_shape`); G and the dW
+    partials are None without ``grads``."""
+    _, chunks, f_split = launch_shape(x_s, w, block_f)
     sums = torch.empty((chunks * f_split, HEAD_SUMS * x_s.shape[2] + 1), dtype=torch.float32, device=x_s.device)
     if not grads:
         return None, None, sums
@@ -542,6 +545,18 @@ def aot_launches(heads: Sequence[int] = (28, 4, 40, 8), tokens: int = 512, head_
             alpha = torch.empty(h_s, device="meta")
             rescales.append(qk_rescale_launch(grad, x_s, weight, alpha, alpha.clone(), f"qk_align/rescale/Hs={h_s}"))
     return launches + rescales
+
+
+def aot_configurations(shapes: dict) -> dict[str, dict]:
+    """The keyword arguments of :func:`aot_launches` that cover every specialisation qk_align_loss launches, by
+    label, for ``shapes`` (heads, tokens, head_dim, section, dtype): those shapes with token weights in head and
+    frequency mixing, and the trainer's flags (about 54K tokens, a valid mask, no token weights) in both mixings for
+    bf16, fp16 and fp32 inputs, and frequency mixing without gradients (torch.no_grad)."""
+    trainer = {**shapes, "tokens": 54_000, "token_weight": False}
+    return {"": shapes, "frequency": {**shapes, "mixing": "frequency"},
+            **{f"trainer {mixing} {dtype}": {**trainer, "mixing": mixing, "dtype": dtype}
+               for mixing in ("head", "frequency") for dtype in ("bfloat16", "float16", "float32")},
+            "trainer frequency no grad": {**trainer, "mixing": "frequency", "grads": False}}
 
 
 backends.register(OP, "reference", reference.qk_align_loss)
