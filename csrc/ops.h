@@ -24,13 +24,14 @@ at::Tensor apply_mrope(const at::Tensor& x, const at::Tensor& positions, const a
 //                S_i = sum_n w_n ||x_s,i||^2, T_i = sum_n w_n ||m_i||^2
 //   grad_x_s   = grad_scale * w_n R^T (R x_s - m), [B, N, H, D] contiguous in x_s's dtype (fp32 for fp16 x_s)
 //   grad_W     = grad_scale / 2 times the gradient of sum_i E_i with respect to W (the layout of w_q / w_k), fp32
-// i.e. grad_scale / 2 times the gradients of sum_i E_i. R is the identity when rope is false.
+// i.e. grad_scale / 2 times the gradients of sum_i E_i. R is the identity when rope is false. With grads false
+// (no input needs a gradient) only head_sums is computed; the four gradients are empty placeholders.
 // rotated (a debug output for the tests, which cannot see the rotation in the loss): 4 contiguous fp32 tensors
 // shaped as q_s, q_t, k_s, k_t that receive the rotated rows of the tokens with w_n != 0, as the kernel uses them.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_align(
     const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t, const at::Tensor& k_t,
     const at::Tensor& w_q, const at::Tensor& w_k, const at::Tensor& positions, const at::Tensor& inv_freq,
-    int64_t s0, int64_t s1, const at::Tensor& weight, bool rope, bool frequency, double grad_scale,
+    int64_t s0, int64_t s1, const at::Tensor& weight, bool rope, bool frequency, double grad_scale, bool grads,
     const c10::optional<at::TensorList>& rotated);
 
 // The backward's rescaling, in place: grad[b, n, h] = alpha[h] grad[b, n, h] + beta[h] weight[b, n] x[b, n, h]

@@ -194,6 +194,7 @@ struct Side {
   const float* mixing;
   int64_t hs, ht;
   bool frequency;
+  bool grads;  // false: G and dW are neither computed nor written (no input needs a gradient)
   const Rows* rotated_student;  // debug outputs (null: not written): the rotated rows as the kernel uses them
   const Rows* rotated_teacher;
 };
@@ -208,7 +209,8 @@ struct Scratch {
 // Processes tokens [first, first + count) (count <= kChunkTokens, of `tokens` in all) of one side; cos / sin
 // [count, D/2] are the angles of the chunk's tokens, or null for rope=False. Adds, per student head i,
 // w_n ||R x_s - T||^2, w_n ||x_s||^2 and w_n ||T||^2 to head_sums[i], head_sums[hs + i], head_sums[2 hs + i], and
-// T X^T (head mixing, to mixing_grad) or its complex form (frequency mixing, to complex_grad).
+// T X^T (head mixing, to mixing_grad) or its complex form (frequency mixing, to complex_grad), and writes the
+// student's gradient rows, unless side.grads is false.
 void chunk_side(const Side& side, const float* weight, int64_t first, int64_t count, int64_t tokens,
                 const float* cos, const float* sin, float grad_scale, Scratch& s, v16* mixing_grad,
                 float* complex_grad, double* head_sums) {
@@ -248,7 +250,7 @@ void chunk_side(const Side& side, const float* weight, int64_t first, int64_t co
       std::fill(d + dim, d + stride, 0.0f);
       if (w == 0.0f) {  // padding (or past the end): no contribution, zero gradient
         std::fill(d, d + dim, 0.0f);
-        if (t < count) std::memset(side.grad.row(first + t, i), 0, dim * side.grad.itemsize);
+        if (t < count && side.grads) std::memset(side.grad.row(first + t, i), 0, dim * side.grad.itemsize);
         continue;
       }
       load_row(side.student.row(first + t, i), side.student.type, row, dim, cos_t, sin_t);
@@ -266,9 +268,12 @@ void chunk_side(const Side& side, const float* weight, int64_t first, int64_t co
       head_sums[i] += static_cast<double>(w * diff_norm);
       head_sums[side.hs + i] += static_cast<double>(w * energy);
       head_sums[2 * side.hs + i] += static_cast<double>(w * tgt_norm);
-      store_row(row, grad_scale, side.grad.row(first + t, i), side.grad.type, dim, cos_t, sin_t, -1.0f);
+      if (side.grads) {
+        store_row(row, grad_scale, side.grad.row(first + t, i), side.grad.type, dim, cos_t, sin_t, -1.0f);
+      }
     }
   }
+  if (!side.grads) return;
   if (side.frequency) {
     complex_outer(T, side.hs, X, side.ht, half, L, stride, complex_grad, complex_grad + pairs);
   } else {
@@ -287,7 +292,7 @@ float lane_sum(v16 v) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_align(
     const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t, const at::Tensor& k_t,
     const at::Tensor& w_q, const at::Tensor& w_k, const at::Tensor& positions, const at::Tensor& inv_freq,
-    int64_t s0, int64_t s1, const at::Tensor& weight, bool rope, bool frequency, double grad_scale,
+    int64_t s0, int64_t s1, const at::Tensor& weight, bool rope, bool frequency, double grad_scale, bool grads,
     const c10::optional<at::TensorList>& rotated) {
   for (const at::Tensor* x : {&q_s, &k_s, &q_t, &k_t}) {
     TORCH_CHECK(x->dim() == 4 && x->stride(3) == 1, "qk_align: inputs must be [B, N, H, D], last dim contiguous");
@@ -301,8 +306,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_align(
   const auto grad_options = [](const at::Tensor& x) {
     return x.scalar_type() == at::kHalf ? x.options().dtype(at::kFloat) : x.options();
   };
-  at::Tensor grad_q_s = empty_output(q_s.sizes(), grad_options(q_s));
-  at::Tensor grad_k_s = empty_output(k_s.sizes(), grad_options(k_s));
+  // Without grads, [0, 0, 0, 0] placeholders (never written).
+  const auto grad_sizes = [grads](const at::Tensor& x) {
+    return grads ? x.sizes().vec() : std::vector<int64_t>{0, 0, 0, 0};
+  };
+  at::Tensor grad_q_s = empty_output(grad_sizes(q_s), grad_options(q_s));
+  at::Tensor grad_k_s = empty_output(grad_sizes(k_s), grad_options(k_s));
   std::vector<Rows> debug;  // rotated q_s, q_t, k_s, k_t: fp32 contiguous, like the inputs
   if (rotated.has_value()) {
     TORCH_CHECK(rotated->size() == 4, "qk_align: rotated must hold 4 tensors (q_s, q_t, k_s, k_t)");
@@ -316,9 +325,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_align(
   }
   const bool dump = !debug.empty();
   const Side sides[2] = {
-      {Rows(q_s), Rows(q_t), Rows(grad_q_s), w_q.data_ptr<float>(), q_s.size(2), q_t.size(2), frequency,
+      {Rows(q_s), Rows(q_t), Rows(grad_q_s), w_q.data_ptr<float>(), q_s.size(2), q_t.size(2), frequency, grads,
        dump ? &debug[0] : nullptr, dump ? &debug[1] : nullptr},
-      {Rows(k_s), Rows(k_t), Rows(grad_k_s), w_k.data_ptr<float>(), k_s.size(2), k_t.size(2), frequency,
+      {Rows(k_s), Rows(k_t), Rows(grad_k_s), w_k.data_ptr<float>(), k_s.size(2), k_t.size(2), frequency, grads,
        dump ? &debug[2] : nullptr, dump ? &debug[3] : nullptr}};
   const Rope rotation(positions, inv_freq, s0, s1);
   const float* w = weight.data_ptr<float>();
@@ -331,7 +340,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_align(
   // partials are large); either way a fixed partition of the tokens, reduced in unit order.
   const int64_t unit_blocks = frequency ? kFrequencyGroupBlocks : 1;
   const int64_t units = (blocks + unit_blocks - 1) / unit_blocks;
-  const int64_t grad_size = frequency ? 2 * pairs * half : pairs;
+  const int64_t grad_size = !grads ? 0 : frequency ? 2 * pairs * half : pairs;
 
   std::vector<double> unit_grad(units * grad_size);
   std::vector<double> unit_sums(units * 3 * heads, 0.0);
@@ -343,7 +352,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_align(
     s.row.resize(dim);
     s.cos.resize(kBlockTokens * half);
     s.sin.resize(kBlockTokens * half);
-    if (frequency) s.complex_grad.resize(grad_size); else s.mixing_grad.resize(pairs);
+    if (frequency) s.complex_grad.resize(grad_size); else s.mixing_grad.resize(grad_size);
     for (int64_t unit = first_unit; unit < last_unit; ++unit) {
       double* grad = unit_grad.data() + unit * grad_size;
       std::fill(grad, grad + grad_size, 0.0);
@@ -367,7 +376,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_align(
         if (frequency) {
           for (int64_t p = 0; p < grad_size; ++p) grad[p] += s.complex_grad[p];
         } else {
-          for (int64_t p = 0; p < pairs; ++p) grad[p] += lane_sum(s.mixing_grad[p]);
+          for (int64_t p = 0; p < grad_size; ++p) grad[p] += lane_sum(s.mixing_grad[p]);
         }
       }
     }
@@ -387,8 +396,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_align(
       }
     }
   }
-  at::Tensor grad_w_q = at::empty(w_q.sizes(), w_q.options());
-  at::Tensor grad_w_k = at::empty(w_k.sizes(), w_k.options());
+  at::Tensor grad_w_q = grads ? at::empty(w_q.sizes(), w_q.options()) : at::empty({0}, w_q.options());
+  at::Tensor grad_w_k = grads ? at::empty(w_k.sizes(), w_k.options()) : at::empty({0}, w_k.options());
   float* gq = grad_w_q.data_ptr<float>();
   float* gk = grad_w_k.data_ptr<float>();
   // Layouts: head mixing [q pairs | k pairs]; frequency mixing [q real | q imag | k real | k imag] (each

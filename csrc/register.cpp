@@ -6,7 +6,7 @@
 TORCH_LIBRARY(laid_cpu, m) {
   m.def("apply_mrope(Tensor x, Tensor positions, Tensor inv_freq, int s0, int s1, bool inverse) -> Tensor");
   m.def("qk_align(Tensor q_s, Tensor k_s, Tensor q_t, Tensor k_t, Tensor w_q, Tensor w_k, Tensor positions, "
-        "Tensor inv_freq, int s0, int s1, Tensor weight, bool rope, bool frequency, float grad_scale, "
+        "Tensor inv_freq, int s0, int s1, Tensor weight, bool rope, bool frequency, float grad_scale, bool grads, "
         "Tensor[]? rotated) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("qk_align_rescale(Tensor(a!) grad, Tensor? x, Tensor? weight, Tensor alpha, Tensor beta) -> ()");

@@ -44,7 +44,9 @@ class Launch:
     """One kernel launch: ``kernel[grid](*args, **constexprs, num_warps=..., num_stages=...)``.
 
     name: a label for reports ("qk_align/query"); args: positional kernel arguments (tensors, ints, floats) in
-    parameter order; constexprs: the ``tl.constexpr`` parameters by name.
+    parameter order; constexprs: the ``tl.constexpr`` parameters by name; maxnreg: a register limit per thread
+    for ptxas (None: ptxas's own choice, which for some kernels is 128 registers with spills where 255 are
+    allowed).
     """
 
     name: str
@@ -54,11 +56,16 @@ class Launch:
     constexprs: dict[str, Any]
     num_warps: int
     num_stages: int = 1
+    maxnreg: int | None = None
+
+    def options(self) -> dict[str, Any]:
+        """The launch options: warps, stages, LAUNCH_OPTIONS and maxnreg when set."""
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages, **LAUNCH_OPTIONS,
+                **({} if self.maxnreg is None else {"maxnreg": self.maxnreg})}
 
     def run(self) -> None:
         """Launch the kernel (on the GPU, or under the interpreter for CPU tensors)."""
-        self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages,
-                               **LAUNCH_OPTIONS)
+        self.kernel[self.grid](*self.args, **self.constexprs, **self.options())
 
 
 @dataclasses.dataclass
@@ -163,7 +170,7 @@ def compile_launch(launch: Launch, arch: int) -> CompileResult:
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    kwargs = {**launch.constexprs, "num_warps": launch.num_warps, "num_stages": launch.num_stages, **LAUNCH_OPTIONS}
+    kwargs = {**launch.constexprs, **launch.options()}
     bound, specialization, options = binder(*launch.args, **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
     source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)

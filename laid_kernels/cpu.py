@@ -13,7 +13,8 @@ Ops (the C++ kernels are ``torch.ops.laid_cpu.*``, wrapped here as custom ops wi
 - ``laid_kernels::mrope_cpu``: R x or R^T x for x [B, N, H, D]; its gradient is the opposite rotation.
 - ``laid_kernels::qk_align_cpu``: one pass over q_s, k_s, q_t, k_t (head or frequency mixing) that returns the loss,
   the per-head coefficients and the gradients of the squared error (same outputs as
-  ``laid_kernels::qk_align_triton``, see ``laid_kernels.qk_align.finish_loss``); the backward rescales them per head
+  ``laid_kernels::qk_align_triton``, see ``laid_kernels.qk_align.finish_loss``; when no input needs a gradient,
+  only the loss terms: no gradient is computed or allocated); the backward rescales them per head
   in place by ``laid_kernels::qk_rescale_cpu`` (the saved gradients are used once, so no second copy of dq_s / dk_s
   exists; a second backward through the same graph raises torch's in-place modification error).
 
@@ -37,7 +38,8 @@ import torch
 
 from . import backends, reference
 from .mrope import mrope_fake, mrope_setup_context, rotation_backward
-from .qk_align import finish_loss, qk_align_backward_with, qk_align_fake, qk_align_setup_context
+from .qk_align import (finish_loss, no_grad_outputs, qk_align_backward_with, qk_align_fake, qk_align_setup_context,
+                       wants_grads)
 from .validation import mixing_form
 
 # The sources: top-level csrc/ in a checkout (laid_kernels/csrc is a symlink to it), copied into installed wheels.
@@ -147,9 +149,11 @@ def _apply_mrope_cpu(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.T
     return mrope_cpu(x, positions, inv_freq, list(section), False)
 
 
-def _qk_align_kernel(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section, weight, rope, rotated=None):
+def _qk_align_kernel(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section, weight, rope, grads=True,
+                     rotated=None):
     """torch.ops.laid_cpu.qk_align with the mixing in the kernel's layout; returns (head sums [Hs + Hs_kv, 3] fp64,
-    G_q, G_k, dE/dw_q, dE/dw_k) with the gradients of W in w_q's / w_k's layout."""
+    G_q, G_k, dE/dw_q, dE/dw_k) with the gradients of W in w_q's / w_k's layout; without ``grads`` the last four
+    are None (neither computed nor allocated)."""
     frequency = mixing_form(w_q) == "frequency"
 
     def kernel_layout(w):  # frequency mixing [H_s, H_t, D/2, 2] -> [2, H_s, H_t, D/2] (real parts, imaginary parts)
@@ -158,7 +162,9 @@ def _qk_align_kernel(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section,
 
     sums, grad_q, grad_k, dw_q, dw_k = library().qk_align(
         _rows(q_s), _rows(k_s), _rows(q_t), _rows(k_t), kernel_layout(w_q), kernel_layout(w_k), positions,
-        inv_freq.float().contiguous(), section[0], section[1], weight, rope, frequency, 2.0, rotated)
+        inv_freq.float().contiguous(), section[0], section[1], weight, rope, frequency, 2.0, grads, rotated)
+    if not grads:
+        return sums, None, None, None, None
     if frequency:
         dw_q, dw_k = dw_q.permute(1, 2, 3, 0), dw_k.permute(1, 2, 3, 0)
     return sums, grad_q, grad_k, dw_q, dw_k
@@ -172,26 +178,29 @@ def qk_align_rotated_rows(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tenso
     batch, seq = q_s.shape[:2]
     weight = reference.token_weights(valid, None, batch, seq, q_s.device).contiguous()
     rotated = [torch.zeros(x.shape) for x in (q_s, q_t, k_s, k_t)]
-    _qk_align_kernel(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section, weight, True, rotated)
+    _qk_align_kernel(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section, weight, True, rotated=rotated)
     return dict(zip(("q_s", "q_t", "k_s", "k_t"), rotated))
 
 
 @torch.library.custom_op("laid_kernels::qk_align_cpu", mutates_args=())
 def qk_align_cpu(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor, w_q: torch.Tensor,
                  w_k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, section: list[int],
-                 token_weight: torch.Tensor | None, valid: torch.Tensor | None, normalize: str,
-                 rope: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                      torch.Tensor, torch.Tensor]:
+                 token_weight: torch.Tensor | None, valid: torch.Tensor | None, normalize: str, rope: bool,
+                 grads: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                       torch.Tensor, torch.Tensor]:
     """(loss, alpha, beta, G_q, G_k, grad_w_q, grad_w_k) by the C++ kernel, as ``laid_kernels::qk_align_triton``
-    returns them (see ``laid_kernels.qk_align.finish_loss``). Shapes as in ``qk_align_loss``."""
+    returns them (see ``laid_kernels.qk_align.finish_loss``; without ``grads`` the last four are empty [0]
+    tensors, not computed). Shapes as in ``qk_align_loss``."""
     batch, seq = q_s.shape[:2]
     weight = reference.token_weights(valid, token_weight, batch, seq, q_s.device).contiguous()  # [B, N] fp32
     sums, grad_q, grad_k, dw_q, dw_k = _qk_align_kernel(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section,
-                                                        weight, rope)
+                                                        weight, rope, grads)
     hs = q_s.shape[2]
     loss, alpha, beta, dw_q, dw_k = finish_loss(sums[:hs], sums[hs:], weight.double().sum(), dw_q, dw_k,
                                                 q_s.shape[3], normalize)
-    return loss, alpha, beta, grad_q, grad_k, dw_q.to(w_q.dtype).contiguous(), dw_k.to(w_k.dtype).contiguous()
+    if grads:
+        dw_q, dw_k = dw_q.to(w_q.dtype).contiguous(), dw_k.to(w_k.dtype).contiguous()
+    return loss, alpha, beta, *no_grad_outputs(grad_q, grad_k, dw_q, dw_k, q_s)
 
 
 @torch.library.custom_op("laid_kernels::qk_rescale_cpu", mutates_args=("grad",))
@@ -214,7 +223,7 @@ qk_align_cpu.register_autograd(qk_align_backward_with(qk_rescale_cpu), setup_con
 def _qk_align_loss_cpu(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section, *, token_weight=None,
                        valid=None, normalize="student", rope=True):
     return qk_align_cpu(q_s, k_s, q_t.detach(), k_t.detach(), w_q, w_k, positions, inv_freq, list(section),
-                        token_weight, valid, normalize, rope)[0]
+                        token_weight, valid, normalize, rope, wants_grads(q_s, k_s, w_q, w_k))[0]
 
 
 backends.register_availability("cpu", device_problem)  # every "cpu" op (pure-PyTorch ones included) needs CPU tensors

@@ -1,16 +1,19 @@
 """``qk_align_loss``: L_qk, head-level Q/K alignment of a student to mixed teacher heads (shared/laid-spec.md).
 
-Fused Triton implementation (head mixing; frequency mixing is not implemented in Triton and raises): the query
-part (q_s, q_t, w_q) and the key part (k_s, k_t, w_k) have the same structure, x_s [B, N, Hs, D] against
-W [Hs, Ht] times x_t [B, N, Ht, D], and are two launches of one kernel. A persistent grid of :func:`num_programs`
-programs (a function of the token count only, never of the device, so the result is bit-reproducible) strides over
-the tokens. Per token it loads the first-half and second-half channel blocks of both sides through their strides,
-rotates them in registers (angles from positions and inv_freq), forms the target W @ (R x_t) with ``tl.dot`` (heads
-padded to a power of two >= 16, masked), and accumulates per student head the weighted squared error E_i, the
-student energy S_i and the target norm T_i, the token weight, and the partial gradient of W [Hs, Ht] per program.
-In the same pass it writes G = dE_i / dx_s = R^T (2 w (R x_s - target)), in the input dtype (fp32 for fp16 inputs:
-G overflows fp16 long before the scaled gradient does). No rotated or mixed [B, N, H, D] tensor exists. Padding
-tokens (weight 0) are not read; their gradient is written as 0.
+Fused Triton implementation: the query part (q_s, q_t, w_q) and the key part (k_s, k_t, w_k) have the same
+structure, x_s [B, N, Hs, D] against the mix by W of x_t [B, N, Ht, D], and are two launches of one kernel. A
+persistent grid (:func:`launch_shape`, a function of the token count only, never of the device, so the result is
+bit-reproducible) strides over the tokens. Per token it loads the first-half and second-half channel blocks of both
+sides through their strides, rotates them in registers (angles from positions and inv_freq), forms the target:
+head mixing W [Hs, Ht] @ (R x_t) with ``tl.dot`` (heads padded to a power of two >= 16, masked), frequency mixing
+sum_j C[i, j, f] z_t,j,f as complex products of a [Hs, Ht, channel block] tile of C held in registers (one channel
+block per program), and accumulates per student head the weighted squared error E_i, the student energy S_i and
+the target norm T_i, the token weight, and the partial gradient of W per program (per token chunk for frequency
+mixing). In the same pass it writes G = dE_i / dx_s = R^T (2 w (R x_s - target)), in the input dtype (fp32 for
+fp16 inputs: G overflows fp16 long before the scaled gradient does). No rotated or mixed [B, N, H, D] tensor
+exists. Padding tokens (weight 0) are not read; their gradient is written as 0. When no input needs a gradient
+(torch.no_grad, or none requires grad: :func:`wants_grads`) the pass computes the sums only: no G, no dW, and
+neither is allocated.
 
 Every normalisation makes the gradient a per-head combination dL/dx_s,i = alpha_i G_i + beta_i w_n x_s,i
 (:func:`finish_loss`): "target" and "none" have one alpha and beta = 0; "student" (L = mean_i E_i / S_i per side,
@@ -33,9 +36,9 @@ import torch
 
 from . import backends, reference
 from .aot import Launch
-from .rope_triton import load_positions, mrope_cos_sin, rotate_pair, unrotate_pair
+from .rope_triton import load_block_positions, mrope_cos_sin, rotate_pair, unrotate_pair
 from .triton_support import tl, triton
-from .validation import check_qk_align_args, mixing_form
+from .validation import check_qk_align_args
 
 OP = "qk_align_loss"
 
@@ -90,8 +93,24 @@ INPUT_PRECISION = "ieee"
 BLOCK_F = 16
 INTERPRETER_BLOCK_F = 64
 NUM_WARPS = 4
+# ptxas left alone gives the fp32-input query part 128 registers and 8 bytes of spills on sm_80; allowed 255 it
+# takes 164 and does not spill (4 warps: 255 registers per thread fit an SM's register file).
+HEAD_MAXNREG = 255
 MIN_TOKENS_PER_PROGRAM = 32  # keeps the [programs, Hs, Ht] partial-dW traffic below ~1% of the input traffic
 MAX_PROGRAMS = 1024
+# Frequency mixing holds a [HS_PAD, HT_PAD, BLOCK_F] block of C and of dC (real and imaginary) per program, so its
+# channel blocks are small and spread over the grid: program pid takes channel block pid % (D/2 / block) of token
+# chunk pid // (D/2 / block). The programs of one chunk are adjacent in the grid and walk the same tokens in the same
+# order, so a token's 32-byte sectors should be fetched once from DRAM and served from L2 to the other blocks (a
+# prediction, unmeasured). Its dC partials are [chunks, Hs, Ht, D/2, 2] fp32 (0.59 MB per chunk for the 7B/32B
+# heads, written once and read once by the reduction), so chunks hold at least MIN_TOKENS_PER_CHUNK tokens (the
+# partials then move <= 3% of the fused pass's minimal bytes) and there are at most MAX_CHUNKS (9.4 MB at 54K
+# tokens, under 1% of the input bytes). 2 channel pairs and 16 warps compile to 128 registers without spills for
+# sm_80 and sm_90 (laid_kernels.aot); 2 / 8 warps takes 243 and 4 / 16 warps spills.
+FREQUENCY_BLOCK_F = 2
+FREQUENCY_NUM_WARPS = 16
+MIN_TOKENS_PER_CHUNK = 2048
+MAX_CHUNKS = 16
 HEAD_SUMS = 3  # per-program, per-student-head partial sums: E_i (squared error), S_i (student energy), T_i (target)
 
 
@@ -99,28 +118,36 @@ HEAD_SUMS = 3  # per-program, per-student-head partial sums: E_i (squared error)
 def qk_align_kernel(xs_ptr, xt_ptr, w_ptr, pos_ptr, inv_freq_ptr, tw_ptr, valid_ptr, grad_ptr, dw_ptr, sums_ptr,
                     n_tokens, seq, hs, ht,
                     stride_sb, stride_sn, stride_sh, stride_sd, stride_tb, stride_tn, stride_th, stride_td,
-                    stride_wi, stride_wj, stride_pr, stride_pb, stride_pn, stride_twb, stride_twn, stride_vb,
-                    stride_vn,
+                    stride_wi, stride_wj, stride_wf, stride_wc, stride_pr, stride_pb, stride_pn, stride_twb,
+                    stride_twn, stride_vb, stride_vn,
                     SECTION_T: tl.constexpr, SECTION_TH: tl.constexpr, HALF: tl.constexpr, BLOCK_F: tl.constexpr,
-                    HS_PAD: tl.constexpr, HT_PAD: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_VALID: tl.constexpr,
-                    ROPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """One part of L_qk for the tokens pid, pid + P, ... (P programs), BLOCK_F channel pairs at a time.
+                    F_SPLIT: tl.constexpr, HS_PAD: tl.constexpr, HT_PAD: tl.constexpr, FREQUENCY: tl.constexpr,
+                    HAS_WEIGHT: tl.constexpr, HAS_VALID: tl.constexpr, ROPE: tl.constexpr,
+                    WRITE_GRAD: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """One part of L_qk: program pid handles the channel blocks f0 = (pid % F_SPLIT) * BLOCK_F, + F_SPLIT * BLOCK_F,
+    ... of the tokens c, c + C, ... (c = pid // F_SPLIT, C = programs / F_SPLIT chunks).
 
-    xs: [B, N, hs, 2 * HALF] student, xt: [B, N, ht, 2 * HALF] teacher, w: [hs, ht], pos: [3, B, N], all strided;
-    tw / valid: optional [B, N] token weight / mask. Writes grad: contiguous [B, N, hs, 2 * HALF] (G, the gradient
-    of E_i with respect to x_s), dw: [P, hs, ht] partial gradient of sum_i E_i with respect to W, sums:
-    [P, 3 * hs + 1] (per head: E_i, then S_i, then T_i; then the token weight). The channel-block loop is outside the
-    token loop so that each iteration holds only [H_PAD, BLOCK_F] tiles (no register spills) while inv_freq is read
-    once per block.
+    xs: [B, N, hs, 2 * HALF] student, xt: [B, N, ht, 2 * HALF] teacher, pos: [3, B, N], all strided; w: head
+    mixing [hs, ht] (FREQUENCY False; F_SPLIT 1: every channel block) or frequency mixing [hs, ht, HALF, 2]
+    (FREQUENCY True; F_SPLIT = the number of channel blocks: one block per program), strided; tw / valid: optional
+    [B, N] token weight / mask. Writes, if WRITE_GRAD, grad: contiguous [B, N, hs, 2 * HALF] (G, the gradient of
+    E_i with respect to x_s) and dw: the partial gradient of sum_i E_i with respect to W, contiguous [C, hs, ht]
+    (head mixing) or [C, hs, ht, HALF, 2] (frequency mixing: each program writes its channel block); always sums:
+    [programs, 3 * hs + 1] (per head: E_i, then S_i, then T_i; then the token weight). The channel-block loop is
+    outside the token loop so that each iteration holds only [H_PAD, BLOCK_F] tiles (and, for frequency mixing,
+    the [HS_PAD, HT_PAD, BLOCK_F] block of C and of its gradient) while inv_freq and C are read once per block.
     """
     pid = tl.program_id(0)
+    chunk = pid // F_SPLIT
+    chunks = tl.num_programs(0) // F_SPLIT
     i = tl.arange(0, HS_PAD)[:, None]
     j = tl.arange(0, HT_PAD)[:, None]
     j_col = tl.arange(0, HT_PAD)[None, :]
     w_mask = (i < hs) & (j_col < ht)
-    w = tl.load(w_ptr + i * stride_wi + j_col * stride_wj, mask=w_mask, other=0).to(tl.float32)
+    if not FREQUENCY:
+        w = tl.load(w_ptr + i * stride_wi + j_col * stride_wj, mask=w_mask, other=0).to(tl.float32)
+        dw = tl.zeros((HS_PAD, HT_PAD), dtype=tl.float32)
 
-    dw = tl.zeros((HS_PAD, HT_PAD), dtype=tl.float32)
     squared_error = tl.zeros((HS_PAD,), dtype=tl.float32)
     energy = tl.zeros((HS_PAD,), dtype=tl.float32)
     target_norm = tl.zeros((HS_PAD,), dtype=tl.float32)
@@ -128,13 +155,20 @@ def qk_align_kernel(xs_ptr, xt_ptr, w_ptr, pos_ptr, inv_freq_ptr, tw_ptr, valid_
     s_heads = i * stride_sh
     t_heads = j * stride_th
     g_heads = i * 2 * HALF
-    for f0 in range(0, HALF, BLOCK_F):
+    for f0 in range((pid % F_SPLIT) * BLOCK_F, HALF, F_SPLIT * BLOCK_F):
         f = f0 + tl.arange(0, BLOCK_F)[None, :]
         inv_freq = tl.load(inv_freq_ptr + f, mask=f < HALF, other=0).to(tl.float32)
         s_lo_off, s_hi_off = s_heads + f * stride_sd, s_heads + (f + HALF) * stride_sd
         t_lo_off, t_hi_off = t_heads + f * stride_td, t_heads + (f + HALF) * stride_td
         g_mask = (i < hs) & (f < HALF)
-        for token in range(pid, n_tokens, tl.num_programs(0)):
+        if FREQUENCY:  # this block of C [HS_PAD, HT_PAD, BLOCK_F] (real, imaginary) and of its gradient
+            c_off = i[:, :, None] * stride_wi + j_col[:, :, None] * stride_wj + f[:, None, :] * stride_wf
+            c_mask = w_mask[:, :, None] & (f[:, None, :] < HALF)
+            c_re = tl.load(w_ptr + c_off, mask=c_mask, other=0).to(tl.float32)
+            c_im = tl.load(w_ptr + c_off + stride_wc, mask=c_mask, other=0).to(tl.float32)
+            dc_re = tl.zeros((HS_PAD, HT_PAD, BLOCK_F), dtype=tl.float32)
+            dc_im = tl.zeros((HS_PAD, HT_PAD, BLOCK_F), dtype=tl.float32)
+        for token in range(chunk, n_tokens, chunks):
             token64 = tl.cast(token, tl.int64)  # 64-bit offsets: B * N * H * D may exceed 2^31
             b = token64 // seq
             n = token64 - b * seq
@@ -156,13 +190,19 @@ def qk_align_kernel(xs_ptr, xt_ptr, w_ptr, pos_ptr, inv_freq_ptr, tw_ptr, valid_
             t_lo = tl.load(t_token + t_lo_off, mask=t_mask, other=0).to(tl.float32)
             t_hi = tl.load(t_token + t_hi_off, mask=t_mask, other=0).to(tl.float32)
             if ROPE:
-                p_t, p_h, p_w = load_positions(pos_ptr + b * stride_pb, stride_pr, n * stride_pn, weight != 0.0)
+                p_t, p_h, p_w = load_block_positions(pos_ptr + b * stride_pb, stride_pr, n * stride_pn, weight != 0.0,
+                                                     f0, f0 + BLOCK_F, SECTION_T, SECTION_TH)
                 cos, sin = mrope_cos_sin(p_t, p_h, p_w, inv_freq, f, SECTION_T, SECTION_TH)
                 s_lo, s_hi = rotate_pair(s_lo, s_hi, cos, sin)
                 t_lo, t_hi = rotate_pair(t_lo, t_hi, cos, sin)
 
-            target_lo = tl.dot(w, t_lo, input_precision=INPUT_PRECISION)
-            target_hi = tl.dot(w, t_hi, input_precision=INPUT_PRECISION)
+            if FREQUENCY:  # target_f = sum_j C[i, j, f] z_t,j,f, complex (it commutes with the rotation)
+                teacher_lo, teacher_hi = t_lo[None, :, :], t_hi[None, :, :]
+                target_lo = tl.sum(c_re * teacher_lo - c_im * teacher_hi, axis=1)
+                target_hi = tl.sum(c_re * teacher_hi + c_im * teacher_lo, axis=1)
+            else:
+                target_lo = tl.dot(w, t_lo, input_precision=INPUT_PRECISION)
+                target_hi = tl.dot(w, t_hi, input_precision=INPUT_PRECISION)
             diff_lo = s_lo - target_lo
             diff_hi = s_hi - target_hi
             squared_error += weight * tl.sum(diff_lo * diff_lo + diff_hi * diff_hi, axis=1)
@@ -170,17 +210,30 @@ def qk_align_kernel(xs_ptr, xt_ptr, w_ptr, pos_ptr, inv_freq_ptr, tw_ptr, valid_
             target_norm += weight * tl.sum(target_lo * target_lo + target_hi * target_hi, axis=1)
             weight_sum += tl.where(f0 == 0, weight, 0.0)
 
-            grad_lo = (2.0 * weight) * diff_lo
-            grad_hi = (2.0 * weight) * diff_hi
-            dw -= tl.dot(grad_lo, tl.trans(t_lo), input_precision=INPUT_PRECISION)
-            dw -= tl.dot(grad_hi, tl.trans(t_hi), input_precision=INPUT_PRECISION)
-            if ROPE:
-                grad_lo, grad_hi = unrotate_pair(grad_lo, grad_hi, cos, sin)
-            g_token = grad_ptr + token64 * hs * 2 * HALF + g_heads
-            tl.store(g_token + f, grad_lo.to(grad_ptr.dtype.element_ty), mask=g_mask)
-            tl.store(g_token + f + HALF, grad_hi.to(grad_ptr.dtype.element_ty), mask=g_mask)
+            if WRITE_GRAD:
+                grad_lo = (2.0 * weight) * diff_lo
+                grad_hi = (2.0 * weight) * diff_hi
+                if FREQUENCY:  # dE/dC = -sum_n g conj(z_t): real g_lo t_lo + g_hi t_hi, imaginary g_hi t_lo - g_lo t_hi
+                    g_lo, g_hi = grad_lo[:, None, :], grad_hi[:, None, :]
+                    dc_re -= g_lo * teacher_lo + g_hi * teacher_hi
+                    dc_im -= g_hi * teacher_lo - g_lo * teacher_hi
+                else:
+                    dw -= tl.dot(grad_lo, tl.trans(t_lo), input_precision=INPUT_PRECISION)
+                    dw -= tl.dot(grad_hi, tl.trans(t_hi), input_precision=INPUT_PRECISION)
+                if ROPE:
+                    grad_lo, grad_hi = unrotate_pair(grad_lo, grad_hi, cos, sin)
+                g_token = grad_ptr + token64 * hs * 2 * HALF + g_heads
+                tl.store(g_token + f, grad_lo.to(grad_ptr.dtype.element_ty), mask=g_mask)
+                tl.store(g_token + f + HALF, grad_hi.to(grad_ptr.dtype.element_ty), mask=g_mask)
+        if FREQUENCY:
+            if WRITE_GRAD:
+                dc_off = (chunk * hs * ht + i[:, :, None] * ht + j_col[:, :, None]) * HALF * 2 + f[:, None, :] * 2
+                tl.store(dw_ptr + dc_off, dc_re, mask=c_mask)
+                tl.store(dw_ptr + dc_off + 1, dc_im, mask=c_mask)
 
-    tl.store(dw_ptr + pid * hs * ht + i * ht + j_col, dw, mask=w_mask)
+    if not FREQUENCY:
+        if WRITE_GRAD:
+            tl.store(dw_ptr + chunk * hs * ht + i * ht + j_col, dw, mask=w_mask)
     heads = tl.arange(0, HS_PAD)
     row = sums_ptr + pid * (3 * hs + 1)  # HEAD_SUMS = 3 per head, then the weight (a jit kernel reads no globals)
     tl.store(row + heads, squared_error, mask=heads < hs)
@@ -216,7 +269,8 @@ def qk_rescale_kernel(grad_ptr, xs_ptr, weight_ptr, alpha_ptr, beta_ptr, seq, hs
 
 
 def num_programs(n_tokens: int) -> int:
-    """Size of the persistent grid for ``n_tokens`` = B * N tokens (device-independent, for bit-reproducibility)."""
+    """Size of the persistent grid of head mixing for ``n_tokens`` = B * N tokens (device-independent, for
+    bit-reproducibility)."""
     return max(1, min(MAX_PROGRAMS, triton.cdiv(n_tokens, MIN_TOKENS_PER_PROGRAM)))
 
 
@@ -224,36 +278,52 @@ def _pad_heads(heads: int) -> int:
     return max(16, triton.next_power_of_2(heads))
 
 
+def launch_shape(x_s: torch.Tensor, w: torch.Tensor, block_f: int | None = None) -> tuple[int, int, int]:
+    """(block_f, chunks, f_split) of one part's launch: channel pairs per block, token chunks, programs per chunk
+    (grid = chunks * f_split). Head mixing (w [Hs, Ht]): :func:`num_programs` chunks, each over every channel block
+    (f_split 1); frequency mixing: one channel block per program. A function of the token count, head_dim, form and
+    block_f only (never of the device), so the result is bit-reproducible. block_f default: BLOCK_F (head mixing)
+    or FREQUENCY_BLOCK_F on a GPU or meta tensors, INTERPRETER_BLOCK_F on CPU tensors (the interpreter)."""
+    frequency = w.dim() == 4
+    half, tokens = x_s.shape[3] // 2, x_s.shape[0] * x_s.shape[1]
+    if block_f is None:
+        block_f = (INTERPRETER_BLOCK_F if x_s.device.type == "cpu" else FREQUENCY_BLOCK_F if frequency
+                   else BLOCK_F)
+    block_f = min(block_f, triton.next_power_of_2(half))
+    if not frequency:
+        return max(16, block_f), num_programs(tokens), 1  # tl.dot needs >= 16 channels
+    return block_f, max(1, min(MAX_CHUNKS, triton.cdiv(tokens, MIN_TOKENS_PER_CHUNK))), triton.cdiv(half, block_f)
+
+
 def qk_align_launch(x_s: torch.Tensor, x_t: torch.Tensor, w: torch.Tensor, positions: torch.Tensor,
                     inv_freq: torch.Tensor, section: Sequence[int], weight: torch.Tensor | None,
-                    valid: torch.Tensor | None, rope: bool, grad: torch.Tensor, dw: torch.Tensor,
+                    valid: torch.Tensor | None, rope: bool, grad: torch.Tensor | None, dw: torch.Tensor | None,
                     sums: torch.Tensor, name: str, block_f: int | None = None) -> Launch:
     """The launch of one part (queries or keys) of L_qk. Works on meta tensors (for ahead-of-time compilation).
 
-    x_s [B, N, Hs, D], x_t [B, N, Ht, D], w [Hs, Ht], positions [3, B, N], inv_freq [D/2], weight / valid
-    [B, N] or None. Outputs (:func:`_outputs`): grad contiguous [B, N, Hs, D], dw [P, Hs, Ht] fp32, sums
-    [P, 3 * Hs + 1] fp32, P = ``num_programs(B * N)``. block_f: channel pairs per iteration (default: BLOCK_F on a
-    GPU or meta tensors, INTERPRETER_BLOCK_F on CPU tensors).
+    x_s [B, N, Hs, D], x_t [B, N, Ht, D], w [Hs, Ht] (head mixing) or [Hs, Ht, D/2, 2] (frequency mixing),
+    positions [3, B, N], inv_freq [D/2], weight / valid [B, N] or None. Outputs (:func:`_outputs`): grad contiguous
+    [B, N, Hs, D] and dw [chunks, *w.shape] fp32, both None when no gradient is wanted (then neither is computed);
+    sums [programs, 3 * Hs + 1] fp32. block_f, chunks, programs: :func:`launch_shape`.
     """
     batch, seq, hs, dim = x_s.shape
     ht = x_t.shape[2]
-    half = dim // 2
-    hs_pad, ht_pad = _pad_heads(hs), _pad_heads(ht)
-    if block_f is None:
-        block_f = INTERPRETER_BLOCK_F if x_s.device.type == "cpu" else BLOCK_F
-    block_f = min(block_f, max(16, triton.next_power_of_2(half)))
+    frequency = w.dim() == 4
+    block_f, chunks, f_split = launch_shape(x_s, w, block_f)
+    w_strides = w.stride() if frequency else (*w.stride(), 0, 0)
     dummy = positions  # stands in for an absent optional tensor (never read: HAS_WEIGHT / HAS_VALID are False)
     return Launch(
-        name=name, kernel=qk_align_kernel, grid=(num_programs(batch * seq),),
+        name=name, kernel=qk_align_kernel, grid=(chunks * f_split,),
         args=(x_s, x_t, w, positions, inv_freq, dummy if weight is None else weight,
-              dummy if valid is None else valid, grad, dw, sums, batch * seq, seq, hs, ht, *x_s.stride(),
-              *x_t.stride(), *w.stride(), *positions.stride(), *(weight.stride() if weight is not None else (0, 0)),
+              dummy if valid is None else valid, x_s if grad is None else grad, sums if dw is None else dw, sums,
+              batch * seq, seq, hs, ht, *x_s.stride(), *x_t.stride(), *w_strides, *positions.stride(),
+              *(weight.stride() if weight is not None else (0, 0)),
               *(valid.stride() if valid is not None else (0, 0))),
-        constexprs=dict(SECTION_T=section[0], SECTION_TH=section[0] + section[1], HALF=half,
-                        BLOCK_F=block_f, HS_PAD=hs_pad, HT_PAD=ht_pad,
-                        HAS_WEIGHT=weight is not None, HAS_VALID=valid is not None, ROPE=rope,
-                        INPUT_PRECISION=INPUT_PRECISION),
-        num_warps=NUM_WARPS)
+        constexprs=dict(SECTION_T=section[0], SECTION_TH=section[0] + section[1], HALF=dim // 2,
+                        BLOCK_F=block_f, F_SPLIT=f_split, HS_PAD=_pad_heads(hs), HT_PAD=_pad_heads(ht),
+                        FREQUENCY=frequency, HAS_WEIGHT=weight is not None, HAS_VALID=valid is not None, ROPE=rope,
+                        WRITE_GRAD=grad is not None, INPUT_PRECISION=INPUT_PRECISION),
+        num_warps=FREQUENCY_NUM_WARPS if frequency else NUM_WARPS, maxnreg=None if frequency else HEAD_MAXNREG)
 
 
 def qk_rescale_launch(grad: torch.Tensor, x_s: torch.Tensor | None, weight: torch.Tensor, alpha: torch.Tensor,
@@ -277,25 +347,30 @@ def grad_dtype(x_s: torch.Tensor) -> torch.dtype:
     return torch.float32 if x_s.dtype == torch.float16 else x_s.dtype
 
 
-def _outputs(x_s: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Empty (G [B, N, Hs, D] in :func:`grad_dtype`, dw partials [P, Hs, Ht] fp32, sums [P, 3 Hs + 1] fp32) for one
-    part."""
-    programs = num_programs(x_s.shape[0] * x_s.shape[1])
+def _outputs(x_s: torch.Tensor, w: torch.Tensor, grads: bool = True, block_f: int | None = None
+             ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """Empty (G [B, N, Hs, D] in :func:`grad_dtype`, dW partials [chunks, *w.shape] fp32, sums
+    [programs, 3 Hs + 1] fp32) for one part launched with ``block_f`` (:func:`launch_shape`); G and the dW
+    partials are None without ``grads``."""
+    _, chunks, f_split = launch_shape(x_s, w, block_f)
+    sums = torch.empty((chunks * f_split, HEAD_SUMS * x_s.shape[2] + 1), dtype=torch.float32, device=x_s.device)
+    if not grads:
+        return None, None, sums
     return (torch.empty(x_s.shape, dtype=grad_dtype(x_s), device=x_s.device),
-            torch.empty((programs, *w.shape), dtype=torch.float32, device=x_s.device),
-            torch.empty((programs, HEAD_SUMS * x_s.shape[2] + 1), dtype=torch.float32, device=x_s.device))
+            torch.empty((chunks, *w.shape), dtype=torch.float32, device=x_s.device), sums)
 
 
-def finish_loss(sums_q: torch.Tensor, sums_k: torch.Tensor, weight_sum: torch.Tensor, dw_q: torch.Tensor,
-                dw_k: torch.Tensor, dim: int, normalize: str
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def finish_loss(sums_q: torch.Tensor, sums_k: torch.Tensor, weight_sum: torch.Tensor, dw_q: torch.Tensor | None,
+                dw_k: torch.Tensor | None, dim: int, normalize: str
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(loss, alpha, beta, grad_w_q, grad_w_k) from a fused pass's per-head sums, shared by every fused backend.
 
     sums_q [Hs, 3], sums_k [Hs_kv, 3]: per student head (E_i, S_i, T_i), any float dtype (fp64 from the backends);
     weight_sum: 0-dim, sum of w_n; dw_q / dw_k: dE / dW (shapes of w_q / w_k, fp32); dim: head_dim.
     The gradient of the loss is dL/dx_s,i = alpha_i G_i + beta_i w_n x_s,i (G = dE_i / dx_s) and
     dL/dW[i] = alpha_i dE / dW[i]. Returns the loss (0-dim fp32), alpha and beta ([Hs + Hs_kv] fp32, queries then
-    keys) and the gradients of W (fp32, the shapes of dw_q / dw_k). Denominators are clamped at fp32 tiny exactly as
+    keys) and the gradients of W (fp32, the shapes of dw_q / dw_k; None where dw_q / dw_k is None: a pass that
+    computed no gradient). Denominators are clamped at fp32 tiny exactly as
     the reference does (a clamped S_i passes no gradient: beta_i = 0).
     """
     tiny = torch.finfo(torch.float32).tiny
@@ -314,48 +389,64 @@ def finish_loss(sums_q: torch.Tensor, sums_k: torch.Tensor, weight_sum: torch.Te
         loss = error.sum() * alpha[0]
         beta = torch.zeros_like(alpha)
     alpha, beta = alpha.float(), beta.float()
+    if dw_q is None or dw_k is None:
+        return loss.float(), alpha, beta, None, None
     row_q = alpha[:hs].view(-1, *[1] * (dw_q.dim() - 1))
     row_k = alpha[hs:].view(-1, *[1] * (dw_k.dim() - 1))
     return loss.float(), alpha, beta, dw_q * row_q, dw_k * row_k
 
 
-def check_triton_form(w_q: torch.Tensor) -> None:
-    """The Triton kernels implement head mixing only: a clear error for frequency mixing (never another form)."""
-    if mixing_form(w_q) == "frequency":
-        raise NotImplementedError(
-            "qk_align_loss: backend='triton' implements head mixing (w_q [Hs, Ht]) only; frequency mixing (w_q "
-            f"{list(w_q.shape)} = [Hs, Ht, D/2, 2]) runs on backend='cpu' (CPU tensors) or backend='reference'")
+def wants_grads(*tensors: torch.Tensor) -> bool:
+    """Whether a fused pass must compute gradients: grad mode is on and one of ``tensors`` requires grad. When not
+    (torch.no_grad, evaluation), the fused backends neither allocate nor write G and dW."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def no_grad_outputs(grad_q: torch.Tensor | None, grad_k: torch.Tensor | None, dw_q: torch.Tensor | None,
+                    dw_k: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(G_q, G_k, grad_w_q, grad_w_k) of a qk_align op with each absent one (a pass without gradients) as an empty
+    [0] tensor (custom ops return tensors)."""
+    return tuple(like.new_empty(0) if t is None else t for t in (grad_q, grad_k, dw_q, dw_k))
 
 
 @torch.library.custom_op("laid_kernels::qk_align_triton", mutates_args=())
 def qk_align_triton(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor, w_q: torch.Tensor,
                     w_k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, section: list[int],
-                    token_weight: torch.Tensor | None, valid: torch.Tensor | None, normalize: str,
-                    rope: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                         torch.Tensor, torch.Tensor]:
+                    token_weight: torch.Tensor | None, valid: torch.Tensor | None, normalize: str, rope: bool,
+                    grads: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                          torch.Tensor, torch.Tensor]:
     """(loss, alpha, beta, G_q, G_k, grad_w_q, grad_w_k) by the fused kernel (see :func:`finish_loss`): the
     gradients of the loss are dL/dx_s = grad_output (alpha_i G_i + beta_i w_n x_s,i) and grad_output grad_w.
-    Shapes as in :func:`qk_align_loss`; alpha, beta [Hs + Hs_kv] fp32."""
+    Shapes as in :func:`qk_align_loss`; alpha, beta [Hs + Hs_kv] fp32. Without ``grads`` the kernel computes only
+    the loss terms and G_q, G_k, grad_w_q, grad_w_k are empty [0] tensors."""
     parts = []
     for x_s, x_t, w, name in ((q_s, q_t, w_q, "qk_align/query"), (k_s, k_t, w_k, "qk_align/key")):
-        grad, dw, sums = _outputs(x_s, w)
+        grad, dw, sums = _outputs(x_s, w, grads)
         if x_s.numel():
             qk_align_launch(x_s, x_t, w, positions, inv_freq, section, token_weight, valid, rope, grad, dw, sums,
                             name).run()
         else:
-            dw.zero_(), sums.zero_()
+            sums.zero_()
+            if dw is not None:
+                dw.zero_()
         sums = sums.double().sum(0)
         hs = x_s.shape[2]
-        parts.append((grad, dw.sum(0), sums[:HEAD_SUMS * hs].view(HEAD_SUMS, hs).T, sums[-1]))
+        parts.append((grad, None if dw is None else dw.sum(0), sums[:HEAD_SUMS * hs].view(HEAD_SUMS, hs).T,
+                      sums[-1]))
     (grad_q, dw_q, sums_q, weight_sum), (grad_k, dw_k, sums_k, _) = parts
     loss, alpha, beta, dw_q, dw_k = finish_loss(sums_q, sums_k, weight_sum, dw_q, dw_k, q_s.shape[3], normalize)
-    return loss, alpha, beta, grad_q, grad_k, dw_q.to(w_q.dtype), dw_k.to(w_k.dtype)
+    if grads:
+        dw_q, dw_k = dw_q.to(w_q.dtype), dw_k.to(w_k.dtype)
+    return loss, alpha, beta, *no_grad_outputs(grad_q, grad_k, dw_q, dw_k, q_s)
 
 
 @qk_align_triton.register_fake
-def qk_align_fake(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section, token_weight, valid, normalize, rope):
+def qk_align_fake(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section, token_weight, valid, normalize, rope,
+                  grads):
     scalar = q_s.new_empty((), dtype=torch.float32)
     heads = q_s.new_empty((q_s.shape[2] + k_s.shape[2],), dtype=torch.float32)
+    if not grads:
+        return scalar, heads, heads.clone(), *no_grad_outputs(None, None, None, None, q_s)
     return (scalar, heads, heads.clone(), torch.empty(q_s.shape, dtype=grad_dtype(q_s), device=q_s.device),
             torch.empty(k_s.shape, dtype=grad_dtype(k_s), device=k_s.device), torch.empty_like(w_q),
             torch.empty_like(w_k))
@@ -364,7 +455,7 @@ def qk_align_fake(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section, to
 def qk_align_setup_context(ctx, inputs, output):
     """Autograd context of every backend's qk_align custom op: saves alpha, beta, G and grad_w, and, for
     normalize="student" (beta != 0), the student inputs and the token weights the backward's rescaling reads."""
-    q_s, k_s, _, _, _, _, _, _, _, token_weight, valid, normalize, _ = inputs
+    q_s, k_s, _, _, _, _, _, _, _, token_weight, valid, normalize, _, _ = inputs
     ctx.dtypes = (q_s.dtype, k_s.dtype)
     ctx.student = normalize == "student"
     ctx.save_for_backward(*output[1:], *((q_s, k_s, token_weight, valid) if ctx.student else ()))
@@ -398,7 +489,8 @@ def qk_align_backward_with(rescale):
             if grad.numel():
                 rescale(grad, x_s, weight, a, b)
             grads.append(grad.to(dtype))
-        return (grads[0], grads[1], None, None, dw_q * scale, dw_k * scale, None, None, None, None, None, None, None)
+        return (grads[0], grads[1], None, None, dw_q * scale, dw_k * scale, None, None, None, None, None, None, None,
+                None)
 
     return backward
 
@@ -422,18 +514,18 @@ qk_align_triton.register_autograd(qk_align_backward_with(qk_rescale_triton), set
 
 def _qk_align_loss_triton(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section, *, token_weight=None,
                           valid=None, normalize="student", rope=True):
-    check_triton_form(w_q)
     return qk_align_triton(q_s, k_s, q_t.detach(), k_t.detach(), w_q, w_k, positions, inv_freq, list(section),
-                           token_weight, valid, normalize, rope)[0]
+                           token_weight, valid, normalize, rope, wants_grads(q_s, k_s, w_q, w_k))[0]
 
 
 def aot_launches(heads: Sequence[int] = (28, 4, 40, 8), tokens: int = 512, head_dim: int = 128,
-                 section: Sequence[int] = (16, 24, 24), dtype: str = "bfloat16",
-                 token_weight: bool = True) -> list[Launch]:
+                 section: Sequence[int] = (16, 24, 24), dtype: str = "bfloat16", token_weight: bool = True,
+                 mixing: str = "head", grads: bool = True) -> list[Launch]:
     """The launches qk_align_loss makes for student heads (Hs, Hs_kv) = heads[:2] against teacher heads
     (Ht, Ht_kv) = heads[2:], on meta tensors laid out as q_proj / k_proj outputs, with a valid mask and (unless
-    token_weight is False, as in the trainer) token weights: the fused pass of both parts, then the backward's
-    rescaling of both parts for normalize="student"; for ahead-of-time compilation (``laid_kernels.aot``)."""
+    token_weight is False, as in the trainer) token weights, head or frequency ``mixing``: the fused pass of both
+    parts, then (if ``grads``; else the pass without gradients, as under torch.no_grad) the backward's rescaling of
+    both parts for normalize="student"; for ahead-of-time compilation (``laid_kernels.aot``)."""
     hs, hs_kv, ht, ht_kv = heads
     meta = dict(device="meta", dtype=getattr(torch, dtype))
     positions = torch.empty(3, 1, tokens, dtype=torch.int64, device="meta")
@@ -444,13 +536,27 @@ def aot_launches(heads: Sequence[int] = (28, 4, 40, 8), tokens: int = 512, head_
     for h_s, h_t, name in ((hs, ht, "qk_align/query"), (hs_kv, ht_kv, "qk_align/key")):
         x_s = torch.empty(1, tokens, h_s * head_dim, **meta).view(1, tokens, h_s, head_dim)
         x_t = torch.empty(1, tokens, h_t * head_dim, **meta).view(1, tokens, h_t, head_dim)
-        w = torch.empty(h_s, h_t, device="meta")
-        grad, dw, sums = _outputs(x_s, w)
+        w = torch.empty(h_s, h_t, *((head_dim // 2, 2) if mixing == "frequency" else ()), device="meta")
+        grad, dw, sums = _outputs(x_s, w, grads)
+        label = f"{name}/{mixing}/Hs={h_s},Ht={h_t}" + ("" if grads else "/no grad")
         launches.append(qk_align_launch(x_s, x_t, w, positions, inv_freq, section, weight if token_weight else None,
-                                        valid, True, grad, dw, sums, f"{name}/Hs={h_s},Ht={h_t}"))
-        alpha = torch.empty(h_s, device="meta")
-        rescales.append(qk_rescale_launch(grad, x_s, weight, alpha, alpha.clone(), f"qk_align/rescale/Hs={h_s}"))
+                                        valid, True, grad, dw, sums, label))
+        if grads:
+            alpha = torch.empty(h_s, device="meta")
+            rescales.append(qk_rescale_launch(grad, x_s, weight, alpha, alpha.clone(), f"qk_align/rescale/Hs={h_s}"))
     return launches + rescales
+
+
+def aot_configurations(shapes: dict) -> dict[str, dict]:
+    """The keyword arguments of :func:`aot_launches` that cover every specialisation qk_align_loss launches, by
+    label, for ``shapes`` (heads, tokens, head_dim, section, dtype): those shapes with token weights in head and
+    frequency mixing, and the trainer's flags (about 54K tokens, a valid mask, no token weights) in both mixings for
+    bf16, fp16 and fp32 inputs, and frequency mixing without gradients (torch.no_grad)."""
+    trainer = {**shapes, "tokens": 54_000, "token_weight": False}
+    return {"": shapes, "frequency": {**shapes, "mixing": "frequency"},
+            **{f"trainer {mixing} {dtype}": {**trainer, "mixing": mixing, "dtype": dtype}
+               for mixing in ("head", "frequency") for dtype in ("bfloat16", "float16", "float32")},
+            "trainer frequency no grad": {**trainer, "mixing": "frequency", "grads": False}}
 
 
 backends.register(OP, "reference", reference.qk_align_loss)

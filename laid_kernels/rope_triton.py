@@ -25,6 +25,19 @@ def load_positions(pos_ptr, stride_row, offsets, mask):
 
 
 @triton.jit
+def load_block_positions(pos_ptr, stride_row, offsets, mask, f_first, f_end, SECTION_T: tl.constexpr,
+                         SECTION_TH: tl.constexpr):
+    """:func:`load_positions` for the frequencies [f_first, f_end) only: a position row that none of them uses
+    (:func:`mrope_cos_sin`'s sections) is not read (returned as 0), so a kernel that handles one small channel
+    block per iteration reads one row, not three, for most blocks."""
+    p_t = tl.load(pos_ptr + offsets, mask=mask & (f_first < SECTION_T), other=0).to(tl.float32)
+    p_h = tl.load(pos_ptr + stride_row + offsets, mask=mask & (f_first < SECTION_TH) & (f_end > SECTION_T),
+                  other=0).to(tl.float32)
+    p_w = tl.load(pos_ptr + 2 * stride_row + offsets, mask=mask & (f_end > SECTION_TH), other=0).to(tl.float32)
+    return p_t, p_h, p_w
+
+
+@triton.jit
 def mrope_cos_sin(p_t, p_h, p_w, inv_freq, freq, SECTION_T: tl.constexpr, SECTION_TH: tl.constexpr):
     """cos and sin of the M-RoPE angle; every argument broadcasts (e.g. positions [BLOCK_N, 1], freq [1, BLOCK_F]).
 

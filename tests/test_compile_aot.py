@@ -1,7 +1,8 @@
 """Every Triton kernel of apply_mrope and qk_align_loss compiles ahead of time for sm_80 (A100) and sm_90 (H100),
 with the block sizes and warps it launches with for the 7B-student / 32B-teacher shapes (q heads 28 / 40, kv heads
-4 / 8, head_dim 128; qk_align also with the trainer's flags: 54K tokens, no token weights), the backward's rescaling
-kernel included, without register spills, and with accurate (libdevice) cos / sin.
+4 / 8, head_dim 128; qk_align in head and frequency mixing, also with the trainer's flags: 54K tokens, a valid
+mask, no token weights, for bf16, fp16 and fp32 inputs, and without gradients as under torch.no_grad), the
+backward's rescaling kernel included, without register spills, and with accurate (libdevice) cos / sin.
 
 The launches come from each module's ``aot_launches``, built by the same code that launches on the GPU (meta tensors
 stand in for the inputs), and are compiled in a subprocess without TRITON_INTERPRET (laid_kernels.aot).
@@ -18,19 +19,19 @@ from pathlib import Path
 import pytest
 
 from laid_kernels.aot import compile_in_subprocess, why_cannot_compile
+from laid_kernels.qk_align import aot_configurations
 
 ARCHS = (80, 90)
 SHAPES = {"heads": [28, 4, 40, 8], "tokens": 512, "head_dim": 128, "section": [16, 24, 24], "dtype": "bfloat16"}
-TRAINER = {**SHAPES, "tokens": 54_000, "token_weight": False}  # the trainer's flags: ~150 images, no token weights
 
 
 pytestmark = pytest.mark.skipif(why_cannot_compile() is not None, reason=str(why_cannot_compile()))
+PARAMS = {"mrope": ("laid_kernels.mrope:aot_launches", SHAPES),
+          **{f"qk_align {label}".strip(): ("laid_kernels.qk_align:aot_launches", kwargs)
+             for label, kwargs in aot_configurations(SHAPES).items()}}
 
 
-@pytest.fixture(scope="module", params=[("laid_kernels.mrope:aot_launches", SHAPES),
-                                        ("laid_kernels.qk_align:aot_launches", SHAPES),
-                                        ("laid_kernels.qk_align:aot_launches", TRAINER)],
-                ids=["mrope", "qk_align", "qk_align-trainer"])
+@pytest.fixture(scope="module", params=list(PARAMS.values()), ids=list(PARAMS))
 def compiled(request):
     factory, shapes = request.param
     return compile_in_subprocess(factory, shapes, ARCHS)
@@ -64,7 +65,8 @@ def test_compile_report_script_small_run(tmp_path):
     script = repo / "benchmarks" / "compile_report.py"
     # This checkout's laid_kernels, not an installed copy (the script's own folder comes first on sys.path).
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, str(script), "--tokens", "64", "--out", str(tmp_path)],
+    done = subprocess.run([sys.executable, str(script), "--tokens", "64", "--frequency-counts", "2", "4", "--out",
+                           str(tmp_path)],
                           capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads((tmp_path / "compile_report.json").read_text())
@@ -72,4 +74,7 @@ def test_compile_report_script_small_run(tmp_path):
     assert all(row["spill_stores"] == 0 and row["spill_loads"] == 0 for row in report["compile"])
     qk = report["qk_align"]
     assert qk["tokens"] == 64 and qk["minimal"] <= qk["fused"] <= 1.1 * qk["minimal"]
+    frequency = report["qk_align_frequency"]  # counted at 2 and 4 tokens, combined for 54K (the 1.10 target)
+    assert frequency["counted_at"] == [2, 4] and frequency["tokens"] == 54_000 and frequency["chunks"] > 1
+    assert frequency["minimal"] <= frequency["fused"] <= 1.1 * frequency["minimal"]
     assert (tmp_path / "compile_report.png").stat().st_size > 0

@@ -97,18 +97,11 @@ CASES = [
 FORMS = [None, ("student", "head"), ("student", "frequency"), ("target", "frequency")]
 
 
-def supports(backend, mixing):
-    """Whether ``backend`` implements ``mixing`` (Triton: head mixing only; it raises for frequency mixing)."""
-    return not (backend == "triton" and mixing == "frequency")
-
-
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("form", FORMS, ids=["v1", "student-head", "student-frequency", "target-frequency"])
 @pytest.mark.parametrize("heads,batch,seq,dim,section,dtype,normalize,padded,weighted", CASES)
 def test_matches_reference(backend, form, heads, batch, seq, dim, section, dtype, normalize, padded, weighted):
     normalize, mixing = form or (normalize, "head")
-    if not supports(backend, mixing):
-        pytest.skip(f"{backend} does not implement {mixing} mixing (test_triton_refuses_frequency_mixing)")
     inputs = make_inputs(heads, batch, seq, dim, section, dtype, padded, weighted, mixing=mixing)
     grad_output = 0.73
     loss, grads = loss_and_grads(inputs, grad_output, normalize=normalize, backend=backend)
@@ -119,14 +112,6 @@ def test_matches_reference(backend, form, heads, batch, seq, dim, section, dtype
     for name, grad in grads.items():
         assert grad.dtype == inputs[name].dtype, name
         assert_within_pytorch_error(f"d{name}", grad, torch_grads[name], exact_grads[name], GRAD_FACTOR)
-
-
-@pytest.mark.skipif("triton" not in FUSED, reason="Triton interpreter not available")
-def test_triton_refuses_frequency_mixing():
-    """Triton implements head mixing only: frequency mixing is a clear error, never another definition."""
-    inputs = make_inputs((4, 2, 6, 3), batch=1, seq=4, dim=16, section=(2, 3, 3), mixing="frequency")
-    with pytest.raises(NotImplementedError, match=r"triton.*frequency mixing.*\[4, 6, 8, 2\]"):
-        loss_and_grads(inputs, 1.0, backend="triton")
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -156,14 +141,20 @@ def test_bitwise_deterministic(backend):
         assert torch.equal(first[1][name], second[1][name]), name
 
 
+@pytest.mark.parametrize("mixing", ["head", "frequency"])
 @pytest.mark.parametrize("normalize", ["student", "target", "none"])
-def test_triton_gpu_block_size_under_interpreter(monkeypatch, normalize):
+def test_triton_gpu_block_size_under_interpreter(monkeypatch, normalize, mixing):
     """The interpreter normally runs all channel pairs in one block; run the block size the GPU launches with
-    (several channel blocks per token) against the reference too."""
+    (several channel blocks per token; frequency mixing: one per program, and several token chunks) against the
+    reference too."""
     if "triton" not in FUSED:
         pytest.skip("Triton interpreter not available")
-    monkeypatch.setattr(qk_align_module, "INTERPRETER_BLOCK_F", qk_align_module.BLOCK_F)
-    inputs = make_inputs((28, 4, 40, 8), batch=2, seq=5, dtype=torch.bfloat16)
+    gpu_block = qk_align_module.FREQUENCY_BLOCK_F if mixing == "frequency" else qk_align_module.BLOCK_F
+    monkeypatch.setattr(qk_align_module, "INTERPRETER_BLOCK_F", gpu_block)
+    monkeypatch.setattr(qk_align_module, "MIN_TOKENS_PER_CHUNK", 4)
+    inputs = make_inputs((28, 4, 40, 8), batch=2, seq=5, dtype=torch.bfloat16, mixing=mixing)
+    _, chunks, f_split = qk_align_module.launch_shape(inputs["q_s"], inputs["w_q"])
+    assert (chunks, f_split) == ((1, 1) if mixing == "head" else (3, 64 // gpu_block))
     loss, grads = loss_and_grads(inputs, 1.3, normalize=normalize, backend="triton")
     torch_loss, torch_grads = loss_and_grads(inputs, 1.3, normalize=normalize, backend="reference")
     exact_loss, exact_grads = loss_and_grads(as_double(inputs), 1.3, normalize=normalize, backend="reference")
@@ -181,8 +172,6 @@ ALL_FORMS = [("student", "head"), ("student", "frequency"), ("target", "head"), 
 def test_rotation_invariance(backend, normalize, mixing):
     """The rotation is orthogonal, shared by all heads of a token and commutes with both mixings: rope=True equals
     rope=False up to rounding."""
-    if not supports(backend, mixing):
-        pytest.skip(f"{backend} does not implement {mixing} mixing")
     inputs = make_inputs((16, 2, 40, 8), batch=2, seq=12, dim=64, section=SMALL_SECTION, mixing=mixing)
     rotated, rotated_grads = loss_and_grads(inputs, 1.0, normalize=normalize, backend=backend)
     plain, plain_grads = loss_and_grads(inputs, 1.0, normalize=normalize, rope=False, backend=backend)
@@ -245,13 +234,14 @@ def test_fp16_inputs_near_the_fp16_range_give_the_references_finite_gradients(ba
         assert_within_pytorch_error(f"d{name}", grad, torch_grads[name], exact_grads[name], GRAD_FACTOR)
 
 
-def test_triton_rotated_rows_are_the_mrope_rows(monkeypatch):
+@pytest.mark.parametrize("mixing", ["head", "frequency"])
+def test_triton_rotated_rows_are_the_mrope_rows(monkeypatch, mixing):
     """The loss cannot see the rotation (it is orthogonal and shared by both sides), so the rows the Triton kernel
     rotates are checked directly: every call of the shared rotation helper inside the fused pass is recorded and
     compared with apply_mrope of the reference."""
     if "triton" not in FUSED:
         pytest.skip("Triton interpreter not available")
-    inputs = make_inputs((4, 2, 6, 3), batch=2, seq=20, dim=64, section=SMALL_SECTION, padded=False)
+    inputs = make_inputs((4, 2, 6, 3), batch=2, seq=20, dim=64, section=SMALL_SECTION, padded=False, mixing=mixing)
     positions = inputs["positions"]
     assert (positions[0] != positions[1]).any() and (positions[1] != positions[2]).any()  # the image grids
     original, seen = qk_align_module.rotate_pair, []
@@ -264,9 +254,10 @@ def test_triton_rotated_rows_are_the_mrope_rows(monkeypatch):
     monkeypatch.setattr(qk_align_module, "rotate_pair", recording)
     loss_and_grads(inputs, 1.0, backend="triton")
     tokens, half = 2 * 20, 32
-    programs = qk_align_module.num_programs(tokens)
-    order = [token for pid in range(programs) for token in range(pid, tokens, programs)]  # the interpreter's order
-    assert programs > 1 and len(seen) == 2 * 2 * tokens  # one channel block: student then teacher, per token
+    _, chunks, f_split = qk_align_module.launch_shape(inputs["q_s"], inputs["w_q"])
+    order = [token for chunk in range(chunks) for token in range(chunk, tokens, chunks)]  # the interpreter's order
+    assert f_split == 1 and len(seen) == 2 * 2 * tokens  # one channel block: student then teacher, per token
+    assert chunks > 1 or mixing == "frequency"  # (frequency mixing: one chunk below MIN_TOKENS_PER_CHUNK tokens)
     calls = iter(seen)
     for name_s, name_t in (("q_s", "q_t"), ("k_s", "k_t")):
         expected = {name: reference.apply_mrope(inputs[name], positions, inputs["inv_freq"],
@@ -278,6 +269,32 @@ def test_triton_rotated_rows_are_the_mrope_rows(monkeypatch):
                 heads = expected[name].shape[1]
                 torch.testing.assert_close(torch.from_numpy(lo[:heads]), expected[name][token, :, :half])
                 torch.testing.assert_close(torch.from_numpy(hi[:heads]), expected[name][token, :, half:])
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("mixing", ["head", "frequency"])
+def test_no_gradient_pass_gives_the_loss_and_allocates_no_gradient(backend, mixing):
+    """Under torch.no_grad, or when no input requires grad, the fused pass writes no G / dW: the same loss, and
+    far less memory allocated than the gradients of q_s and k_s (the control: with gradients, at least those; what
+    remains is small per-program sums, and for the C++ backend's frequency mixing a copy of w_q in its layout)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    inputs = make_inputs((4, 2, 6, 3), batch=2, seq=100, dim=64, section=SMALL_SECTION, mixing=mixing)
+    expected = loss_and_grads(inputs, 1.0, backend=backend)[0]
+    args = [inputs[k] for k in ("q_s", "k_s", "q_t", "k_t", "w_q", "w_k", "positions", "inv_freq", "mrope_section")]
+    options = dict(valid=inputs["valid"], token_weight=inputs["token_weight"], backend=backend)
+    gradient_bytes = (inputs["q_s"].numel() + inputs["k_s"].numel()) * inputs["q_s"].element_size()
+
+    def allocated(requires_grad, grad_mode):
+        leaves = [args[0].detach().clone().requires_grad_(requires_grad), *args[1:]]
+        with torch.set_grad_enabled(grad_mode), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as p:
+            loss = qk_align_loss(*leaves, **options)
+        torch.testing.assert_close(loss.detach(), expected, rtol=1e-6, atol=0)
+        return sum(max(event.self_cpu_memory_usage, 0) for event in p.events())
+
+    assert allocated(requires_grad=True, grad_mode=True) >= gradient_bytes
+    assert allocated(requires_grad=True, grad_mode=False) < gradient_bytes / 4
+    assert allocated(requires_grad=False, grad_mode=True) < gradient_bytes / 4
 
 
 @pytest.mark.skipif("cpu" not in FUSED, reason="native CPU backend not available")
@@ -343,8 +360,6 @@ def head_norm(x):
 def test_student_normalisation_at_the_fit_is_scale_invariant_and_orthogonal(backend, mixing):
     """At the least-squares W, normalize="student" is 1 - R^2 per head: unchanged when q_s is scaled by 10 (W
     refitted), and its gradient is orthogonal to q_s (and k_s) per head: sum_n <dL/dx_s,i(n), x_s,i(n)> = 0."""
-    if not supports(backend, mixing):
-        pytest.skip(f"{backend} does not implement {mixing} mixing")
     inputs = refit(small_inputs(mixing), mixing)
     loss, grads = loss_and_grads(inputs, 1.0, backend=backend)
     scaled = refit({**inputs, "q_s": inputs["q_s"] * 10}, mixing)
@@ -367,8 +382,6 @@ def test_student_normalisation_at_the_fit_is_scale_invariant_and_orthogonal(back
 def test_shrinking_the_student_raises_the_student_normalised_loss(backend, mixing):
     """With W fixed, E_i / S_i = ||x - m / c||^2 / ||x||^2 for x scaled by c: shrinking never helps (version 1's
     "target" normalisation, for comparison, falls when the student is halved)."""
-    if not supports(backend, mixing):
-        pytest.skip(f"{backend} does not implement {mixing} mixing")
     inputs = refit(small_inputs(mixing), mixing)
     losses = [loss_and_grads({**inputs, "q_s": inputs["q_s"] * c, "k_s": inputs["k_s"] * c}, 1.0,
                              backend=backend)[0] for c in (1.0, 0.5, 0.1)]
@@ -382,8 +395,6 @@ def test_shrinking_the_student_raises_the_student_normalised_loss(backend, mixin
 @pytest.mark.parametrize("normalize", ["student", "target", "none"])
 def test_frequency_mixing_with_real_constant_weights_is_head_mixing(backend, normalize):
     """C[i, j, f] = W[i, j] (imaginary part 0) gives head mixing's loss, and dC summed over f (real part) is dW."""
-    if not supports(backend, "frequency"):
-        pytest.skip(f"{backend} does not implement frequency mixing")
     inputs = make_inputs((16, 2, 40, 8), batch=2, seq=9, dim=64, section=SMALL_SECTION)
     as_frequency = {name: torch.stack((w[..., None].expand(*w.shape, 32), torch.zeros(*w.shape, 32)), dim=-1)
                     for name, w in (("w_q", inputs["w_q"]), ("w_k", inputs["w_k"]))}
@@ -422,8 +433,6 @@ def test_frequency_mixing_absorbs_a_per_frequency_complex_scale(backend):
     # the attention logits of head group 0 agree
     torch.testing.assert_close(logits(moved), logits(inputs), rtol=1e-5, atol=1e-5)
     for mixing, same in (("frequency", True), ("head", False)):
-        if not supports(backend, mixing):
-            continue
         before = loss_and_grads(refit(inputs, mixing), 1.0, backend=backend)[0]  # refit replaces w_q, w_k
         after = loss_and_grads(refit(moved, mixing), 1.0, backend=backend)[0]
         if same:
