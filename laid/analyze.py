@@ -115,7 +115,7 @@ def profile(model, prompts: dict[int, list], *, block: int = BLOCK, backend: str
     """Attention by distance, needle share and RoPE spectrum of ``model`` over ``prompts`` {size: [haystack_prompt]}.
 
     Returns {size: {"distance" [L, H, bins], "uniform" [bins] (``uniform_distance``), "reach" [L, H],
-    "needle" [L, H], "spectrum" [L, H, D/2] (shares),
+    "entropy" [L, H] (nats, mean over the rows), "needle" [L, H], "spectrum" [L, H, D/2] (shares),
     "tokens": mean prompt length, "span": largest position distance, "seconds"}} (tensors, fp32, CPU). The Q/K of
     ``layers_per_pass`` layers (default: all) are captured per forward, so a long prompt holds only theirs (a forward
     per group). With ``progress`` (a model name), one line per size is printed when it is done.
@@ -128,7 +128,7 @@ def profile(model, prompts: dict[int, list], *, block: int = BLOCK, backend: str
     inv_freq, section = _rope(model)
     result = {}
     for size, items in prompts.items():
-        distance, uniform, reach, needle, spectrum, rows_seen, tokens, span = [], [], 0, 0, 0, 0, 0, 0
+        distance, uniform, reach, entropy, needle, spectrum, rows_seen, tokens, span = [], [], 0, 0, 0, 0, 0, 0, 0
         start = time.perf_counter()
         for inputs, needle_mask, image_mask in items:
             rows = torch.arange(int(image_mask.nonzero().max()) + 1, len(image_mask))
@@ -142,6 +142,7 @@ def profile(model, prompts: dict[int, list], *, block: int = BLOCK, backend: str
             distance.append(torch.stack([s.distance.sum(0) for s in stats]).cpu())  # [L, H, bins]
             uniform.append(uniform_distance(rows).sum(0))  # [bins]
             reach = reach + torch.stack([s.reach.sum(0) for s in stats]).cpu()
+            entropy = entropy + torch.stack([s.entropy.sum(0) for s in stats]).cpu()
             needle = needle + torch.stack([s.groups[0, -1] / s.groups[1, -1] for s in stats]).cpu()
             spectrum = spectrum + torch.stack([s.spectrum.sum(0) for s in stats]).cpu()
             rows_seen += len(rows)
@@ -151,6 +152,7 @@ def profile(model, prompts: dict[int, list], *, block: int = BLOCK, backend: str
         distance, uniform = (sum(torch.nn.functional.pad(d, (0, bins - d.shape[-1])) for d in sums) / rows_seen
                              for sums in (distance, uniform))
         result[size] = {"distance": distance, "uniform": uniform, "reach": reach / rows_seen,
+                        "entropy": entropy / rows_seen,
                         "needle": needle / len(items),
                         "spectrum": pair_shares(spectrum), "tokens": tokens / len(items), "span": span,
                         "seconds": round(time.perf_counter() - start, 1)}

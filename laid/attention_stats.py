@@ -9,6 +9,7 @@ log-sum-exp, the second the normalised attention p_h(m, n) of the block, which i
 - ``distance`` [R, H, bins]: the mass at token distance d = m - n in log bins: bin 0 is d = 0, bin k >= 1 is
   2^(k-1) <= d < 2^k (:func:`distance_bin_edges`); each row sums to 1.
 - ``reach`` [R, H]: the mean of log2(1 + d) under p (how far a head looks; 2^reach - 1 is a geometric-mean distance).
+- ``entropy`` [R, H]: -sum_n p log p in nats (log(m + 1) for a row spread evenly over its m + 1 causal keys).
 - ``groups`` [G, R, H]: the mass on each key group (a boolean mask over the keys, e.g. the needle image's tokens).
 - ``spectrum`` [R, H, D/2]: sum_n p(m, n) |c_f(m, n)|, where c_f is frequency pair f's part of the logit,
   c_f = (x_f y_f + x_{f+D/2} y_{f+D/2}) / sqrt(D) for x = R q_h(m), y = R k_g(h)(n) (sum_f c_f is the logit):
@@ -54,6 +55,7 @@ class RowStats:
 
     distance: torch.Tensor  # [R, H, bins]
     reach: torch.Tensor  # [R, H]
+    entropy: torch.Tensor  # [R, H]
     groups: torch.Tensor  # [G, R, H]
     spectrum: torch.Tensor  # [R, H, D/2]
 
@@ -109,6 +111,7 @@ def attention_row_stats(queries: torch.Tensor, keys: torch.Tensor, positions: to
         lse = torch.logaddexp(lse, _logits(q, k, rows, index).logsumexp(-1))
     stats = RowStats(distance=torch.zeros(len(rows), heads, len(edges) + 1, device=device),
                      reach=torch.zeros(len(rows), heads, device=device),
+                     entropy=torch.zeros(len(rows), heads, device=device),
                      groups=torch.zeros(len(group_masks), len(rows), heads, device=device),
                      spectrum=torch.zeros(len(rows), heads, half, device=device))
     for index, k in blocks():
@@ -117,6 +120,7 @@ def attention_row_stats(queries: torch.Tensor, keys: torch.Tensor, positions: to
         bins = torch.bucketize(distance, edges, right=True)
         stats.distance.scatter_add_(2, bins[:, None, :].expand_as(p), p)
         stats.reach += (p * torch.log2(1.0 + distance.float())[:, None, :]).sum(-1)
+        stats.entropy -= torch.special.xlogy(p, p).sum(-1)
         for g, mask in enumerate(group_masks):
             stats.groups[g] += (p * mask[index]).sum(-1)
         k = k.transpose(0, 1)[None]  # [1, H, B, D]

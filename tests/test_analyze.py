@@ -56,7 +56,8 @@ def _dense_stats(attention: torch.Tensor, rows: torch.Tensor, needle: torch.Tens
     histogram = torch.zeros(len(rows), heads, int(bins.max()) + 1, dtype=p.dtype)
     histogram.scatter_add_(2, bins[:, None, :].expand_as(p), p)
     reach = (p * torch.log2(1.0 + distance.float())[:, None, :]).sum(-1)
-    return histogram, reach, p[-1][:, needle].sum(-1) / p[-1][:, image].sum(-1)
+    entropy = -(p * p.clamp_min(1e-30).log()).sum(-1)
+    return histogram, reach, entropy, p[-1][:, needle].sum(-1) / p[-1][:, image].sum(-1)
 
 
 def test_streamed_attention_by_distance_equals_the_models_dense_attention(family):
@@ -72,14 +73,15 @@ def test_streamed_attention_by_distance_equals_the_models_dense_attention(family
     rows = torch.arange(int(image.nonzero().max()) + 1, len(image))
     rotary = model.model.language_model.rotary_emb
     assert 0 < needle.sum() < image.sum() and len(rows) > 5
-    profiled = {"distance": [], "needle": []}
+    profiled = {"distance": [], "needle": [], "entropy": []}
     for layer, dense in enumerate(attentions):
         stats = attention_row_stats(queries[layer], keys[layer], positions, rows, rotary.inv_freq,
                                     rotary.mrope_section, groups=(needle, image), block=7)
-        histogram, reach, needle_share = _dense_stats(dense[0], rows, needle, image)
+        histogram, reach, entropy, needle_share = _dense_stats(dense[0], rows, needle, image)
         torch.testing.assert_close(stats.distance, histogram, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(stats.distance.sum(-1), torch.ones(len(rows), dense.shape[1]))  # shares sum to 1
         torch.testing.assert_close(stats.reach, reach, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(stats.entropy, entropy, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(stats.groups[0, -1] / stats.groups[1, -1], needle_share, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(stats.groups[1], dense[0][:, rows][..., image].sum(-1).T, atol=1e-5, rtol=1e-4)
         # The spectrum: sum_n p |c_f| with c_f from the reference rotation; sum_f c_f is the logit.
@@ -94,6 +96,7 @@ def test_streamed_attention_by_distance_equals_the_models_dense_attention(family
         torch.testing.assert_close(stats.spectrum, torch.einsum("rhn,rhnf->rhf", p, parts.abs()), atol=1e-5, rtol=1e-4)
         profiled["distance"].append(histogram.mean(0))
         profiled["needle"].append(needle_share)
+        profiled["entropy"].append(entropy.mean(0))
     # The chance reference: attention spread evenly over each row's causal keys.
     even = torch.ones(1, len(image), len(image)).tril()
     torch.testing.assert_close(uniform_distance(rows), _dense_stats(even / even.sum(-1, keepdim=True), rows, needle,
@@ -102,6 +105,7 @@ def test_streamed_attention_by_distance_equals_the_models_dense_attention(family
     result = profile(model, {3: [(inputs, needle, image)]}, block=7)[3]
     torch.testing.assert_close(result["distance"], torch.stack(profiled["distance"]), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(result["needle"], torch.stack(profiled["needle"]), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(result["entropy"], torch.stack(profiled["entropy"]), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(result["uniform"], uniform_distance(rows).mean(0))
     assert result["tokens"] == len(image) and result["span"] == int((positions.amax(-1) - positions.amin(-1)).max())
     # Two forwards (layers 0-1, then 2) give the same numbers as one that holds every layer.
