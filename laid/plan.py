@@ -13,14 +13,13 @@ language model (with embeddings and lm_head) trains, the vision tower is frozen,
 of every decoder layer, one aligned layer pair, L_qk + L_attn + L_KL + L_SFT. Per GPU, in bytes:
 
 - student weights: fp32 master weights (``laid.models.load_student``), sharded over the GPUs under FSDP;
-- student gradients: fp32, one per trainable parameter (sharded under FSDP: the fsdp2 branch's fix keeps them
+- student gradients: fp32, one per trainable parameter (sharded under FSDP: laid keeps them
   sharded across gradient accumulation and reduces in fp32, which is what is modelled); DDP with several processes
   adds its reducer's fp32 buckets, one more copy (accelerate leaves ``gradient_as_bucket_view`` off);
 - optimizer states: AdamW's exp_avg and exp_avg_sq, fp32 (sharded under FSDP); on the CPU also the step counters;
 - mixer: W_q, W_k and the gain in fp32 with gradients and two AdamW moments;
-- teacher weights: bf16 on CUDA (fp32 on CPU); under FSDP (``laid.models.shard_teacher``) the decoder layers and
-  vision blocks are sharded and the rest (embeddings, vision patch embedding and merger, final norm: FSDP2 keeps a
-  root's parameters gathered after its forward; and the lm_head, outside the shards) is whole on every GPU;
+- teacher weights: bf16 on CUDA (fp32 on CPU); under FSDP (``laid.models.shard_teacher``: accelerate's wrapping,
+  the student's units) every parameter is sharded; its gathered units are counted below;
 - inputs: pixel_values (fp32, 1176 values per patch, 4 patches per visual token) and the token tensors, twice on
   CUDA (accelerate's loader moves the next batch ahead) and three times on the CPU (train() also keeps the first
   batch, that of the mixer's init);
@@ -36,15 +35,15 @@ of every decoder layer, one aligned layer pair, L_qk + L_attn + L_KL + L_SFT. Pe
   * "layer backward": the checkpoints, the captured Q/K with their summed gradient, one decoder layer recomputed
     with everything autograd saves for it (:func:`layer_saved_bytes`) and the hidden-state gradients in and out;
   * "optimizer step": AdamW's foreach temporary (one fp32 copy of the moments on CUDA; one parameter's on the CPU);
-- under FSDP, gathered parameters: the student's lm_head / final-norm unit and root stay gathered (bf16), two
-  decoder layers (the current one and the prefetched one) are gathered at a time for each model, and the layer in
+- under FSDP, gathered parameters: each model's lm_head / final-norm unit and root (everything but the decoder
+  layers, vision blocks and input embeddings) counted gathered (bf16), two decoder layers (the current one and the
+  prefetched one) gathered at a time for each model, and the layer in
   its backward has its bf16 gradient and fp32 reduce-scatter copy;
 - on CUDA, ``reserve_gb`` for the CUDA context, NCCL buffers and the caching allocator's fragmentation (an
   assumption, not a measurement).
 
-Start-up is not modelled: the estimate is of training. It assumes issue 16's fix of ``shard_teacher`` (no whole
-teacher on each GPU before sharding; today that is a 64 GB spike per GPU for the 32B teacher) and says nothing of
-host memory (today every process reads both full checkpoints into host RAM first).
+Start-up is not modelled: the estimate is of training (``shard_teacher`` never holds a whole teacher on a GPU; host
+memory, rank 0's full checkpoints under ``fsdp_cpu_ram_efficient_loading``, is not counted).
 
 Dtypes on CUDA (bf16 autocast): DDP keeps the residual stream in fp32 (fp32 embeddings), FSDP2 in bf16 (bf16
 gathered parameters). On the CPU everything is fp32 and nothing is sharded (one process): that is the case the
@@ -252,13 +251,13 @@ def plan(teacher: str, student: str, *, gpus: int, gpu_memory_gb: float, images:
         "student gradients": 4 * s.trainable / shards + (4 * s.trainable if not fsdp and gpus > 1 else 0),
         "optimizer states": 8 * s.trainable / shards + (0 if cuda else 4 * s.trainable_tensors),
         "mixer": 16 * mixer_params + (0 if cuda else 4 * 3),
-        "teacher weights": teacher_bytes * ((t.params - t.whole) / shards + t.whole if fsdp else t.params),
+        "teacher weights": teacher_bytes * t.params / shards,
         "inputs": input_copies * (4 * patches * PATCH_VALUES + 8 * 6 * n),
     }
     if fsdp:
         gathered_layer = 2 * max(s.layer, s.vision_block)
         parts["FSDP gathered units"] = (2 * (s.whole - s.embed) + 2 * gathered_layer + 6 * s.layer
-                                        + 2 * 2 * max(t.layer, t.vision_block))
+                                        + 2 * (t.whole - t.embed) + 2 * 2 * max(t.layer, t.vision_block))
 
     student_qk = n * (s.heads + s.kv_heads) * d * compute  # one [N, Hs + Hs_kv, D] tensor pair
     checkpoints = (s.layers + 1) * n * s.hidden * residual + n * s.hidden * 4  # layer inputs, output, final norm
