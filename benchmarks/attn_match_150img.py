@@ -19,8 +19,12 @@ without being run; a watchdog also ends a worker whose RSS crosses the budget.
 
     python benchmarks/attn_match_150img.py                       # all sizes, every variant
     python benchmarks/attn_match_150img.py --images 1 10 --variants cpu cpu-mixed
+    python benchmarks/attn_match_150img.py --compile             # no GPU needed: ahead-of-time compile report
 
-Writes attn_match_150img.{json,md,png} to --out (default benchmarks/out/).
+Writes attn_match_150img.{json,md,png} to --out (default benchmarks/out/). ``--compile`` instead compiles every
+launch of the Triton kernels at 150 images (``attn_match.aot_launches``: 53,590 tokens, 340 rows) for sm_80 and sm_90
+with the 7B student in bf16, fp16 and fp32 and the 3B student in bf16 (laid_kernels.aot), and writes the registers,
+spill bytes, local and stack memory, tiles, warps and dot precision of each to attn_match_compile.{json,md}.
 """
 
 from __future__ import annotations
@@ -252,6 +256,39 @@ def cpu_name() -> str:
     return platform.machine()
 
 
+COMPILE_CASES = (("7b", "bfloat16"), ("7b", "float16"), ("7b", "float32"), ("3b", "bfloat16"))
+
+
+def compile_report(out: Path) -> None:
+    """The ``--compile`` mode (see the module docstring)."""
+    from laid_kernels import aot
+
+    rows = []
+    for student, dtype in COMPILE_CASES:
+        heads = (*STUDENTS[student], *TEACHER)
+        for r in aot.compile_in_subprocess("laid_kernels.attn_match:aot_launches", {"heads": heads, "dtype": dtype},
+                                           archs=(80, 90), timeout=3600):
+            rows.append(dict(kernel=r.name, student=student, dtype=dtype, arch=r.arch, registers=r.registers,
+                             spill_store_bytes=r.spill_store_bytes, spill_load_bytes=r.spill_load_bytes,
+                             local_bytes=r.local_bytes, stack_bytes=r.stack_bytes, num_warps=r.num_warps,
+                             block_m=r.constexprs["BLOCK_M"], block_n=r.constexprs["BLOCK_N"],
+                             precision=r.constexprs["PRECISION"]))
+    lines = ["| kernel | student | dtype | arch | REG | spill st/ld (B) | LOCAL (B) | STACK (B) | tile (lanes x keys) "
+             "| warps | dots |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['kernel']} | {r['student']} | {r['dtype']} | sm_{r['arch']} | {r['registers']} | "
+              f"{r['spill_store_bytes']}/{r['spill_load_bytes']} | {r['local_bytes']} | {r['stack_bytes']} | "
+              f"{r['block_m']} x {r['block_n']} | {r['num_warps']} | {r['precision']} |" for r in rows]
+    spilled = [r for r in rows if r["spill_store_bytes"] or r["spill_load_bytes"] or r["local_bytes"]]
+    lines.append(f"\n{len(rows)} compilations, {len(spilled)} with spills or local memory.")
+    meta = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), machine=f"{cpu_name()} (no GPU needed)",
+                load_average=os.getloadavg(), tokens=53590, rows=340)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "attn_match_compile.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+    text = "\n".join(lines)
+    (out / "attn_match_compile.md").write_text(f"{meta['date']}, {meta['machine']}\n\n{text}\n")
+    print(text)
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         images, variant, device, limit = int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
@@ -267,7 +304,11 @@ def main() -> None:
                         help="intra-op threads per worker (OMP_NUM_THREADS; default: torch's); 1 gives steadier "
                              "times on a machine shared with other jobs")
     parser.add_argument("--out", type=Path, default=OUT, help="folder for the JSON, markdown and PNG")
+    parser.add_argument("--compile", action="store_true", help="the ahead-of-time compile report instead")
     args = parser.parse_args()
+    if args.compile:
+        compile_report(args.out)
+        return
     device = "cuda" if torch.cuda.is_available() else "cpu"
     fused = "triton" if device == "cuda" else "cpu"
     variants = args.variants or [fused, f"{fused}-mixed", "reference", "compiled"]

@@ -41,20 +41,33 @@ Backends (registered with ``laid_kernels.backends``):
 - ``"triton"``: ``_lse_kernel`` (pass 1, one program per (block of row / teacher-head lanes, teacher kv head,
   sample)), ``_fwd_kernel`` and ``_dq_kernel`` (one program per (block of row / student-head lanes, student kv head,
   sample), streaming the sample's causal keys) and ``_dk_kernel`` (one program per (key block, kv head, sample),
-  streaming the sample's rows). Every key block is loaded once per program and rotated (and, for "mixed", mixed by
-  w_k) in registers, so nothing of size N is allocated. For "teacher" each student lane loops over the Ht teacher
+  streaming the sample's rows from the first that reaches its block, found by bisection: rows ascend in m, so a key
+  block past the sample's last row does no work). Every key block is loaded once per program and rotated (and, for
+  "mixed", mixed by w_k) in registers, so nothing of size N is allocated. For "teacher" each student lane loops over the Ht teacher
   heads (the teacher's key block of kv head a, then its Ht / Ht_kv query heads): the teacher logits are computed once
   per student lane, Hs times in all where once would do (the price of keeping every [BLOCK_M, BLOCK_N] tile in
-  registers). The kernels need D / 2 to be a power of two (``tl.arange``); other head dims raise
-  NotImplementedError (the CPU path and the reference compute them).
+  registers). Channel pairs are padded to BLOCK_F, the next power of two (at least 16), and masked: any even
+  head dim runs (D = 80: 40 pairs in 64 lanes).
 - ``"cpu"``: the same passes in PyTorch over key blocks sized so one block's logits stay about 4 MB, with student
   and teacher keys rotated (and mixed) per block and query rows prepared 32 at a time (nothing of size N x heads x D
   is allocated beyond the returned gradients; rows that end before a key block skip it). For "teacher" the mixture
   is one matrix product per block ([Hs, Ht] by [Ht, rows x block]).
 
-Precision: everything is computed in fp32 from inputs of any float dtype. On the GPU the kernels' ``tl.dot`` runs
-with TF32 operands (``TRITON_PRECISION``; 10-bit mantissas, finer than bf16 inputs, relative logit error about 1e-3
-for fp32 inputs): "tf32x3" (fp32-level) spills registers at every tile size tried. The interpreter is exact.
+Precision: everything is computed in fp32 from inputs of any float dtype, except the dots: on sm_80 / sm_90 every
+``tl.dot`` is TF32 (``TRITON_PRECISION``; the operands' low 13 mantissa bits are dropped: ``mma ... tf32`` reads
+the fp32 registers with no ``cvt.rna``), which the Triton interpreter does not model and the tests emulate
+(tests/conftest.py ``gpu_dots``). Decided by ahead-of-time compilation for sm_80 and sm_90 at the launched tiles
+(53,590 tokens; ptxas spill bytes must be 0): "tf32x3" spills in every kernel but ``_lse_kernel``; "ieee" (exact
+fp32, FMA dots) fits ``_lse_kernel`` and ``_fwd_kernel`` but spills in ``_dq_kernel`` for target="teacher" at every
+tile tried (16 x 16, 16 x 32, 32 x 16, 32 x 32, 64 x 16 lanes x keys; 2, 4 and 8 warps: an FMA dot keeps each
+thread's operand rows of K = 64 channel pairs in registers). Exact forward passes with a TF32 backward were tried and
+rejected: the backward then recomputes TF32 logits against exact row statistics, and truncation's bias no longer
+cancels in p_s - phat (emulated, fp32 inputs: dq_s error 1.2e-4 against 1.9e-5 for the TF32 reference). The
+tolerance, proven by the emulated tests (tests/test_attn_match.py, every Triton accuracy case): the loss within 2x
+and the gradients within 3x the error of the same-precision PyTorch reference, which for a TF32 kernel is the
+reference with its einsum operands truncated to TF32 too (what PyTorch with TF32 matmuls is on a GPU, and what
+``laid selfcheck`` compares against); for fp32 inputs that is a relative error of about 1e-3 on the loss (against
+about 1e-7 for exact fp32), for bf16 / fp16 inputs it is below the inputs' own rounding.
 
 Both are ``torch.library`` custom ops (forward and backward each) with fake implementations and autograd.
 """
@@ -416,17 +429,19 @@ def _cpu_backward(grad, q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, secti
 
 @triton.jit
 def _rotated_keys(k_ptr, key_ok, cos, sin, offs_n, offs_f, stride_n, stride_d, HALF: tl.constexpr):
-    """One kv head's rotated key halves [BLOCK_N, HALF] (fp32); k_ptr points at k[b, 0, h, 0]; other keys are 0."""
+    """One kv head's rotated key halves [BLOCK_N, BLOCK_F] (fp32); k_ptr points at k[b, 0, h, 0]; other keys and
+    the padding channels f >= HALF are 0."""
     k = k_ptr + offs_n[:, None] * stride_n + offs_f[None, :] * stride_d
-    lo = tl.load(k, mask=key_ok[:, None], other=0.0).to(tl.float32)
-    hi = tl.load(k + HALF * stride_d, mask=key_ok[:, None], other=0.0).to(tl.float32)
+    ok = key_ok[:, None] & (offs_f < HALF)[None, :]
+    lo = tl.load(k, mask=ok, other=0.0).to(tl.float32)
+    hi = tl.load(k + HALF * stride_d, mask=ok, other=0.0).to(tl.float32)
     return rotate_pair(lo, hi, cos, sin)
 
 
 @triton.jit
 def _key_block(k_ptr, pos_ptr, inv_freq, valid_ptr, b, offs_n, offs_f, n_end, seq, stride_kn, stride_kd, stride_pr,
                stride_pb, stride_pn, HALF: tl.constexpr, SECTION_T: tl.constexpr, SECTION_TH: tl.constexpr):
-    """A key block of sample b: key_ok [BLOCK_N] (below n_end and valid), the keys' cos / sin [BLOCK_N, HALF] and
+    """A key block of sample b: key_ok [BLOCK_N] (below n_end and valid), the keys' cos / sin [BLOCK_N, BLOCK_F] and
     the rotated key halves of one kv head (k_ptr points at k[b, 0, h, 0]), fp32."""
     key_ok = (offs_n < n_end) & (tl.load(valid_ptr + b * seq + offs_n, mask=offs_n < n_end, other=0) != 0)
     p_t, p_h, p_w = load_positions(pos_ptr + b * stride_pb, stride_pr, offs_n * stride_pn, key_ok)
@@ -438,19 +453,25 @@ def _key_block(k_ptr, pos_ptr, inv_freq, valid_ptr, b, offs_n, offs_f, n_end, se
 
 @triton.jit
 def _query_lanes(q_ptr, inv_freq_ptr, sample_rows_ptr, row_m_ptr, b, lane0, h, BLOCK_M: tl.constexpr,
-                 GROUP: tl.constexpr, H: tl.constexpr, HALF: tl.constexpr):
+                 GROUP: tl.constexpr, H: tl.constexpr, HALF: tl.constexpr, BLOCK_F: tl.constexpr):
     """The lanes of :func:`_row_lanes` with their query halves (:func:`_lane_halves`), and the channel-pair offsets
-    and inverse frequencies [HALF] every key block needs."""
-    offs_f = tl.arange(0, HALF)
+    and inverse frequencies [BLOCK_F] every key block needs."""
+    offs_f = tl.arange(0, BLOCK_F)
     row, head, m, lane_ok = _row_lanes(sample_rows_ptr, row_m_ptr, b, lane0, h, BLOCK_M, GROUP)
     q_lo, q_hi = _lane_halves(q_ptr, row, head[:, None], lane_ok, offs_f, H, HALF)
-    return row, head, m, lane_ok, q_lo, q_hi, offs_f, tl.load(inv_freq_ptr + offs_f).to(tl.float32)
+    return row, head, m, lane_ok, q_lo, q_hi, offs_f, _inv_freq(inv_freq_ptr, offs_f, HALF)
+
+
+@triton.jit
+def _inv_freq(inv_freq_ptr, offs_f, HALF: tl.constexpr):
+    """inv_freq [BLOCK_F] fp32, 0 on the padding channels f >= HALF (their angle is 0: cos 1, sin 0)."""
+    return tl.load(inv_freq_ptr + offs_f, mask=offs_f < HALF, other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _mixed_keys(kt_ptr, wk_ptr, key_ok, cos, sin, offs_n, offs_f, stride_tn, stride_th, stride_td, teacher_kv,
                 HT_KV: tl.constexpr, HALF: tl.constexpr, FREQ: tl.constexpr):
-    """Teacher keys mixed by one row of w_k and rotated, [BLOCK_N, HALF] halves (fp32), target="mixed".
+    """Teacher keys mixed by one row of w_k and rotated, [BLOCK_N, BLOCK_F] halves (fp32), target="mixed".
 
     kt_ptr points at k_t[b, 0, 0, 0] (all HT_KV teacher kv heads are read); wk_ptr at w_k[h]: [HT_KV] head mixing,
     or [HT_KV, HALF, 2] frequency mixing (FREQ: the complex product (w_re + i w_im)(lo + i hi) per channel pair).
@@ -458,14 +479,16 @@ def _mixed_keys(kt_ptr, wk_ptr, key_ok, cos, sin, offs_n, offs_f, stride_tn, str
     hoists every weight load out of the key loop, which spills registers.
     """
     kt = kt_ptr + offs_n[:, None] * stride_tn + offs_f[None, :] * stride_td
+    f_ok = offs_f < HALF
+    ok = key_ok[:, None] & f_ok[None, :]
     mixed_lo = tl.zeros(cos.shape, tl.float32)
     mixed_hi = tl.zeros(cos.shape, tl.float32)
     for j in range(teacher_kv):
-        lo = tl.load(kt + j * stride_th, mask=key_ok[:, None], other=0.0).to(tl.float32)
-        hi = tl.load(kt + j * stride_th + HALF * stride_td, mask=key_ok[:, None], other=0.0).to(tl.float32)
+        lo = tl.load(kt + j * stride_th, mask=ok, other=0.0).to(tl.float32)
+        hi = tl.load(kt + j * stride_th + HALF * stride_td, mask=ok, other=0.0).to(tl.float32)
         if FREQ:
-            w_re = tl.load(wk_ptr + (j * HALF + offs_f) * 2).to(tl.float32)[None, :]
-            w_im = tl.load(wk_ptr + (j * HALF + offs_f) * 2 + 1).to(tl.float32)[None, :]
+            w_re = tl.load(wk_ptr + (j * HALF + offs_f) * 2, mask=f_ok, other=0.0).to(tl.float32)[None, :]
+            w_im = tl.load(wk_ptr + (j * HALF + offs_f) * 2 + 1, mask=f_ok, other=0.0).to(tl.float32)[None, :]
             mixed_lo += w_re * lo - w_im * hi
             mixed_hi += w_re * hi + w_im * lo
         else:
@@ -477,16 +500,19 @@ def _mixed_keys(kt_ptr, wk_ptr, key_ok, cos, sin, offs_n, offs_f, stride_tn, str
 
 @triton.jit
 def _lane_halves(ptr, row, head, lane_ok, offs_f, H: tl.constexpr, HALF: tl.constexpr):
-    """Query halves [BLOCK_M, HALF] of lanes (row, head) of an fp32 [R, H, 2 * HALF] row tensor (0 on dead lanes)."""
+    """Query halves [BLOCK_M, BLOCK_F] of lanes (row, head) of an fp32 [R, H, 2 * HALF] row tensor (0 on dead lanes
+    and on the padding channels f >= HALF)."""
     offs = (row[:, None] * H + head) * (2 * HALF) + offs_f[None, :]
-    lo = tl.load(ptr + offs, mask=lane_ok[:, None], other=0.0)
-    hi = tl.load(ptr + offs + HALF, mask=lane_ok[:, None], other=0.0)
+    ok = lane_ok[:, None] & (offs_f < HALF)[None, :]
+    lo = tl.load(ptr + offs, mask=ok, other=0.0)
+    hi = tl.load(ptr + offs + HALF, mask=ok, other=0.0)
     return lo, hi
 
 
 @triton.jit
 def _logits(q_lo, q_hi, k_lo, k_hi, sm_scale, PRECISION: tl.constexpr):
-    """(q . k) / sqrt(D) [BLOCK_M, BLOCK_N] from the halves of queries [BLOCK_M, HALF] and keys [BLOCK_N, HALF]."""
+    """(q . k) / sqrt(D) [BLOCK_M, BLOCK_N] from the halves of queries [BLOCK_M, BLOCK_F] and keys
+    [BLOCK_N, BLOCK_F]."""
     s = tl.dot(q_lo, tl.trans(k_lo), input_precision=PRECISION)
     return tl.dot(q_hi, tl.trans(k_hi), s, input_precision=PRECISION) * sm_scale
 
@@ -562,12 +588,13 @@ def _logit_gradient(s_s, x, lse_s, lse_x, kl, allowed, scale, REVERSE: tl.conste
 def _lse_kernel(q_ptr, row_m_ptr, sample_rows_ptr, k_ptr, pos_ptr, inv_freq_ptr, valid_ptr, lse_ptr, seq, sm_scale,
                 stride_kb, stride_kn, stride_kh, stride_kd, stride_pr, stride_pb, stride_pn, H: tl.constexpr,
                 H_KV: tl.constexpr, HALF: tl.constexpr, SECTION_T: tl.constexpr, SECTION_TH: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, PRECISION: tl.constexpr):
     """First pass of target="teacher": the teacher's row log-sum-exp per (row, teacher head) lane, [R, H] fp32, for
     the rotated query rows [R, H, 2 * HALF] against the sample's keys k [B, N, H_KV, 2 * HALF] (kv head h)."""
     pid_m, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     row, head, m, lane_ok, q_lo, q_hi, offs_f, inv_freq = _query_lanes(
-        q_ptr, inv_freq_ptr, sample_rows_ptr, row_m_ptr, b, pid_m * BLOCK_M, h, BLOCK_M, H // H_KV, H, HALF)
+        q_ptr, inv_freq_ptr, sample_rows_ptr, row_m_ptr, b, pid_m * BLOCK_M, h, BLOCK_M, H // H_KV, H, HALF,
+        BLOCK_F)
     max_t = tl.full((BLOCK_M,), -1.0e30, tl.float32)  # MAX_INIT
     sum_t = tl.zeros((BLOCK_M,), tl.float32)
     n_end = tl.max(m, axis=0) + 1
@@ -590,14 +617,15 @@ def _fwd_kernel(qs_ptr, qt_ptr, row_m_ptr, sample_rows_ptr, ks_ptr, kt_ptr, wk_p
                 stride_kb, stride_kn, stride_kh, stride_kd, stride_tb, stride_tn, stride_th, stride_td,
                 stride_pr, stride_pb, stride_pn, HS: tl.constexpr, HS_KV: tl.constexpr, HT: tl.constexpr,
                 HT_KV: tl.constexpr, HALF: tl.constexpr, SECTION_T: tl.constexpr, SECTION_TH: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, TEACHER: tl.constexpr,
-                REVERSE: tl.constexpr, FREQ: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, PRECISION: tl.constexpr,
+                TEACHER: tl.constexpr, REVERSE: tl.constexpr, FREQ: tl.constexpr):
     """Per (row, head) lane: lse_s, lse_x (the log normaliser of x) and the KL, streaming the sample's keys
     n < max m + 1 with online maxima (as the CPU path: forward acc = sum e^(x - max_x) (x - s_s), reverse
     acc = sum e^(s_s - max_s) (s_s - x))."""
     pid_m, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     row, head, m, lane_ok, qs_lo, qs_hi, offs_f, inv_freq = _query_lanes(
-        qs_ptr, inv_freq_ptr, sample_rows_ptr, row_m_ptr, b, pid_m * BLOCK_M, h, BLOCK_M, HS // HS_KV, HS, HALF)
+        qs_ptr, inv_freq_ptr, sample_rows_ptr, row_m_ptr, b, pid_m * BLOCK_M, h, BLOCK_M, HS // HS_KV, HS, HALF,
+        BLOCK_F)
     max_s = tl.full((BLOCK_M,), -1.0e30, tl.float32)  # MAX_INIT
     max_x = tl.full((BLOCK_M,), -1.0e30, tl.float32)
     sum_s = tl.zeros((BLOCK_M,), tl.float32)
@@ -644,18 +672,19 @@ def _dq_kernel(qs_ptr, qt_ptr, row_m_ptr, sample_rows_ptr, ks_ptr, kt_ptr, wk_pt
                stride_kb, stride_kn, stride_kh, stride_kd, stride_tb, stride_tn, stride_th, stride_td,
                stride_pr, stride_pb, stride_pn, HS: tl.constexpr, HS_KV: tl.constexpr, HT: tl.constexpr,
                HT_KV: tl.constexpr, HALF: tl.constexpr, SECTION_T: tl.constexpr, SECTION_TH: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, TEACHER: tl.constexpr,
-               REVERSE: tl.constexpr, FREQ: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, PRECISION: tl.constexpr,
+               TEACHER: tl.constexpr, REVERSE: tl.constexpr, FREQ: tl.constexpr):
     """Gradient of the loss with respect to the rotated student query rows, fp32 [R, HS, 2 * HALF]."""
     pid_m, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     row, head, m, lane_ok, qs_lo, qs_hi, offs_f, inv_freq = _query_lanes(
-        qs_ptr, inv_freq_ptr, sample_rows_ptr, row_m_ptr, b, pid_m * BLOCK_M, h, BLOCK_M, HS // HS_KV, HS, HALF)
+        qs_ptr, inv_freq_ptr, sample_rows_ptr, row_m_ptr, b, pid_m * BLOCK_M, h, BLOCK_M, HS // HS_KV, HS, HALF,
+        BLOCK_F)
     lse_s = tl.load(lse_s_ptr + row * HS + head, mask=lane_ok, other=0.0)
     lse_x = tl.load(lse_x_ptr + row * HS + head, mask=lane_ok, other=0.0)
     kl = tl.load(kl_ptr + row * HS + head, mask=lane_ok, other=0.0)
     scale = tl.load(grad_ptr).to(tl.float32) * grad_scale
-    dq_lo = tl.zeros((BLOCK_M, HALF), tl.float32)
-    dq_hi = tl.zeros((BLOCK_M, HALF), tl.float32)
+    dq_lo = tl.zeros((BLOCK_M, BLOCK_F), tl.float32)
+    dq_hi = tl.zeros((BLOCK_M, BLOCK_F), tl.float32)
     n_end = tl.max(m, axis=0) + 1
     kt_base = kt_ptr + b * stride_tb
     for n0 in range(0, n_end, BLOCK_N):
@@ -671,8 +700,23 @@ def _dq_kernel(qs_ptr, qt_ptr, row_m_ptr, sample_rows_ptr, ks_ptr, kt_ptr, wk_pt
         dq_lo = tl.dot(d_logits, ks_lo, dq_lo, input_precision=PRECISION)
         dq_hi = tl.dot(d_logits, ks_hi, dq_hi, input_precision=PRECISION)
     out = dq_ptr + (row[:, None] * HS + head[:, None]) * (2 * HALF) + offs_f[None, :]
-    tl.store(out, dq_lo, mask=lane_ok[:, None])
-    tl.store(out + HALF, dq_hi, mask=lane_ok[:, None])
+    ok = lane_ok[:, None] & (offs_f < HALF)[None, :]
+    tl.store(out, dq_lo, mask=ok)
+    tl.store(out + HALF, dq_hi, mask=ok)
+
+
+@triton.jit
+def _first_row_reaching(row_m_ptr, row_lo, row_hi, n0):
+    """The first row index in [row_lo, row_hi) whose position m >= n0 (row_hi if none), by bisection over the
+    ascending row positions row_m."""
+    lo = row_lo
+    hi = row_hi
+    while lo < hi:
+        mid = (lo + hi) // 2
+        below = tl.load(row_m_ptr + mid) < n0
+        lo = tl.where(below, mid + 1, lo)
+        hi = tl.where(below, hi, mid)
+    return lo
 
 
 @triton.jit
@@ -681,24 +725,28 @@ def _dk_kernel(qs_ptr, qt_ptr, row_m_ptr, sample_rows_ptr, ks_ptr, kt_ptr, wk_pt
                stride_kb, stride_kn, stride_kh, stride_kd, stride_tb, stride_tn, stride_th, stride_td,
                stride_pr, stride_pb, stride_pn, HS: tl.constexpr, HS_KV: tl.constexpr, HT: tl.constexpr,
                HT_KV: tl.constexpr, HALF: tl.constexpr, SECTION_T: tl.constexpr, SECTION_TH: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, TEACHER: tl.constexpr,
-               REVERSE: tl.constexpr, FREQ: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, PRECISION: tl.constexpr,
+               TEACHER: tl.constexpr, REVERSE: tl.constexpr, FREQ: tl.constexpr):
     """dk_s [B, N, HS_KV, 2 * HALF] (contiguous, k_s's dtype) for one key block of one kv head, streaming the
-    sample's (row, head) lanes; every key is written (zero where no row attends to it)."""
+    sample's (row, head) lanes from the first row that reaches the block (rows ascend in m: the rows before it end
+    before the block, so a block past the last row does no work); every key is written (zero where no row attends
+    to it)."""
     pid_n, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     GROUP: tl.constexpr = HS // HS_KV
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_f = tl.arange(0, HALF)
-    inv_freq = tl.load(inv_freq_ptr + offs_f).to(tl.float32)
+    offs_f = tl.arange(0, BLOCK_F)
+    inv_freq = _inv_freq(inv_freq_ptr, offs_f, HALF)
     key_ok, cos, sin, ks_lo, ks_hi = _key_block(ks_ptr + b * stride_kb + h * stride_kh, pos_ptr, inv_freq, valid_ptr,
                                                 b, offs_n, offs_f, seq, seq, stride_kn, stride_kd, stride_pr,
                                                 stride_pb, stride_pn, HALF, SECTION_T, SECTION_TH)
     scale = tl.load(grad_ptr).to(tl.float32) * grad_scale
-    dk_lo = tl.zeros((BLOCK_N, HALF), tl.float32)
-    dk_hi = tl.zeros((BLOCK_N, HALF), tl.float32)
-    lanes = (tl.load(sample_rows_ptr + b + 1) - tl.load(sample_rows_ptr + b)) * GROUP
+    dk_lo = tl.zeros((BLOCK_N, BLOCK_F), tl.float32)
+    dk_hi = tl.zeros((BLOCK_N, BLOCK_F), tl.float32)
+    row_lo = tl.load(sample_rows_ptr + b)
+    row_hi = tl.load(sample_rows_ptr + b + 1)
+    first = _first_row_reaching(row_m_ptr, row_lo, row_hi, pid_n * BLOCK_N)
     kt_base = kt_ptr + b * stride_tb
-    for lane0 in range(0, lanes, BLOCK_M):
+    for lane0 in range((first - row_lo) * GROUP, (row_hi - row_lo) * GROUP, BLOCK_M):
         row, head, m, lane_ok = _row_lanes(sample_rows_ptr, row_m_ptr, b, lane0, h, BLOCK_M, GROUP)
         qs_lo, qs_hi = _lane_halves(qs_ptr, row, head[:, None], lane_ok, offs_f, HS, HALF)
         lse_s = tl.load(lse_s_ptr + row * HS + head, mask=lane_ok, other=0.0)
@@ -713,21 +761,27 @@ def _dk_kernel(qs_ptr, qt_ptr, row_m_ptr, sample_rows_ptr, ks_ptr, kt_ptr, wk_pt
         dk_hi = tl.dot(tl.trans(d_logits), qs_hi, dk_hi, input_precision=PRECISION)
     dk_lo, dk_hi = unrotate_pair(dk_lo, dk_hi, cos, sin)
     out = dk_ptr + ((b * seq + offs_n[:, None]) * HS_KV + h) * (2 * HALF) + offs_f[None, :]
-    n_ok = offs_n < seq
-    tl.store(out, dk_lo.to(dk_ptr.dtype.element_ty), mask=n_ok[:, None])
-    tl.store(out + HALF, dk_hi.to(dk_ptr.dtype.element_ty), mask=n_ok[:, None])
+    ok = (offs_n < seq)[:, None] & (offs_f < HALF)[None, :]
+    tl.store(out, dk_lo.to(dk_ptr.dtype.element_ty), mask=ok)
+    tl.store(out + HALF, dk_hi.to(dk_ptr.dtype.element_ty), mask=ok)
 
 
 # Launch configuration of the Triton kernels (also what ``aot_launches`` compiles).
 TRITON_BLOCK_M = 32
 TRITON_BLOCK_N = 16
+# _dk_kernel's tiles: BLOCK_N keys per program, BLOCK_M row lanes per step. Chosen by ahead-of-time compilation
+# (7B / 32B, bf16, 53,590 tokens): 16 x 32 compiles with no spills for every form on sm_80 and sm_90 (164 to 232
+# registers) and gives each program twice the keys of 32 x 16 (which also fits, 182 to 252); 32 x 32 spills on sm_80
+# for target="teacher" (40 to 48 bytes).
+TRITON_DK_BLOCK_M = 16
+TRITON_DK_BLOCK_N = 32
 TRITON_NUM_WARPS = 4
 # Every form but version 1's (target="mixed", forward KL, head mixing), which keeps 4 warps: at 4 warps ptxas
 # spills at 32 x 16 tiles in _dq_kernel for "teacher" (28 to 72 bytes: its loop over the teacher heads keeps more
 # tiles live), in _fwd_kernel / _dk_kernel for "mixed" with the reverse KL (24 to 40 bytes) and in _dk_kernel for
 # frequency mixing with a 16 / 2 student (16 bytes); 8 warps do not.
 TRITON_WIDE_NUM_WARPS = 8
-TRITON_PRECISION = "tf32"  # see the module docstring: "tf32x3" spills at every tile size tried
+TRITON_PRECISION = "tf32"  # see the module docstring: "ieee" and "tf32x3" spill in _dq_kernel at every tile tried
 
 
 def _row_grid(max_rows: int, group: int, kv_heads: int, batch: int) -> tuple[int, int, int]:
@@ -737,13 +791,16 @@ def _row_grid(max_rows: int, group: int, kv_heads: int, batch: int) -> tuple[int
 
 def _key_grid(seq: int, hs_kv: int, batch: int) -> tuple[int, int, int]:
     """Grid of ``_dk_kernel``: (key blocks, kv heads, samples)."""
-    return triton.cdiv(seq, TRITON_BLOCK_N), hs_kv, batch
+    return triton.cdiv(seq, TRITON_DK_BLOCK_N), hs_kv, batch
 
 
-def _common_constexprs(half: int, section: Sequence[int]) -> dict:
-    """The constexprs every attention kernel takes: head-dim half, M-RoPE sections, tile sizes, dot precision."""
-    return dict(HALF=half, SECTION_T=section[0], SECTION_TH=section[0] + section[1], BLOCK_M=TRITON_BLOCK_M,
-                BLOCK_N=TRITON_BLOCK_N, PRECISION=TRITON_PRECISION)
+def _common_constexprs(kernel, half: int, section: Sequence[int]) -> dict:
+    """The constexprs every attention kernel takes: head-dim half and its power-of-two padding BLOCK_F (at least
+    16, the smallest ``tl.dot`` dimension), M-RoPE sections, the kernel's tile sizes, dot precision."""
+    block_m, block_n = (TRITON_DK_BLOCK_M, TRITON_DK_BLOCK_N) if kernel is _dk_kernel else (TRITON_BLOCK_M,
+                                                                                          TRITON_BLOCK_N)
+    return dict(HALF=half, SECTION_T=section[0], SECTION_TH=section[0] + section[1], BLOCK_M=block_m,
+                BLOCK_N=block_n, BLOCK_F=max(16, triton.next_power_of_2(half)), PRECISION=TRITON_PRECISION)
 
 
 def lse_launch(grid: tuple[int, int, int], rows: Sequence[torch.Tensor], k_t: torch.Tensor, positions: torch.Tensor,
@@ -756,8 +813,8 @@ def lse_launch(grid: tuple[int, int, int], rows: Sequence[torch.Tensor], k_t: to
     return Launch(name="attn_match/teacher_lse", kernel=_lse_kernel, grid=grid,
                   args=(*rows, k_t, positions, inv_freq, valid, lse_t, k_t.shape[1], k_t.shape[3] ** -0.5,
                         *k_t.stride(), *positions.stride()),
-                  constexprs=dict(H=rows[0].shape[1], H_KV=k_t.shape[2], **_common_constexprs(k_t.shape[3] // 2,
-                                                                                            section)),
+                  constexprs=dict(H=rows[0].shape[1], H_KV=k_t.shape[2],
+                                  **_common_constexprs(_lse_kernel, k_t.shape[3] // 2, section)),
                   num_warps=TRITON_NUM_WARPS)
 
 
@@ -780,17 +837,9 @@ def attention_launch(kernel, name: str, grid: tuple[int, int, int], rows: Sequen
                   constexprs=dict(HS=rows[0].shape[1], HS_KV=k_s.shape[2], HT=rows[1].shape[1] if teacher else 1,
                                   HT_KV=k_t.shape[2], TEACHER=teacher, REVERSE=divergence == "reverse",
                                   FREQ=not teacher and mixing.dim() == 4,
-                                  **_common_constexprs(k_s.shape[3] // 2, section)),
+                                  **_common_constexprs(kernel, k_s.shape[3] // 2, section)),
                   num_warps=TRITON_NUM_WARPS if (target, divergence, mixing.dim()) == ("mixed", "forward", 2)
                   else TRITON_WIDE_NUM_WARPS)
-
-
-def _triton_unsupported(q_s: torch.Tensor, w_q: torch.Tensor, target: str, divergence: str) -> str | None:
-    """Why the Triton kernels cannot compute a call, or None (every form is implemented for a power-of-two D / 2)."""
-    half = q_s.shape[3] // 2
-    if half & (half - 1):
-        return f"the kernels need D / 2 to be a power of two (tl.arange), got D / 2 = {half}"
-    return None
 
 
 class _TritonRows:
@@ -895,14 +944,9 @@ def aot_launches(heads: Sequence[int] = (28, 4, 40, 8), tokens: int = 53590, row
 # Custom ops, autograd and registration
 
 
-def _define_ops(name: str, forward: Callable, backward: Callable,
-                unsupported: Callable[..., str | None] | None = None) -> Callable:
+def _define_ops(name: str, forward: Callable, backward: Callable) -> Callable:
     """Register ``laid_kernels::attn_match_<name>`` (forward) and ``..._backward`` as custom ops with fake
-    implementations and autograd (gradients for q_s and k_s only); return the public-signature implementation.
-
-    ``unsupported(q_s, w_q, target, divergence)`` returns why this backend cannot compute a call (raised as
-    NotImplementedError before anything runs), or None.
-    """
+    implementations and autograd (gradients for q_s and k_s only); return the public-signature implementation."""
 
     @torch.library.custom_op(f"laid_kernels::attn_match_{name}", mutates_args=())
     def forward_op(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor, w_q: torch.Tensor,
@@ -957,11 +1001,6 @@ def _define_ops(name: str, forward: Callable, backward: Callable,
     def implementation(q_s, k_s, q_t, k_t, w_q, w_k, positions, inv_freq, section, query_mask, *, progress,
                        alpha=1.0, valid=None, target="teacher", divergence="forward"):
         """The public signature, after ``check_attn_match_args`` (positions [3, B, N], section a tuple)."""
-        reason = None if unsupported is None else unsupported(q_s, w_q, target, divergence)
-        if reason is not None:
-            raise NotImplementedError(f"{OP}: backend={name!r} does not implement target={target!r}, "
-                                      f"divergence={divergence!r} with w_q {list(w_q.shape)} and head_dim "
-                                      f"{q_s.shape[3]}: {reason}; use backend='cpu' or 'reference'")
         key_valid = torch.ones_like(query_mask, dtype=torch.bool) if valid is None else valid.bool()
         row_index = (query_mask.bool() & key_valid).flatten().nonzero().squeeze(1)
         loss, *_ = forward_op(q_s, k_s, q_t.detach(), k_t.detach(), w_q.detach(), w_k.detach(), positions,
@@ -974,4 +1013,4 @@ def _define_ops(name: str, forward: Callable, backward: Callable,
 
 backends.register(OP, "reference", reference.attn_match_loss)
 backends.register(OP, "cpu", _define_ops("cpu", _cpu_forward, _cpu_backward))
-backends.register(OP, "triton", _define_ops("triton", _triton_forward, _triton_backward, _triton_unsupported))
+backends.register(OP, "triton", _define_ops("triton", _triton_forward, _triton_backward))

@@ -5,12 +5,16 @@
 On a CUDA machine (budget: under 8 minutes on one H100 / H200) it runs, for the Triton backend:
 
 1. Accuracy: every op and form (``apply_mrope``; ``qk_align_loss`` with each ``normalize`` and head / frequency
-   mixing; ``attn_match_loss`` with each ``target`` and ``divergence``) at the real shapes of the 7B and 3B
-   students against the 32B teacher (q / kv heads 28 / 4 and 16 / 2 against 40 / 8, head_dim 128), fp32, bf16 and
-   fp16 inputs, with random upstream gradients. Flash-attention-style tolerance: the error of the kernel against a
-   float64 evaluation of the reference must be within 2x (3x for gradients) of the error of the reference itself
-   on the same inputs, run in the same precision (TF32 matmuls allowed, as the kernels' fp32 dots use TF32), plus
-   a floor of 1e-6 of the result's scale.
+   mixing; ``attn_match_loss`` with each ``target`` and ``divergence`` under head mixing, and both targets under
+   frequency mixing) at the real shapes of the 7B and 3B students against the 32B teacher (q / kv heads 28 / 4 and
+   16 / 2 against 40 / 8, head_dim 128) on a 3-image prompt (1,119 tokens) whose M-RoPE positions start at
+   ACCURACY_FIRST_POSITION (4,900: where the last images of a 150-image prompt are, so the angles are as large),
+   fp32, bf16 and fp16 inputs, with random upstream gradients. A form a backend does not implement
+   (NotImplementedError) is a failed check. The six (pair, dtype) jobs run in parallel processes (spawn), so that
+   their Triton compilations (each job compiles its own specialisations) share the CPU cores.
+   Flash-attention-style tolerance: the error of the kernel against a float64 evaluation of the reference must be
+   within 2x (3x for gradients) of the error of the reference itself on the same inputs, run in the same precision
+   (the larger of its errors with and without TF32 matmuls), plus a floor of 1e-6 of the result's scale.
 2. Determinism: 20 runs of each op give the same bits (loss and every gradient).
 3. Timing: forward + backward at 1, 10, 50, 100 and 150 images (a Visual Haystacks-shaped prompt, 7B / 32B) for the
    fused kernels, eager PyTorch (the reference) and ``torch.compile`` of the reference (``dynamic=True``, compiled
@@ -18,21 +22,34 @@ On a CUDA machine (budget: under 8 minutes on one H100 / H200) it runs, for the 
    of memory is reported as such.
 4. One bf16 training step of tiny Qwen2.5-VL models with sdpa and, when flash-attn imports, flash_attention_2.
 
-It prints a table, writes ``selfcheck.json`` to ``--out``, and exits 1 if any check failed. On a machine without a
-GPU it says so and exits 0 without checking anything. ``--device cpu`` runs the same code on the CPU backends at
-small shapes (the test suite uses it, so that the script cannot rot); ``--quick`` keeps only the smallest shapes.
+It prints a table, writes ``selfcheck.json`` to ``--out`` (with each phase's seconds), and exits 1 if any check
+failed. On a machine without a GPU it says so and exits 0 without checking anything.
+
+Time budget, by design (a prediction: no GPU has run this yet): accuracy about 1.5 min (about 45 Triton
+specialisations per (pair, dtype) job at 1 to 2 s of compilation each, six jobs on at least six cores, plus the
+float64 references at 1,119 tokens), determinism under 0.5 min (13 op forms, 20 runs at 1,119 tokens),
+timing about 3.5 min (dominated by ``torch.compile`` of the three references, about 1 min each; the largest
+eager run, 150 images, takes well under a second per call), the training steps under 1 min: about 6.5 min on one
+H100 / H200, under the 8-minute budget; the JSON's ``phase_seconds`` shows where a real run differs.
+
+``--device cpu`` runs the same code on the CPU backends at small shapes (the test suite uses it, so that the script
+cannot rot); ``--quick`` keeps only the smallest shapes.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
+import multiprocessing
+import os
 import platform
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -44,19 +61,21 @@ HEAD_DIM = 128
 PAIRS = {"7b/32b": (28, 4, 40, 8), "3b/32b": (16, 2, 40, 8)}
 TOKENS_PER_IMAGE = 357  # a 17 x 21 merged grid
 TIMING_IMAGES = (1, 10, 50, 100, 150)
+ACCURACY_FIRST_POSITION = 4900  # about where the last images of a 150-image prompt sit (150 x 33 positions)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VALUE_FACTOR, GRAD_FACTOR, FLOOR = 2.0, 3.0, 1e-6
 QK_FORMS = [dict(normalize=n, mixing=m) for n in ("student", "target", "none") for m in ("head", "frequency")]
-ATTN_FORMS = [dict(target=t, divergence=d) for t in ("teacher", "mixed") for d in ("forward", "reverse")]
+ATTN_FORMS = [dict(target=t, divergence=d, mixing="head") for t in ("teacher", "mixed") for d in ("forward", "reverse")]
+ATTN_FORMS += [dict(target=t, divergence="forward", mixing="frequency") for t in ("teacher", "mixed")]
 
 
 # --- inputs ---------------------------------------------------------------------------------------------------
-def vhs_positions(images: int, text: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+def vhs_positions(images: int, text: int = 12, first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """M-RoPE positions [3, 1, N] of a prompt of ``images`` 17 x 21-token images between text runs of ``text``
     tokens, following Qwen2.5-VL's rule (text: t = h = w = index; an image: t fixed, h / w its grid, offset by
-    the next free index; text after it resumes at the largest position + 1), and its query rows [1, N] (the token
-    after each image and the closing text run: what the trainer's L_attn matches)."""
-    rows, query, start = [], [], 0
+    the next free index; text after it resumes at the largest position + 1), starting at position ``first``, and
+    its query rows [1, N] (the closing text run: what the trainer's L_attn matches)."""
+    rows, query, start = [], [], first
     for _ in range(images):
         rows.append(torch.arange(start, start + text).repeat(3, 1))
         query += [False] * text
@@ -74,12 +93,13 @@ def inv_freq(device) -> torch.Tensor:
     return 1.0 / 1e6 ** (torch.arange(HEAD_DIM // 2, dtype=torch.float32, device=device) * 2 / HEAD_DIM)
 
 
-def make_inputs(pair: tuple[int, int, int, int], images: int, dtype: torch.dtype, device, seed: int = 0) -> dict:
+def make_inputs(pair: tuple[int, int, int, int], images: int, dtype: torch.dtype, device, seed: int = 0,
+                first_position: int = 0) -> dict:
     """Random Q/K at the pair's head counts (scaled like real q_proj outputs), head- and frequency-mixing weights,
-    positions and query rows of an ``images``-image prompt, all on ``device``."""
+    positions (from ``first_position``) and query rows of an ``images``-image prompt, all on ``device``."""
     g = torch.Generator().manual_seed(seed)
     hs, hs_kv, ht, ht_kv = pair
-    positions, query = vhs_positions(images)
+    positions, query = vhs_positions(images, first=first_position)
     n = positions.shape[-1]
 
     def heads(h):
@@ -234,58 +254,99 @@ def training_step(attn_implementation: str, device: torch.device) -> dict:
 
 
 # --- the command --------------------------------------------------------------------------------------------------
+OPS = ("apply_mrope", "qk_align_loss", "attn_match_loss")
+
+
 def forms(op: str) -> list[dict]:
     return {"apply_mrope": [{}], "qk_align_loss": QK_FORMS, "attn_match_loss": ATTN_FORMS}[op]
 
 
+def fused_backend(op: str, device: torch.device) -> str:
+    """The fused backend checked for ``op``: Triton on CUDA; on CPU the native backend (else Triton under the
+    interpreter, else the reference)."""
+    choices = ("triton",) if device.type == "cuda" else ("cpu", "triton")
+    return next((b for b in choices if b in available_backends(op, device)), "reference")
+
+
+def guarded(check: Callable, op: str, form: dict, inputs: dict, backend: str, **kwargs) -> dict:
+    """``check(op, form, inputs, backend)``, or a failed result naming the error where the backend does not
+    implement the form (NotImplementedError: a failed check, never skipped)."""
+    try:
+        return check(op, form, inputs, backend, **kwargs)
+    except NotImplementedError as error:
+        return {"passed": False, "error": f"NotImplementedError: {error}"}
+
+
+def accuracy_job(device: str, pair: str, dtype: str, images: tuple[int, ...]) -> list[dict]:
+    """The accuracy checks of every op and form for one student / teacher pair and input dtype (on CUDA each such
+    job runs in its own process, so that the Triton compilations of the jobs run in parallel)."""
+    rows = []
+    for count in images:
+        inputs = make_inputs(PAIRS[pair], count, DTYPES[dtype], torch.device(device),
+                             first_position=ACCURACY_FIRST_POSITION)
+        for op in OPS:
+            backend = fused_backend(op, inputs["q_s"].device)
+            for form in forms(op):
+                rows.append({"op": op, "form": form, "pair": pair, "dtype": dtype, "images": count, "backend": backend,
+                             **guarded(check_accuracy, op, form, inputs, backend)})
+    return rows
+
+
 def run(device: torch.device, quick: bool) -> dict:
     """Every check and timing on ``device`` (see the module docstring); the JSON-able report."""
-    backend = "triton" if device.type == "cuda" else next(
-        b for b in ("cpu", "triton", "reference") if b in available_backends("qk_align_loss", device))
-    check_images = (1,) if quick or device.type == "cpu" else (1, 3)
-    pairs = dict(list(PAIRS.items())[:1]) if quick else PAIRS
+    from . import selfcheck  # this module by its import name (also under ``python -m``), for worker processes
+
+    cuda = device.type == "cuda"
     report = {"accuracy": [], "determinism": [], "timing": [], "training": []}
-    for op in ("apply_mrope", "qk_align_loss", "attn_match_loss"):
-        op_backend = backend if backend in available_backends(op, device) else "reference"
+    phases, started = {}, time.perf_counter()
+    jobs = [(str(device), pair, dtype, (1,) if quick or not cuda else (3,))
+            for pair in (list(PAIRS)[:1] if quick else PAIRS) for dtype in DTYPES]
+    if cuda:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(len(jobs), os.cpu_count() or 1), mp_context=context) as pool:
+            results = list(pool.map(selfcheck.accuracy_job, *zip(*jobs)))
+    else:
+        results = [accuracy_job(*job) for job in jobs]
+    report["accuracy"] = [row for rows in results for row in rows]
+    phases["accuracy"] = time.perf_counter() - started
+    started = time.perf_counter()
+    inputs = make_inputs(PAIRS["7b/32b"], jobs[0][3][-1], torch.bfloat16, device)
+    for op in OPS:
+        backend = fused_backend(op, device)
         for form in forms(op):
-            for pair_name, pair in pairs.items():
-                for dtype_name, dtype in DTYPES.items():
-                    for images in check_images:
-                        inputs = make_inputs(pair, images, dtype, device)
-                        result = check_accuracy(op, form, inputs, op_backend)
-                        report["accuracy"].append({"op": op, "form": form, "pair": pair_name, "dtype": dtype_name,
-                                                   "images": images, "backend": op_backend, **result})
-            inputs = make_inputs(PAIRS["7b/32b"], check_images[-1], torch.bfloat16, device)
-            report["determinism"].append({"op": op, "form": form, "backend": op_backend,
-                                          **check_determinism(op, form, inputs, op_backend,
-                                                              runs=3 if device.type == "cpu" else 20)})
+            report["determinism"].append({"op": op, "form": form, "backend": backend,
+                                          **guarded(check_determinism, op, form, inputs, backend,
+                                                    runs=20 if cuda else 3)})
+    phases["determinism"] = time.perf_counter() - started
+    started = time.perf_counter()
     compiled: dict = {}
-    timing_images = (1,) if quick or device.type == "cpu" else TIMING_IMAGES
     for op, form in (("apply_mrope", {}), ("qk_align_loss", QK_FORMS[0]), ("attn_match_loss", ATTN_FORMS[0])):
-        op_backend = backend if backend in available_backends(op, device) else "reference"
-        for images in timing_images:
+        backend = fused_backend(op, device)
+        for images in (1,) if quick or not cuda else TIMING_IMAGES:
             inputs = make_inputs(PAIRS["7b/32b"], images, torch.bfloat16, device)
             for variant in ("fused", "eager", "compiled"):
                 report["timing"].append({"op": op, "form": form, "images": images, "variant": variant,
                                          "tokens": inputs["positions"].shape[-1],
-                                         **time_variant(op, form, inputs, variant, op_backend, device, compiled)})
+                                         **time_variant(op, form, inputs, variant, backend, device, compiled)})
+    phases["timing"] = time.perf_counter() - started
+    started = time.perf_counter()
     implementations = ["sdpa"]
-    if device.type == "cuda":
-        import importlib.util
-
-        if importlib.util.find_spec("flash_attn") is not None:
-            implementations.append("flash_attention_2")
+    if cuda and importlib.util.find_spec("flash_attn") is not None:
+        implementations.append("flash_attention_2")
     report["training"] = [training_step(impl, device) for impl in implementations]
+    phases["training"] = time.perf_counter() - started
+    report["phase_seconds"] = phases
     return report
 
 
 def failures(report: dict) -> list[str]:
     """One line per failed check."""
-    lines = [f"accuracy {r['op']} {r['form']} {r['pair']} {r['dtype']}: value {r['value_error']:.2e} "
-             f"(bound {r['value_bound']:.2e}), grads {[f'{e:.2e}' for e in r['grad_errors']]} "
-             f"(bounds {[f'{b:.2e}' for b in r['grad_bounds']]})" for r in report["accuracy"] if not r["passed"]]
-    lines += [f"determinism {r['op']} {r['form']}: {r['differing_runs']} of {r['runs']} runs differ"
-              for r in report["determinism"] if not r["passed"]]
+    lines = [f"accuracy {r['op']} {r['form']} {r['pair']} {r['dtype']}: " + (r["error"] if "error" in r else
+             f"value {r['value_error']:.2e} (bound {r['value_bound']:.2e}), grads "
+             f"{[f'{e:.2e}' for e in r['grad_errors']]} (bounds {[f'{b:.2e}' for b in r['grad_bounds']]})")
+             for r in report["accuracy"] if not r["passed"]]
+    lines += [f"determinism {r['op']} {r['form']}: " + (r["error"] if "error" in r else
+              f"{r['differing_runs']} of {r['runs']} runs differ") for r in report["determinism"] if not r["passed"]]
     lines += [f"training step ({r['attn_implementation']}): losses {r['losses']}" for r in report["training"]
               if not r["passed"]]
     return lines

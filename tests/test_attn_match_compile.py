@@ -2,9 +2,11 @@
 
 Every launch of a forward + backward of every form (``attn_match.aot_launches``: target "teacher" with its first
 pass over the teacher's keys, and "mixed", forward and reverse KL, frequency mixing; the block sizes, warps and dot
-precision the kernels really launch with) is compiled for the 7B student (28 / 4 heads) against the 32B teacher
-(40 / 8) at 150 images (53,590 tokens, 340 query rows), in a subprocess without TRITON_INTERPRET (laid_kernels.aot). ptxas must report
-no spill stores or loads and no local memory; the stack frame is allowed (libdevice's accurate cos / sin keep their
+precision the kernels really launch with) is compiled as training launches it: one sample of 150 images (53,590
+tokens, 340 query rows; L_attn takes no token weights), the 7B student (28 / 4 heads) against the 32B teacher
+(40 / 8) with fp32, fp16 and bf16 q / k inputs (the key tensors' dtype is the kernels' pointer type), and the 3B
+student (16 / 2) in bf16, in a subprocess without TRITON_INTERPRET (laid_kernels.aot). ptxas must report no spill
+stores or loads and no local memory; the stack frame is allowed (libdevice's accurate cos / sin keep their
 argument-reduction array there), but the accurate cos / sin must be what the PTX calls.
 """
 
@@ -16,11 +18,15 @@ from laid_kernels import aot
 
 pytestmark = pytest.mark.skipif(aot.why_cannot_compile() is not None, reason=str(aot.why_cannot_compile()))
 
+CASES = [((28, 4, 40, 8), "bfloat16"), ((28, 4, 40, 8), "float16"), ((28, 4, 40, 8), "float32"),
+         ((16, 2, 40, 8), "bfloat16")]
 
-@pytest.fixture(scope="module")
-def compiled():
-    # 32 compilations (16 launches x 2 archs): a few minutes on a loaded 2-core machine without Triton's cache
-    return aot.compile_in_subprocess("laid_kernels.attn_match:aot_launches", {"heads": (28, 4, 40, 8)},
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{h[0]}-{h[1]}-{d}" for h, d in CASES])
+def compiled(request):
+    # 32 compilations (16 launches x 2 archs) per case: one to several minutes each on the loaded 2-core machine
+    heads, dtype = request.param
+    return aot.compile_in_subprocess("laid_kernels.attn_match:aot_launches", {"heads": heads, "dtype": dtype},
                                      archs=(80, 90), timeout=1800)
 
 
@@ -46,3 +52,10 @@ def test_no_register_spills(compiled):
 def test_accurate_cos_sin(compiled):
     for r in compiled:
         assert "cos.approx" not in r.ptx and "sin.approx" not in r.ptx, (r.name, r.arch)
+
+
+def test_dots_are_the_decided_precision(compiled):
+    """Every dot is TF32 mma (attn_match's docstring: "ieee" and "tf32x3" spill at the launched tiles), never a
+    silent other precision: the constexpr and the PTX agree."""
+    for r in compiled:
+        assert r.constexprs["PRECISION"] == "tf32" and "mma" in r.ptx and ".tf32" in r.ptx, (r.name, r.arch)

@@ -28,6 +28,7 @@ def test_cpu_run_checks_every_op_and_form(tmp_path, capsys):
     assert {r["dtype"] for r in report["accuracy"]} == set(selfcheck.DTYPES)
     assert all(r["passed"] for r in report["accuracy"] + report["determinism"] + report["training"])
     assert {r["variant"] for r in report["timing"]} == {"fused", "eager", "compiled"}
+    assert set(report["phase_seconds"]) == {"accuracy", "determinism", "timing", "training"}
     assert "all checks passed" in capsys.readouterr().out
 
 
@@ -50,3 +51,17 @@ def test_positions_follow_the_mrope_rule():
     image = positions[:, 0, 3:3 + 357]
     assert (image[0] == 3).all() and image[1].max() == 3 + 16 and image[2].max() == 3 + 20
     assert positions[0, 0, 360].item() == 3 + 21  # text after the image resumes after its largest position
+
+
+def test_a_form_the_backend_does_not_implement_is_a_failed_check():
+    """NotImplementedError (e.g. a Triton form not merged yet) fails the check with its message; it is not skipped."""
+    def lacking(*args, **kwargs):
+        raise NotImplementedError("backend='triton' does not implement mixing='frequency'")
+
+    result = selfcheck.guarded(lacking, "qk_align_loss", {"normalize": "student", "mixing": "frequency"}, {}, "triton")
+    assert result == {"passed": False, "error": "NotImplementedError: backend='triton' does not implement "
+                                                "mixing='frequency'"}
+    report = {"accuracy": [{"op": "qk_align_loss", "form": {"mixing": "frequency"}, "pair": "7b/32b", "dtype": "bf16",
+                            **result}], "determinism": [{"op": "qk_align_loss", "form": {}, **result}], "training": []}
+    lines = selfcheck.failures(report)
+    assert len(lines) == 2 and all(line.endswith(f": {result['error']}") for line in lines), lines
