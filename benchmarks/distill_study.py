@@ -16,8 +16,9 @@ the paper does; ``laid.demo.distill_config`` is the recipe, ``ROWS`` the overrid
    chosen is the finalist with the best validation mean over 50-150 images (over seeds);
 4. test: the teacher, the base student and every finalist (all seeds) scored once on the test split. Only these
    numbers are reported as the result: nothing was chosen on them.
-5. attention: at ``ANALYSIS_SIZES`` images (those the study has; else its largest), on test questions, each row's first-seed student (and the teacher and base student): the
-   best head's needle share and the last layer's mean attention entropy over the question rows (``laid.analyze``).
+5. attention: at ``ANALYSIS_SIZES`` images (those the study has; else its largest), on test questions, each
+   row's first-seed student (and the teacher and base student): the best head's needle share and the last
+   layer's mean attention entropy over the question rows (``laid.analyze``).
 
 Every stage whose output exists is reused, so an interrupted study resumes. Writes ``out/study.json`` (every number),
 ``out/study.md`` (the tables and the verdict against the demo's goal), ``out/validation/`` and ``out/test/``
@@ -78,7 +79,7 @@ def screen_rank(scores: dict[str, dict], finalists: int) -> list[str]:
 
 
 def prompts_at(processor, data: Path, sizes, questions: int) -> dict[int, list]:
-    """``laid.analyze.profile``'s prompts: the first ``questions`` haystacks of each size, laid out as laid eval does."""
+    """``laid.analyze.profile``'s prompts: the first ``questions`` haystacks of each size, as laid eval shows them."""
     return {s: [haystack_prompt(processor, e, i, s, data, 0) for i, e in enumerate(size_entries(data, s)[:questions])]
             for s in sizes}
 
@@ -118,9 +119,13 @@ class Study:
                                 seed=SEEDS[split])
                 (folder / "done").write_text("")
 
+    def run_dir(self, name: str, seed: int) -> Path:
+        """The training run of row ``name`` with ``seed`` (its exported model is ``final/``)."""
+        return self.out / "students" / folder_name(name) / f"seed{seed}"
+
     def student(self, name: str, seed: int, overrides: dict) -> Path:
         """Train (or reuse) row ``name`` with ``seed``; returns its exported model folder."""
-        run_dir = self.out / "students" / folder_name(name) / f"seed{seed}"
+        run_dir = self.run_dir(name, seed)
         if not (run_dir / "final" / "summary.json").is_file():
             shutil.rmtree(run_dir, ignore_errors=True)
             steps = overrides.get("max_steps", self.grid.steps)
@@ -157,7 +162,8 @@ def verdict(test: dict[str, dict], chosen: str) -> list[str]:
         lines.append(f"- 50-150 mean vs {other}: {100 * margin:+.1f} points (needed >= +5 and > 2 std = "
                      f"{100 * spread:.1f}): {'met' if met else 'NOT met'}")
     short = ours["short"] - test[SFT]["short"]
-    lines.append(f"- 1-20 mean vs SFT: {100 * short:+.1f} points (needed >= -2): {'met' if short >= -0.02 else 'NOT met'}")
+    met = "met" if short >= -0.02 else "NOT met"
+    lines.append(f"- 1-20 mean vs SFT: {100 * short:+.1f} points (needed >= -2): {met}")
     return lines
 
 
@@ -197,33 +203,30 @@ def run_study(out: Path, family: Path, grid: DemoGrid, questions: int, finalists
     record["overrides"] = overrides
 
     first = grid.seeds[0]
-    screen = {name: means([study.score(name, first, study.student(name, first, o), "validation")])
-              for name, o in overrides.items()}
+    validation_dirs = {name: [study.score(name, first, study.student(name, first, o), "validation")]
+                       for name, o in overrides.items()}
+    screen = {name: means(dirs) for name, dirs in validation_dirs.items()}
     chosen_rows = [*[c for c in COMPARATORS if c in overrides], *screen_rank(screen, finalists)]
     validation = {}
     for name in chosen_rows:
-        dirs = [study.score(name, seed, study.student(name, seed, overrides[name]), "validation")
-                for seed in grid.seeds]
-        validation[name] = means(dirs)
+        validation_dirs[name] = [study.score(name, seed, study.student(name, seed, overrides[name]), "validation")
+                                 for seed in grid.seeds]
+        validation[name] = means(validation_dirs[name])
     laid_finalists = [n for n in chosen_rows if n not in COMPARATORS]
     chosen = max(laid_finalists, key=lambda n: validation[n]["long"]) if laid_finalists else None
 
     test_dirs = {"Teacher": [study.score("Teacher", 0, study.paths["teacher"], "test")],
                  BASELINE: [study.score(BASELINE, 0, study.paths["student"], "test")]}
     for name in chosen_rows:
-        test_dirs[name] = [study.score(name, seed, study.out / "students" / folder_name(name) / f"seed{seed}" /
-                                       "final", "test") for seed in grid.seeds]
+        test_dirs[name] = [study.score(name, seed, study.run_dir(name, seed) / "final", "test") for seed in grid.seeds]
     test = {name: means(dirs) for name, dirs in test_dirs.items()}
-    for split, dirs in (("validation", [study.out / "eval" / "validation" / folder_name(n) / f"seed{s}"
-                                        for n in overrides for s in grid.seeds
-                                        if (study.out / "eval" / "validation" / folder_name(n) /
-                                            f"seed{s}" / "summary.json").is_file()]),
-                        ("test", [d for ds in test_dirs.values() for d in ds])):
-        report(dirs, baseline=SFT if SFT in overrides else None, out_dir=out / split)
+    for split, dirs in (("validation", validation_dirs), ("test", test_dirs)):
+        report([d for ds in dirs.values() for d in ds], baseline=SFT if SFT in overrides else None,
+               out_dir=out / split)
 
     attention = {}
     models = {"Teacher": study.paths["teacher"], BASELINE: study.paths["student"]}
-    models |= {n: study.out / "students" / folder_name(n) / f"seed{first}" / "final" for n in overrides}
+    models |= {n: study.run_dir(n, first) / "final" for n in overrides}
     for name, model in models.items():
         cache = out / "attention" / f"{folder_name(name)}.json"
         if not cache.is_file():
