@@ -188,6 +188,9 @@ def test_benchmark_script_small_run(tmp_path):
     # 357 visual tokens per image (+ 2 delimiters and a "Picture k: " prefix) on top of the same chat text.
     assert two["tokens"] - one["tokens"] >= 359
     assert one["input_bytes"] > 0 and one["grad_bytes"] > 0 and one["time_s"] > 0 and one["roofline_s"] > 0
+    # The memory step first (not in the time), then the timed steps; kernel CPU seconds for each.
+    for record in (one, two, records[(1, "compiled")], records[(1, "reference")]):
+        assert len(record["times_s"]) == len(record["system_s"]) == 2 and record["time_s"] == record["times_s"][1]
     assert one["floor_s"] > one["fresh_gradients_s"] > 0 and result["loss"] == {"normalize": "student", "mixing": "head"}
     assert result["rates"]["copy_bytes_per_s"] > 0 and result["rates"]["matmul_flop_per_s"] > 0
 
