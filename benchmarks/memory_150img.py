@@ -15,7 +15,7 @@ and records:
   (one-time set-up). Reported with and without the gradients the step must return (dq_s, dk_s, dW).
 - time of the step: the first full-size step (after the compilation for the compiled one) is the one measured for
   memory, and is shown as "first"; the time is the median of the ``--repeats`` steps after it (eager reference: the
-  one step after it), the steady state a training loop sees. The first step is slower mostly in the operating
+  one step after it), nearer to what a training loop sees. The first step is slower mostly in the operating
   system, which zeroes the fresh pages of the returned gradients and of the process's new heap: the kernel (system)
   CPU seconds of every step are recorded beside its time.
 
@@ -28,7 +28,7 @@ zeroing by the operating system), a cost every implementation that returns new g
 copy bandwidth does not include.
 
 Outputs: a table on stdout (also as Markdown for benchmarks/RESULTS.md), ``<out>/memory_150img_<device>_<student>.json``
-and a plot ``.png`` beside it. ``--quick`` (for the test suite): one run per variant, small calibration sizes.
+and a plot ``.png`` beside it. ``--quick`` (for the test suite): one timed step per variant, small calibration sizes.
 
 Example::
 
@@ -86,7 +86,8 @@ def worker(variant: str, student: str, positions_path: str, repeats: int) -> dic
                     w_k=(torch.randn(hs_kv, ht_kv, generator=generator) / ht_kv ** 0.5).to(device).requires_grad_(),
                     positions=positions, inv_freq=frequencies)
 
-    def step(x: dict) -> float:
+    def step(x: dict) -> tuple[float, float]:
+        """One forward + backward: (wall seconds, kernel (system) CPU seconds of all threads)."""
         for name in ("q_s", "k_s", "w_q", "w_k"):
             x[name].grad = None
         system_start = os.times().system
@@ -96,11 +97,7 @@ def worker(variant: str, student: str, positions_path: str, repeats: int) -> dic
         loss.backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
-        system_s.append(os.times().system - system_start)
-        return elapsed
-
-    system_s: list[float] = []  # kernel CPU seconds of every step (all threads), in step order
+        return time.perf_counter() - start, os.times().system - system_start
 
     positions = torch.load(positions_path).to(device)
     # Warm-up on 8 tokens: one-time set-up of the first call (loading or building the compiled library, lazily
@@ -108,7 +105,7 @@ def worker(variant: str, student: str, positions_path: str, repeats: int) -> dic
     step(inputs(positions[..., :8].contiguous()))
     x = inputs(positions)
     # The compiled reference compiles for this size on its first call: timed apart, not measured for memory.
-    compile_s = step(x) if variant == "compiled" else None
+    compile_s = step(x)[0] if variant == "compiled" else None
     seq = positions.shape[-1]
     input_bytes = sum(t.nbytes for t in x.values())
     gc.collect()
@@ -119,18 +116,18 @@ def worker(variant: str, student: str, positions_path: str, repeats: int) -> dic
     else:
         reset_peak_rss()
         baseline = proc_status_bytes("VmRSS")
-    times = [step(x)]
+    steps = [step(x)]  # the memory step, then the timed ones
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated()
     else:
         peak = proc_status_bytes("VmHWM")
     grad_bytes = sum(x[name].grad.nbytes for name in ("q_s", "k_s", "w_q", "w_k"))
-    times += [step(x) for _ in range(repeats)]
-    memory_step = len(system_s) - len(times)
+    steps += [step(x) for _ in range(repeats)]
+    times, system_s = (list(column) for column in zip(*steps))
     return dict(variant=variant, backend=backend, device=device.type, student=student, tokens=seq,
                 input_bytes=input_bytes, grad_bytes=grad_bytes, extra_bytes=peak - baseline,
                 extra_beyond_grads_bytes=peak - baseline - grad_bytes, time_s=statistics.median(times[1:]),
-                times_s=times, system_s=system_s[memory_step:], threads=torch.get_num_threads(),
+                times_s=times, system_s=system_s, threads=torch.get_num_threads(),
                 compile_s=compile_s)
 
 
@@ -241,8 +238,8 @@ def table(result: dict) -> str:
     gib = 2 ** 30
     lines = ["| images | tokens | inputs GiB | ref extra GiB | ref time s | compiled ref time s (compile s) "
              "| fused extra GiB (beyond grads) | fused extra beyond grads / inputs | fused time s, median (first) "
-             "| fused kernel (OS) CPU s, median (first) | vs eager | vs compiled | floor s | fused / floor | roofline s "
-             "| first touch of the gradients s |",
+             "| fused kernel (OS) CPU s, median (first) | vs eager | vs compiled | floor s | fused / floor "
+             "| roofline s | first touch of the gradients s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for count in sorted({r["images"] for r in result["records"]}):
         ref, compiled, fused = by[(count, "reference")], by[(count, "compiled")], by[(count, "fused")]
@@ -300,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--student", choices=sorted(STUDENTS), default="7b")
     parser.add_argument("--repeats", type=int, default=5,
                         help="timed steps of the fused and compiled variants after the memory step (median)")
-    parser.add_argument("--quick", action="store_true", help="one run per variant, small calibration (tests)")
+    parser.add_argument("--quick", action="store_true", help="one timed step per variant, small calibration (tests)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--positions", help=argparse.SUPPRESS)
