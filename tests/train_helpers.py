@@ -96,19 +96,25 @@ def kill_at_backward(backward):
     return wrapped
 
 
+# accelerate releases (major.minor) whose PartialState internals mark_cpu_group_as_gpu_group was checked against.
+TESTED_ACCELERATE = ("1.15", "1.16")
+
+
 def mark_cpu_group_as_gpu_group() -> None:
     """Join the torchrun process group over gloo (CPU) and mark it as a GPU group, so that the next Accelerator
     builds FSDP from the environment as it does on GPUs (accelerate 1.15 leaves FSDP off for CPU groups).
 
-    Writes accelerate's private shared state: checked against the accelerate release it was written for.
+    Writes accelerate's private shared state (``PartialState._shared_state["distributed_type"]``): checked against
+    the accelerate releases whose state.py was read for it, ``TESTED_ACCELERATE``.
     """
     import accelerate
     from accelerate import PartialState
     from accelerate.utils import DistributedType
 
-    if not accelerate.__version__.startswith("1.15."):
-        raise RuntimeError(f"mark_cpu_group_as_gpu_group reads accelerate 1.15's PartialState internals; accelerate "
-                           f"{accelerate.__version__} is installed: check accelerate/state.py and update this helper")
+    if ".".join(accelerate.__version__.split(".")[:2]) not in TESTED_ACCELERATE:
+        raise RuntimeError(f"mark_cpu_group_as_gpu_group reads the PartialState internals of accelerate "
+                           f"{', '.join(v + '.x' for v in TESTED_ACCELERATE)}; accelerate {accelerate.__version__} is "
+                           f"installed: check accelerate/state.py and update this helper")
     state = PartialState(cpu=True)
     if state.distributed_type != DistributedType.MULTI_CPU:
         raise RuntimeError(f"expected a MULTI_CPU (gloo) group under torchrun, got {state.distributed_type}")
