@@ -28,10 +28,11 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from .config import LAidConfig
-from .data import pixel_budget, synth_benchmark, synth_captions, synth_haystacks, synth_retrieval
+from .data import IGNORE_INDEX, pixel_budget, synth_benchmark, synth_captions, synth_haystacks, synth_retrieval
 from .evaluate import SIZES, evaluate
 from .models import load_processor
 from .report import report
@@ -190,6 +191,12 @@ class FamilyRecipe:
        no padding), at a lower learning rate (at the single stage's rate the student forgot the single-image skill:
        95% -> 58% at one image).
 
+    ``curriculum`` replaces stages 2 to 5 by stages gated on accuracy: "reach<M>" for each size M in it, each
+    trained until the model answers held-out haystacks of M images (see the fields' comments), since a model moved to
+    longer haystacks while its retrieval at the current size is still soft did not learn it there (benchmarks/
+    RESULTS.md, "The family, session 3"). A gated stage at one image uses ``lr``; the others ``find_lr``; sizes up
+    to 30 take ``batch_size`` haystacks a step, longer ones ``long_batch_size`` x ``long_grad_accum``.
+
     The defaults are the committed family's recipe (its ``logs/recipe.json``). ``image_size=28`` shows every image
     as one visual token (a 150-image prompt of about 540 tokens instead of about 990); measured on this VM, see
     benchmarks/RESULTS.md, "The one-token family". ``wide_images`` / ``long_images`` move the wide and long stages
@@ -220,18 +227,28 @@ class FamilyRecipe:
     long_images: tuple[int, int] = (1, 150)
     retrieval_share: float = 0.5  # share of "what else is there?" questions in the find, wide and long stages
     seed: int = 0
+    # Accuracy-gated curriculum (empty: the fixed stages above). Haystack sizes reached one after another: the
+    # stage "reach<M>" trains on 1 to M images (log-uniform, retrieval_share "what else?" questions) in chunks of
+    # gate_chunk_steps until the teacher-forced accuracy on gate_questions held-out haystacks of exactly M images
+    # reaches gate_accuracy, or gate_max_chunks chunks. It replaces the single, find, wide and long stages.
+    curriculum: tuple[int, ...] = ()
+    gate_accuracy: float = 0.9
+    gate_chunk_steps: int = 200
+    gate_max_chunks: int = 8
+    gate_questions: int = 64
 
 
 @dataclass(frozen=True)
 class _Stage:
     name: str
     data: str  # "captions", "haystacks" (yes/no, task "vhs") or "retrieval" (task "free")
-    steps: int
+    steps: int  # per chunk for a gated stage
     batch_size: int
     grad_accum: int
     min_images: int
     max_images: int
     lr: float  # at the student's hidden size
+    gated: bool = False  # trained in chunks until the gate (FamilyRecipe.gate_accuracy at max_images)
 
     @property
     def task(self) -> str:
@@ -244,7 +261,18 @@ def _family_stages(recipe: FamilyRecipe) -> list[_Stage]:
         if not 1 <= low <= high:
             raise ValueError(f"recipe: {name} must be (fewest, most) images with 1 <= fewest <= most, got "
                              f"{(low, high)}")
-    return [_Stage("align", "captions", r.align_steps, r.batch_size, 1, 1, 1, r.lr),
+    align = _Stage("align", "captions", r.align_steps, r.batch_size, 1, 1, 1, r.lr)
+    if r.curriculum:
+        if list(r.curriculum) != sorted(set(r.curriculum)) or r.curriculum[0] < 1:
+            raise ValueError(f"recipe: curriculum must be increasing haystack sizes >= 1, got {r.curriculum}")
+        if not 0 < r.gate_accuracy <= 1 or min(r.gate_chunk_steps, r.gate_max_chunks, r.gate_questions) < 1:
+            raise ValueError(f"recipe: need 0 < gate_accuracy <= 1 and gate_chunk_steps, gate_max_chunks, "
+                             f"gate_questions >= 1, got {r.gate_accuracy}, {r.gate_chunk_steps}, "
+                             f"{r.gate_max_chunks}, {r.gate_questions}")
+        return [align] + [_Stage(f"reach{m}", "retrieval", r.gate_chunk_steps,
+                                 r.batch_size if m <= 30 else r.long_batch_size, 1 if m <= 30 else r.long_grad_accum,
+                                 1, m, r.lr if m == 1 else r.find_lr, gated=True) for m in r.curriculum]
+    return [align,
             _Stage("single", "haystacks", r.single_steps, r.batch_size, 1, 1, 1, r.lr),
             _Stage("find", "retrieval", r.find_steps, r.batch_size, 1, 2, 4, r.find_lr),
             _Stage("wide", "retrieval", r.wide_steps, r.batch_size, 1, *r.wide_images, r.find_lr),
@@ -264,7 +292,7 @@ def _family_data(work: Path, stage: _Stage, image_size: int, seed: int, retrieva
     set), written once."""
     n_entries = stage.steps * stage.batch_size * stage.grad_accum
     folder = f"{stage.name}-{n_entries}-{image_size}px-seed{seed}"
-    default = _DEFAULT_STAGES[stage.name]
+    default = _DEFAULT_STAGES.get(stage.name, stage)
     if (stage.min_images, stage.max_images) != (default.min_images, default.max_images):
         folder += f"-images{stage.min_images}-{stage.max_images}"
     write, name = {"captions": (synth_captions, "captions_synth.json"),
@@ -294,6 +322,53 @@ def _write_once(folder: Path, write) -> None:
         if not folder.is_dir():
             raise
         shutil.rmtree(tmp)
+
+
+def _gate_data(work: Path, images: int, recipe: FamilyRecipe) -> Path:
+    """The held-out gate set of a gated stage: ``recipe.gate_questions`` haystacks of exactly ``images`` images,
+    half "what else is there?" (``synth_retrieval``), from a seed no training set uses, written once."""
+    folder = work / "data" / f"gate-{images}-{recipe.gate_questions}-{recipe.image_size}px-seed{recipe.seed}"
+    if not (folder / "retrieval_synth.json").is_file():
+        _write_once(folder, lambda tmp: synth_retrieval(tmp, n_entries=recipe.gate_questions, min_images=images,
+                                                        max_images=images, image_size=recipe.image_size,
+                                                        seed=recipe.seed + 70_000 + images, retrieval_share=0.5))
+    return folder / "retrieval_synth.json"
+
+
+def _gate(run_dir: Path, processor: Path, data: Path, retrained: bool) -> dict:
+    """A gated chunk's record, ``run_dir/gate.json`` (computed once): its training minutes (``config.yaml`` to
+    ``final/summary.json``) and ``answer_accuracy`` of ``run_dir/final`` on the gate set ``data``."""
+    path = run_dir / "gate.json"
+    if retrained or not path.is_file():
+        minutes = ((run_dir / "final" / "summary.json").stat().st_mtime - (run_dir / "config.yaml").stat().st_mtime) / 60
+        record = {"train_minutes": round(minutes, 2), **answer_accuracy(run_dir / "final", processor, data)}
+        path.write_text(json.dumps(record, indent=1))
+    return json.loads(path.read_text())
+
+
+def answer_accuracy(model: Path, processor: Path, data: Path) -> dict:
+    """Teacher-forced answers of ``model`` on the ``task="free"`` set ``data`` (images under its folder), CPU, fp32:
+    a question counts as answered when the argmax at every answer token (and the closing ``<|im_end|>``) is the
+    label. Returns ``accuracy`` over all questions, ``yes_no`` and ``what_else`` accuracy (the yes/no questions and
+    the others), and ``questions``."""
+    from .data import ANSWERS, VHsDataset, collate
+    from .evaluate import load_for_eval
+    from .prompt_inputs import model_inputs
+
+    net = load_for_eval(str(model), method="baseline", device=torch.device("cpu"), attn_implementation="sdpa")
+    dataset = VHsDataset(data, data.parent, load_processor(str(processor)), task="free")
+    right = {"yes_no": [], "what_else": []}
+    with torch.inference_mode():
+        for k in range(len(dataset)):
+            inputs = model_inputs(collate([dataset[k]], pad_token_id=dataset.pad_token_id), "cpu")
+            labels = inputs.pop("labels")[0, 1:]
+            predicted = net(**inputs).logits[0, :-1].argmax(-1)
+            answered = labels != IGNORE_INDEX
+            kind = "yes_no" if dataset.entries[k]["conversations"][1]["value"] in ANSWERS else "what_else"
+            right[kind].append(bool((predicted[answered] == labels[answered]).all()))
+    every = right["yes_no"] + right["what_else"]
+    return {"accuracy": sum(every) / len(every), "questions": len(every),
+            **{kind: (sum(v) / len(v) if v else None) for kind, v in right.items()}}
 
 
 def family_config(init: Path, processor: Path, data: Path, output_dir: Path, stage: _Stage, hidden: int,
@@ -338,8 +413,6 @@ def build_family(out_dir: str | Path, *, recipe: FamilyRecipe = FamilyRecipe(), 
         raise ValueError(f"{str(processor)!r} was built for {built_for}-pixel images, the recipe asks for image_size "
                          f"{recipe.image_size}; build this recipe into another out_dir")
     stages = _family_stages(recipe)
-    data = {stage.name: _family_data(work, stage, recipe.image_size, recipe.seed + 303 + k, recipe.retrieval_share)
-            for k, stage in enumerate(stages)}
     shapes = {"teacher": (TEACHER_SHAPE, recipe.seed), "student": (STUDENT_SHAPE, recipe.seed + 1)}
     (out / "logs").mkdir(parents=True, exist_ok=True)
     for role in roles:
@@ -347,16 +420,29 @@ def build_family(out_dir: str | Path, *, recipe: FamilyRecipe = FamilyRecipe(), 
         weights = work / f"{role}_init"
         save_tiny_model(weights, tiny_qwen25vl_config(**shape), seed=seed)
         retrain = False  # once a stage trains, the stages after it start from new weights
-        for stage in stages:
-            run_dir = work / f"{role}_{stage.name}"
-            config = family_config(weights, processor, data[stage.name], run_dir, stage, shape["hidden"], recipe.seed)
-            retrain = retrain or not _finished(run_dir, config)
-            if retrain:
-                shutil.rmtree(run_dir, ignore_errors=True)
-                train(config)
-            weights = run_dir / "final"
-            for name in ("metrics.jsonl", "config.yaml"):
-                shutil.copy(run_dir / name, out / "logs" / f"{role}_{stage.name}_{name}")
+        gate_log = out / "logs" / f"{role}_gates.jsonl"
+        gate_log.unlink(missing_ok=True)
+        for k, stage in enumerate(stages):
+            chunks = range(1, recipe.gate_max_chunks + 1) if stage.gated else [None]
+            for chunk in chunks:
+                name = stage.name if chunk is None else f"{stage.name}_{chunk}"
+                data_seed = recipe.seed + 303 + k + (0 if chunk is None else 1000 * chunk)
+                data = _family_data(work, stage, recipe.image_size, data_seed, recipe.retrieval_share)
+                run_dir = work / f"{role}_{name}"
+                config = family_config(weights, processor, data, run_dir, stage, shape["hidden"], recipe.seed)
+                retrain = retrain or not _finished(run_dir, config)
+                if retrain:
+                    shutil.rmtree(run_dir, ignore_errors=True)
+                    train(config)
+                weights = run_dir / "final"
+                for file in ("metrics.jsonl", "config.yaml"):
+                    shutil.copy(run_dir / file, out / "logs" / f"{role}_{name}_{file}")
+                if chunk is not None:
+                    gate = _gate(run_dir, processor, _gate_data(work, stage.max_images, recipe), retrain)
+                    with gate_log.open("a") as log:
+                        log.write(json.dumps({"stage": stage.name, "chunk": chunk, **gate}) + "\n")
+                    if gate["accuracy"] >= recipe.gate_accuracy:
+                        break
         shutil.rmtree(out / role, ignore_errors=True)
         shutil.copytree(weights, out / role,
                         ignore=shutil.ignore_patterns("*token*", "*processor*", "chat_template*", "vocab*", "merges*",
@@ -383,6 +469,11 @@ def recipe_from_json(text: str) -> FamilyRecipe:
             if not (isinstance(sizes, list) and len(sizes) == 2 and all(isinstance(n, int) for n in sizes)):
                 raise ValueError(f"recipe: {name} must be a list of two ints [fewest, most], got {sizes!r}")
             fields[name] = tuple(sizes)
+    if "curriculum" in fields:
+        sizes = fields["curriculum"]
+        if not (isinstance(sizes, list) and all(isinstance(n, int) for n in sizes)):
+            raise ValueError(f"recipe: curriculum must be a list of ints (haystack sizes), got {sizes!r}")
+        fields["curriculum"] = tuple(sizes)
     recipe = replace(FamilyRecipe(), **fields)
     _family_stages(recipe)  # checks the sizes
     return recipe

@@ -134,7 +134,9 @@ def test_demo_family_cli_builds_one_role(tmp_path, capsys):
 def test_default_recipe_is_the_committed_familys():
     # the committed recipe.json predates the fields whose values that build had fixed in code
     assert asdict(FamilyRecipe()) == {"long_batch_size": 1, "image_size": 56, "wide_images": (2, 20),
-                                      "long_images": (1, 150), "retrieval_share": 0.5,
+                                      "long_images": (1, 150), "retrieval_share": 0.5, "curriculum": (),
+                                      "gate_accuracy": 0.9, "gate_chunk_steps": 200, "gate_max_chunks": 8,
+                                      "gate_questions": 64,
                                       **json.loads((FAMILY_DIR / "logs" / "recipe.json").read_text())}
 
 
@@ -241,3 +243,55 @@ def test_family_probe_places_the_needle_and_reads_its_attention(family, tmp_path
         shares = row["needle_share_best_head_per_layer"]
         assert len(shares) == layers and 0 <= row["p_right"] <= 1
         assert shares == pytest.approx([1.0] * layers) if row["size"] == 1 else all(0 < s < 1 for s in shares)
+
+
+def test_gated_curriculum_trains_each_stage_until_its_gate(tmp_path, monkeypatch):
+    """A curriculum replaces the single-to-long stages by "reach<M>" stages trained in chunks until the gate
+    accuracy on held-out haystacks of M images (here: faked) is reached, or gate_max_chunks chunks."""
+    import laid.demo as demo
+
+    recipe = recipe_from_json('{"image_size": 28, "align_steps": 1, "curriculum": [1, 40], "gate_chunk_steps": 1, '
+                              '"gate_max_chunks": 3, "gate_questions": 2, "batch_size": 2, "long_grad_accum": 2}')
+    stages = demo._family_stages(recipe)
+    assert [(s.name, s.min_images, s.max_images, s.batch_size, s.grad_accum, s.gated) for s in stages] == [
+        ("align", 1, 1, 2, 1, False), ("reach1", 1, 1, 2, 1, True), ("reach40", 1, 40, 1, 2, True)]
+    assert (stages[1].lr, stages[2].lr) == (recipe.lr, recipe.find_lr)
+    scored = []
+
+    def fake_accuracy(model, processor, data):
+        entries = json.loads(data.read_text())
+        scored.append((Path(model).parent.name, {len(e["pos_image"]) + len(e["neg_image"]) for e in entries}))
+        return {"accuracy": 1.0 if Path(model).parent.name == "teacher_reach40_2" else 0.5, "questions": 2}
+
+    monkeypatch.setattr(demo, "answer_accuracy", fake_accuracy)
+    family = build_family(tmp_path / "family", recipe=recipe, work_dir=tmp_path / "work", roles=("teacher",))
+    assert scored == [("teacher_reach1_1", {1}), ("teacher_reach1_2", {1}), ("teacher_reach1_3", {1}),
+                      ("teacher_reach40_1", {40}), ("teacher_reach40_2", {40})]  # stops at the gate
+    log = [json.loads(line) for line in (family / "logs" / "teacher_gates.jsonl").read_text().splitlines()]
+    assert [(row["stage"], row["chunk"], row["accuracy"]) for row in log] == [
+        ("reach1", 1, 0.5), ("reach1", 2, 0.5), ("reach1", 3, 0.5), ("reach40", 1, 0.5), ("reach40", 2, 1.0)]
+    assert (family / "teacher" / "model.safetensors").is_file()
+    data = {LAidConfig.from_yaml(tmp_path / "work" / f"teacher_reach1_{k}" / "config.yaml").data for k in (1, 2, 3)}
+    assert len(data) == 3  # every chunk trains on fresh haystacks
+    scored.clear()
+    build_family(tmp_path / "family", recipe=recipe, work_dir=tmp_path / "work", roles=("teacher",))
+    assert scored == []  # a rerun reuses the chunks and their gate records
+    for bad, message in (('{"curriculum": [4, 2]}', "increasing haystack sizes"), ('{"curriculum": 4}', "list of"),
+                         ('{"curriculum": [4], "gate_accuracy": 0}', "0 < gate_accuracy")):
+        with pytest.raises(ValueError, match=message):
+            recipe_from_json(bad)
+
+
+def test_answer_accuracy_scores_teacher_forced_answers(tmp_path):
+    """The committed teacher answers one-image questions; a random model of its shape answers none."""
+    from laid.data import synth_retrieval
+    from laid.demo import TEACHER_SHAPE, answer_accuracy
+    from laid.tiny import save_tiny_model, tiny_qwen25vl_config
+
+    data = synth_retrieval(tmp_path / "gate", n_entries=12, min_images=1, max_images=1, image_size=56, seed=5,
+                           retrieval_share=0.5)
+    paths = family_paths(FAMILY_DIR)
+    trained = answer_accuracy(paths["teacher"], paths["processor"], data)
+    assert trained["questions"] == 12 and trained["yes_no"] >= 0.8 and trained["what_else"] >= 0.8
+    save_tiny_model(tmp_path / "random", tiny_qwen25vl_config(**TEACHER_SHAPE), seed=0)
+    assert answer_accuracy(tmp_path / "random", paths["processor"], data)["accuracy"] == 0.0
