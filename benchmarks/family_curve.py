@@ -3,13 +3,16 @@
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/family_curve.py --work runs/family_work \
         --processor runs/family/processor --test runs/test28 --sizes 1 2 50 100 150 --limit 40 --out runs/curve
 
-``--work`` is ``build_family``'s work folder (``<role>_<stage>/final`` per finished stage); ``--test`` a
-``laid data synth --sizes`` benchmark drawn with its own seed (no image shared with the training data). A stage's
-training time is the time between its ``config.yaml`` (written when the stage starts) and its ``final/summary.json``;
-the curve's x axis adds them up per role. Answers are kept under ``OUT/eval`` (a rerun scores only new stages);
+``--work`` is ``build_family``'s work folder (``<role>_<stage>/final`` per finished stage, in the order they were
+trained; a gated curriculum's stages train in chunks, ``<role>_reach<M>_<chunk>``, and only each stage's last chunk
+is scored); ``--test`` a ``laid data synth --sizes`` benchmark drawn with its own seed (no image shared with the
+training data). A stage's training time is the time between its ``config.yaml`` (written when the stage starts) and
+its ``final/summary.json``; the curve's x axis adds them up per role. Answers are kept under ``OUT/eval`` (a rerun scores only new stages);
 ``OUT/curve.json`` and ``OUT/curve.md`` hold the table: one row per (role, stage), accuracy (%) per size and the
 mean over 50-150; ``OUT/curve.png`` plots, per role, the mean over 1 and 2 images and the mean over 50-150 against
-the cumulative training minutes.
+the cumulative training minutes. A gated build's chunk records (``gate.json``: teacher-forced accuracy on the
+stage's held-out gate set) go to ``OUT/gates.md`` / ``curve.json`` and ``OUT/gates.png`` (accuracy against the
+cumulative training minutes), without any scoring.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ from pathlib import Path
 
 import torch
 
-from laid.demo import FAMILY_STAGES
 from laid.evaluate import evaluate
 
 LONG = (50, 100, 150)
@@ -31,14 +33,38 @@ def stage_minutes(run_dir: Path) -> float:
     return ((run_dir / "final" / "summary.json").stat().st_mtime - (run_dir / "config.yaml").stat().st_mtime) / 60
 
 
-def plot(rows: list[dict], path: Path) -> Path:
-    """Per role: mean accuracy at 1-2 images (dashed) and at 50-150 images (solid) against training minutes."""
+def _axes():
+    """A (figure, axis) pair of the curve plots' size, on the Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4))
+    return plt.subplots(figsize=(7, 4))
+
+
+def _save(figure, axis, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def trained_runs(work: Path, role: str) -> list[tuple[str, Path]]:
+    """``(stage, run folder)`` of every finished stage or chunk of ``role`` in ``work``, in training order; the
+    stage of a gated chunk ``reach<M>_<chunk>`` is ``reach<M>``."""
+    runs = sorted((run for run in work.glob(f"{role}_*") if (run / "final" / "summary.json").is_file()),
+                  key=lambda run: (run / "config.yaml").stat().st_mtime)
+    stages = [run.name[len(role) + 1:] for run in runs]
+    return [(stage.rsplit("_", 1)[0] if stage.startswith("reach") else stage, run) for stage, run in zip(stages, runs)]
+
+
+def plot(rows: list[dict], path: Path) -> Path:
+    """Per role: mean accuracy at 1-2 images (dashed) and at 50-150 images (solid) against training minutes."""
+    figure, axis = _axes()
     for role in dict.fromkeys(row["role"] for row in rows):
         mine = [row for row in rows if row["role"] == role]
         minutes = [row["train_minutes"] for row in mine]
@@ -50,11 +76,22 @@ def plot(rows: list[dict], path: Path) -> Path:
     axis.axhline(50, color="grey", lw=0.5)
     axis.set(xlabel="training minutes (cumulative, this machine)", ylabel="accuracy (%)", ylim=(0, 100),
              title="family build: accuracy after each stage")
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return _save(figure, axis, path)
+
+
+def plot_gates(gates: list[dict], path: Path) -> Path:
+    """Per role: each gated chunk's accuracy on its stage's gate set against cumulative training minutes."""
+    figure, axis = _axes()
+    for role in dict.fromkeys(g["role"] for g in gates):
+        mine = [g for g in gates if g["role"] == role]
+        axis.plot([g["train_minutes"] for g in mine], [100 * g["accuracy"] for g in mine], marker="o", label=role)
+        for g in mine:
+            if g["chunk"] == "1":
+                axis.annotate(g["stage"], (g["train_minutes"], 100 * g["accuracy"]), fontsize=7,
+                              textcoords="offset points", xytext=(2, -10))
+    axis.set(xlabel="training minutes (cumulative, this machine)", ylabel="gate accuracy (%)", ylim=(0, 100),
+             title="gated curriculum: teacher-forced accuracy at each stage's size")
+    return _save(figure, axis, path)
 
 
 def main() -> None:
@@ -65,20 +102,22 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 50, 100, 150])
     parser.add_argument("--limit", type=int, default=40)
     parser.add_argument("--roles", nargs="+", default=["teacher", "student"])
-    parser.add_argument("--stages", nargs="+", default=list(FAMILY_STAGES), help="stages to score (time counts all)")
+    parser.add_argument("--stages", nargs="+", help="stages to score (default: all; time counts all)")
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    rows = []
+    rows, gates = [], []
     for role in args.roles:
         minutes = 0.0
-        for stage in FAMILY_STAGES:
-            run_dir = args.work / f"{role}_{stage}"
-            if not (run_dir / "final" / "summary.json").is_file():
-                break
+        runs = trained_runs(args.work, role)
+        for k, (stage, run_dir) in enumerate(runs):
             minutes += stage_minutes(run_dir)
-            if stage not in args.stages:
+            if (run_dir / "gate.json").is_file():
+                gates.append({"role": role, "stage": stage, "chunk": run_dir.name.rsplit("_", 1)[1],
+                              "train_minutes": round(minutes, 1), **json.loads((run_dir / "gate.json").read_text())})
+            last_chunk = k + 1 == len(runs) or runs[k + 1][0] != stage
+            if not last_chunk or (args.stages and stage not in args.stages):
                 continue
             summary = evaluate(run_dir / "final", args.test, sizes=args.sizes, output_dir=args.out / "eval" /
                                f"{role}_{stage}", processor=args.processor, name=f"{role} {stage}", limit=args.limit,
@@ -88,7 +127,15 @@ def main() -> None:
             rows.append({"role": role, "stage": stage, "train_minutes": round(minutes, 1), "accuracy": acc,
                          "mean_50_150": round(sum(long) / len(long), 1) if long else None})
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "curve.json").write_text(json.dumps({"limit": args.limit, "rows": rows}, indent=1))
+    (args.out / "curve.json").write_text(json.dumps({"limit": args.limit, "rows": rows, "gates": gates}, indent=1))
+    if gates:
+        lines = ["| model | stage | chunk | training minutes (cumulative) | gate accuracy | yes/no | what else |",
+                 "|---|---|---|---|---|---|---|"]
+        lines += [f"| {g['role']} | {g['stage']} | {g['chunk']} | {g['train_minutes']:.1f} | {100 * g['accuracy']:.1f} | "
+                  f"{100 * g['yes_no']:.1f} | {100 * g['what_else']:.1f} |" for g in gates]
+        (args.out / "gates.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        print(plot_gates(gates, args.out / "gates.png"))
     header = ("| model | stage | training minutes (cumulative) | " + " | ".join(map(str, args.sizes)) +
               " | mean 50-150 |")
     lines = [header, "|" + "---|" * (4 + len(args.sizes))]
