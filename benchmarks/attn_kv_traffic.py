@@ -149,7 +149,8 @@ def tables(counts: dict, seq: int, rows: int) -> str:
              "summed over every program of the kernel (one forward + backward). 'requested': what the loads ask "
              "for (L2 or DRAM); kv FLOPs: the teacher keys' mixing and rotation (FMA units); dot FLOPs: TF32 mma.", "",
              "| target | kernel | key visits | teacher-key bytes requested (GB) | student-key bytes (GB) | kv GFLOP | "
-             "dot GFLOP | kv / dot | pre-mixed: teacher-key bytes requested (GB) |", "|---|---|---|---|---|---|---|---|---|"]
+             "dot GFLOP | kv / dot | pre-mixed: teacher-key bytes requested (GB) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for target, c in counts.items():
         for name, k in c["kernels"].items():
             lines.append(f"| {target} | {name} | {k['key_visits']:,} | {k['kt_bytes'] / 1e9:.2f} | "
