@@ -14,6 +14,11 @@ Under ``TRITON_INTERPRET=1`` (the tests) the kernels are interpreter objects tha
 
 The factory named there is a function returning ``list[Launch]`` built from meta tensors.
 Resource usage (REG, SHARED, LOCAL, STACK) is read from the cubin with the ``cuobjdump`` shipped in the Triton wheel.
+SHARED there is the static shared memory only; what a launch really asks for (Triton allocates its software
+pipeline's buffers and its reduction / layout-conversion scratch dynamically) is the compiled kernel's
+``metadata.shared``, recorded as ``launch_shared_bytes``. ``num_stages`` (the software pipeline's depth) can be
+overridden for every launch of a factory, to compare depths; the asynchronous copies the pipeline emits are counted
+in the PTX (``cp.async`` to shared memory; ``cp.async.bulk.tensor``: TMA, sm_90).
 LOCAL 0 is not enough to rule out register spills (ptxas puts them in the stack frame, which the accurate
 libdevice cos/sin also use for their 28-byte argument-reduction array), so the PTX is also assembled again with
 Triton's own ptxas and flags, with ``-v``, and its "spill stores" / "spill loads" byte counts are reported.
@@ -70,20 +75,29 @@ class Launch:
 
 @dataclasses.dataclass
 class CompileResult:
-    """What one launch compiles to for one architecture (``arch`` 80 = A100, 90 = H100)."""
+    """What one launch compiles to for one architecture (``arch`` 80 = A100, 90 = H100).
+
+    shared_bytes: static shared memory (cuobjdump SHARED); launch_shared_bytes: the shared memory the launch asks
+    for (Triton's ``metadata.shared``, static and dynamic: what must fit the arch's limit per block); cp_async /
+    tma: ``cp.async`` copies to shared memory and ``cp.async.bulk.tensor`` (TMA) copies in the PTX.
+    """
 
     name: str
     kernel: str
     arch: int
     num_warps: int
+    num_stages: int
     grid: list[int]
     constexprs: dict[str, Any]
     registers: int
     shared_bytes: int
+    launch_shared_bytes: int
     local_bytes: int
     stack_bytes: int
     spill_store_bytes: int
     spill_load_bytes: int
+    cp_async: int
+    tma: int
     ptx: str
 
 
@@ -152,6 +166,13 @@ def ptxas_spills(ptx: str, arch: int, enable_fp_fusion: bool = True) -> dict[str
     return {"stack": stack, "spill_stores": stores, "spill_loads": loads}
 
 
+def async_copies(ptx: str) -> dict[str, int]:
+    """Asynchronous global-to-shared copies in ``ptx``: "cp_async" (``cp.async.ca`` / ``cp.async.cg``, sm_80+) and
+    "tma" (``cp.async.bulk.tensor``, sm_90); the commit / wait instructions are not counted."""
+    return {"cp_async": len(re.findall(r"\bcp\.async\.c[ag]\.shared", ptx)),
+            "tma": len(re.findall(r"\bcp\.async\.bulk\.tensor", ptx))}
+
+
 def compile_launch(launch: Launch, arch: int) -> CompileResult:
     """Compile ``launch`` for ``GPUTarget("cuda", arch, 32)`` in this process (needs real JIT kernels, i.e. no
     ``TRITON_INTERPRET=1``) and read its resource usage."""
@@ -178,10 +199,13 @@ def compile_launch(launch: Launch, arch: int) -> CompileResult:
     usage = resource_usage(compiled.asm["cubin"])
     spills = ptxas_spills(compiled.asm["ptx"], arch, options.enable_fp_fusion)
     return CompileResult(name=launch.name, kernel=kernel.__name__, arch=arch, num_warps=launch.num_warps,
-                         grid=list(launch.grid), constexprs={k: _jsonable(v) for k, v in launch.constexprs.items()},
-                         registers=usage["REG"], shared_bytes=usage["SHARED"], local_bytes=usage["LOCAL"],
+                         num_stages=compiled.metadata.num_stages, grid=list(launch.grid),
+                         constexprs={k: _jsonable(v) for k, v in launch.constexprs.items()},
+                         registers=usage["REG"], shared_bytes=usage["SHARED"],
+                         launch_shared_bytes=compiled.metadata.shared, local_bytes=usage["LOCAL"],
                          stack_bytes=usage["STACK"], spill_store_bytes=spills["spill_stores"],
-                         spill_load_bytes=spills["spill_loads"], ptx=compiled.asm["ptx"])
+                         spill_load_bytes=spills["spill_loads"], **async_copies(compiled.asm["ptx"]),
+                         ptx=compiled.asm["ptx"])
 
 
 def _jsonable(value: Any) -> Any:
@@ -194,11 +218,15 @@ def _factory(spec: str):
 
 
 def compile_in_subprocess(factory: str, kwargs: dict[str, Any], archs: Sequence[int] = (80, 90),
-                          timeout: float = 600) -> list[CompileResult]:
+                          timeout: float = 600, num_stages: int | None = None) -> list[CompileResult]:
     """Compile every launch of ``factory(**kwargs)`` ("module:function" returning ``list[Launch]``, JSON-able
-    kwargs) for each arch, in a child process without ``TRITON_INTERPRET``. Results in launch order, then arch."""
+    kwargs) for each arch, in a child process without ``TRITON_INTERPRET``; with ``num_stages`` (>= 1), every launch
+    at that pipeline depth instead of its own. Results in launch order, then arch."""
+    if num_stages is not None and (isinstance(num_stages, bool) or not isinstance(num_stages, int)
+                                   or num_stages < 1):
+        raise ValueError(f"num_stages: expected None or an int >= 1, got {num_stages!r}")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    request = json.dumps({"factory": factory, "kwargs": kwargs, "archs": list(archs)})
+    request = json.dumps({"factory": factory, "kwargs": kwargs, "archs": list(archs), "num_stages": num_stages})
     done = subprocess.run([sys.executable, "-m", "laid_kernels.aot"], input=request, capture_output=True, text=True,
                           env=env, timeout=timeout, cwd=Path(__file__).resolve().parent.parent)
     if done.returncode != 0:
@@ -209,6 +237,8 @@ def compile_in_subprocess(factory: str, kwargs: dict[str, Any], archs: Sequence[
 def _main() -> None:
     request = json.loads(sys.stdin.read())
     launches = _factory(request["factory"])(**request["kwargs"])
+    if request["num_stages"] is not None:
+        launches = [dataclasses.replace(launch, num_stages=request["num_stages"]) for launch in launches]
     results = [dataclasses.asdict(compile_launch(launch, arch)) for launch in launches for arch in request["archs"]]
     json.dump(results, sys.stdout)
 

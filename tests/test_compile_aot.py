@@ -78,3 +78,21 @@ def test_compile_report_script_small_run(tmp_path):
     assert frequency["counted_at"] == [2, 4] and frequency["tokens"] == 54_000 and frequency["chunks"] > 1
     assert frequency["minimal"] <= frequency["fused"] <= 1.1 * frequency["minimal"]
     assert (tmp_path / "compile_report.png").stat().st_size > 0
+
+
+def test_num_stages_reaches_the_compiler_and_is_recorded():
+    """compile_in_subprocess(num_stages=...) compiles every launch at that pipeline depth: the fused L_qk pass of a
+    small head set at depth 3 gets cp.async copies and more shared memory than at its launched depth (1, recorded as
+    such), and a depth below 1 is rejected by name."""
+    factory, shapes = "laid_kernels.qk_align:aot_launches", {"heads": [4, 4, 8, 8], "tokens": 512}
+    launched = compile_in_subprocess(factory, shapes, (80,))
+    deeper = compile_in_subprocess(factory, shapes, (80,), num_stages=3)
+    assert [r.num_stages for r in launched] == [1] * len(launched)
+    assert [r.num_stages for r in deeper] == [3] * len(deeper)
+    for one, three in zip(launched, deeper):
+        assert one.name == three.name and one.tma == three.tma == 0
+        if "rescale" not in one.name:  # the fused pass has a token loop to pipeline; the rescaling has none
+            assert one.cp_async == 0 < three.cp_async, (one.name, one.cp_async, three.cp_async)
+            assert one.launch_shared_bytes < three.launch_shared_bytes, one.name
+    with pytest.raises(ValueError, match="num_stages"):
+        compile_in_subprocess(factory, shapes, (80,), num_stages=0)
