@@ -191,7 +191,7 @@ def plot(counts: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=150)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "gpu_efficiency")
     args = parser.parse_args()
     check = cross_check()
     prompt = vhs_prompt(args.images)
