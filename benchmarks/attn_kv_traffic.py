@@ -13,7 +13,7 @@ model against benchmarks/bytecount.py on a small prompt under the Triton interpr
 launch loads must agree exactly). Bytes requested are not DRAM bytes: the programs of a kv head stream the same keys
 and a GPU's L2 serves most repeats; DRAM bytes lie between the unique bytes and the requested ones (not measured).
 
-    python benchmarks/attn_kv_traffic.py [--images 150] [--out benchmarks/out]
+    python benchmarks/attn_kv_traffic.py [--images 150] [--out benchmarks/gpu_efficiency]
 
 Prints the tables and writes <out>/attn_kv_traffic.json and <out>/attn_kv_traffic.png.
 """

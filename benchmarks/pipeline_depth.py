@@ -9,7 +9,7 @@ only) and the cp.async / TMA copies in the PTX. A depth is "fits" when no launch
 memory is under the arch's limit per block (164 KiB sm_80, 227 KiB sm_90). Whether a fitting deeper pipeline is
 faster is a GPU question: nothing here is a time.
 
-    python benchmarks/pipeline_depth.py [--stages 1 2 3] [--out benchmarks/out]
+    python benchmarks/pipeline_depth.py [--stages 1 2 3] [--out benchmarks/gpu_efficiency]
 
 Prints a markdown table (one row per kernel, dtype, arch and depth; ranges over the launches of that kernel) and
 writes <out>/pipeline_depth.json (every launch) and <out>/pipeline_depth.png.
