@@ -229,8 +229,9 @@ class FamilyRecipe:
     seed: int = 0
     # Accuracy-gated curriculum (empty: the fixed stages above). Haystack sizes reached one after another: the
     # stage "reach<M>" trains on 1 to M images (log-uniform, retrieval_share "what else?" questions) in chunks of
-    # gate_chunk_steps until the teacher-forced accuracy on gate_questions held-out haystacks of exactly M images
-    # reaches gate_accuracy, or gate_max_chunks chunks. It replaces the single, find, wide and long stages.
+    # gate_chunk_steps until the teacher-forced accuracy on gate_questions held-out yes/no questions (the benchmark's)
+    # on haystacks of exactly M images reaches gate_accuracy, or gate_max_chunks chunks. It replaces the single,
+    # find, wide and long stages.
     curriculum: tuple[int, ...] = ()
     gate_accuracy: float = 0.9
     gate_chunk_steps: int = 200
@@ -325,23 +326,25 @@ def _write_once(folder: Path, write) -> None:
 
 
 def _gate_data(work: Path, images: int, recipe: FamilyRecipe) -> Path:
-    """The held-out gate set of a gated stage: ``recipe.gate_questions`` haystacks of exactly ``images`` images,
-    half "what else is there?" (``synth_retrieval``), from a seed no training set uses, written once."""
-    folder = work / "data" / f"gate-{images}-{recipe.gate_questions}-{recipe.image_size}px-seed{recipe.seed}"
+    """The held-out gate set of a gated stage: ``2 * recipe.gate_questions`` haystacks of exactly ``images`` images,
+    every other one a yes/no question and the others "what else is there?" (``synth_retrieval``), from a seed no
+    training set uses, written once."""
+    folder = work / "data" / f"gate-{images}-{recipe.gate_questions}yesno-{recipe.image_size}px-seed{recipe.seed}"
     if not (folder / "retrieval_synth.json").is_file():
-        _write_once(folder, lambda tmp: synth_retrieval(tmp, n_entries=recipe.gate_questions, min_images=images,
+        _write_once(folder, lambda tmp: synth_retrieval(tmp, n_entries=2 * recipe.gate_questions, min_images=images,
                                                         max_images=images, image_size=recipe.image_size,
                                                         seed=recipe.seed + 70_000 + images, retrieval_share=0.5))
     return folder / "retrieval_synth.json"
 
 
 def _gate(run_dir: Path, processor: Path, data: Path, retrained: bool) -> dict:
-    """A gated chunk's record, ``run_dir/gate.json`` (computed once): its training minutes (``config.yaml`` to
-    ``final/summary.json``) and ``answer_accuracy`` of ``run_dir/final`` on the gate set ``data``."""
+    """A gated chunk's record, ``run_dir/gate.json`` (computed once per gate set): its training minutes
+    (``config.yaml`` to ``final/summary.json``), the gate set and ``answer_accuracy`` of ``run_dir/final`` on it."""
     path = run_dir / "gate.json"
-    if retrained or not path.is_file():
+    if retrained or not path.is_file() or json.loads(path.read_text()).get("gate_set") != str(data):
         minutes = ((run_dir / "final" / "summary.json").stat().st_mtime - (run_dir / "config.yaml").stat().st_mtime) / 60
-        record = {"train_minutes": round(minutes, 2), **answer_accuracy(run_dir / "final", processor, data)}
+        record = {"train_minutes": round(minutes, 2), "gate_set": str(data),
+                  **answer_accuracy(run_dir / "final", processor, data)}
         path.write_text(json.dumps(record, indent=1))
     return json.loads(path.read_text())
 
@@ -441,7 +444,7 @@ def build_family(out_dir: str | Path, *, recipe: FamilyRecipe = FamilyRecipe(), 
                     gate = _gate(run_dir, processor, _gate_data(work, stage.max_images, recipe), retrain)
                     with gate_log.open("a") as log:
                         log.write(json.dumps({"stage": stage.name, "chunk": chunk, **gate}) + "\n")
-                    if gate["accuracy"] >= recipe.gate_accuracy:
+                    if gate["yes_no"] >= recipe.gate_accuracy:
                         break
         shutil.rmtree(out / role, ignore_errors=True)
         shutil.copytree(weights, out / role,

@@ -258,24 +258,33 @@ def test_gated_curriculum_trains_each_stage_until_its_gate(tmp_path, monkeypatch
     assert (stages[1].lr, stages[2].lr) == (recipe.lr, recipe.find_lr)
     scored = []
 
+    def entries_of(data) -> list[dict]:
+        return json.loads(Path(data).read_text())
+
     def fake_accuracy(model, processor, data):
-        entries = json.loads(data.read_text())
+        entries = entries_of(data)
         scored.append((Path(model).parent.name, {len(e["pos_image"]) + len(e["neg_image"]) for e in entries}))
-        return {"accuracy": 1.0 if Path(model).parent.name == "teacher_reach40_2" else 0.5, "questions": 2}
+        passed = Path(model).parent.name == "teacher_reach40_2"
+        return {"accuracy": 0.5, "yes_no": 1.0 if passed else 0.5, "what_else": 0.0 if passed else 0.5,
+                "questions": 4}
 
     monkeypatch.setattr(demo, "answer_accuracy", fake_accuracy)
     family = build_family(tmp_path / "family", recipe=recipe, work_dir=tmp_path / "work", roles=("teacher",))
     assert scored == [("teacher_reach1_1", {1}), ("teacher_reach1_2", {1}), ("teacher_reach1_3", {1}),
                       ("teacher_reach40_1", {40}), ("teacher_reach40_2", {40})]  # stops at the gate
     log = [json.loads(line) for line in (family / "logs" / "teacher_gates.jsonl").read_text().splitlines()]
-    assert [(row["stage"], row["chunk"], row["accuracy"]) for row in log] == [
+    assert [(row["stage"], row["chunk"], row["yes_no"]) for row in log] == [
         ("reach1", 1, 0.5), ("reach1", 2, 0.5), ("reach1", 3, 0.5), ("reach40", 1, 0.5), ("reach40", 2, 1.0)]
+    assert len(entries_of(log[-1]["gate_set"])) == 4  # gate_questions yes/no questions, as many "what else?"
     assert (family / "teacher" / "model.safetensors").is_file()
     data = {LAidConfig.from_yaml(tmp_path / "work" / f"teacher_reach1_{k}" / "config.yaml").data for k in (1, 2, 3)}
     assert len(data) == 3  # every chunk trains on fresh haystacks
     scored.clear()
     build_family(tmp_path / "family", recipe=recipe, work_dir=tmp_path / "work", roles=("teacher",))
     assert scored == []  # a rerun reuses the chunks and their gate records
+    build_family(tmp_path / "family", recipe=replace(recipe, gate_questions=3), work_dir=tmp_path / "work",
+                 roles=("teacher",))
+    assert scored[0] == ("teacher_reach1_1", {1})  # another gate set: the chunks are scored again, not retrained
     for bad, message in (('{"curriculum": [4, 2]}', "increasing haystack sizes"), ('{"curriculum": 4}', "list of"),
                          ('{"curriculum": [4], "gate_accuracy": 0}', "0 < gate_accuracy")):
         with pytest.raises(ValueError, match=message):
