@@ -17,12 +17,16 @@ device; this script also times ``model_inputs`` on the CPU (one thread) on the l
 pays in its training step (the ``before`` batch already holds them: about 0).
 
 Then the tiny-model CPU training run of ``configs/tiny_cpu.yaml`` (tiny random models, 32 synthetic haystacks of
-2 to 6 images, 2 epochs of 8 steps) with each of ``--train-workers``: the share of each step the trainer waited
-for the loader (``data_wait_share`` in its metrics.jsonl): mean, mean after step 1 (which includes starting the
-workers) and max.
+2 to 6 images, 2 epochs of 8 steps of 4 batches) with each of ``--train-workers``, ``--train-repeats`` times: the
+share of each step the trainer waited for the loader (``data_wait_share`` in its metrics.jsonl): mean, mean after
+step 1 (which includes starting the workers), at the first step of the later epochs, at the other steps, and max.
+With workers, two variants: ``after``, laid as it is (small tensors leave a worker by value,
+``laid.loading.by_value``), and ``before``, every tensor through its own shared-memory segment, as until
+2026-12-02 (``laid.loading.BY_VALUE_BYTES`` set to -1 for that run; the workers are forked, so they see it).
 
     python benchmarks/data_throughput.py                  # 20 and 150 images, 0 / 1 / 2 workers
     python benchmarks/data_throughput.py --sizes 20 --workers 0 --items 2 --train-workers
+    python benchmarks/data_throughput.py --sizes --train-repeats 3   # only the training runs, 3 of each
 
 Writes data_throughput.{json,md,png} (the training wait in the same JSON and page) and data_wait.png to --out
 (default benchmarks/out/). Timings on a shared machine are noisy: compare variants of the same run (the ratios),
@@ -46,6 +50,7 @@ from PIL import Image
 from qwen_vl_utils import fetch_image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+import laid.loading  # noqa: E402
 from laid.data import VHsDataset, build_messages, collate, haystack_order, pixel_budget, synth_haystacks  # noqa: E402
 from laid.image_cache import ImageCache, fill_cache  # noqa: E402
 from laid.prompt_inputs import model_inputs  # noqa: E402
@@ -118,16 +123,20 @@ def time_loader(dataset, workers: int, items: int) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[20, 150])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[20, 150],
+                        help="images per item of the throughput runs (none: only the training runs)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--items", type=int, default=3, help="timed items per variant (after one warm-up item)")
     parser.add_argument("--train-workers", type=int, nargs="*", default=[0, 1, 2],
                         help="DataLoader workers of the tiny CPU training runs (none: no training run)")
+    parser.add_argument("--train-repeats", type=int, default=1, help="runs of each training variant (interleaved)")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
+    if args.train_repeats < 1:
+        parser.error(f"--train-repeats must be >= 1, got {args.train_repeats}")
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.out / "data_throughput_work"
-    names = write_images(work / "images", max(args.sizes) * (args.items + 1))
+    names = write_images(work / "images", max(args.sizes, default=0) * (args.items + 1))
     processor = build_tiny_processor(**QWEN_PIXEL_BOUNDS)
     torch.set_num_threads(1)
     results = []
@@ -152,49 +161,85 @@ def main() -> None:
                          if line.startswith("model name")), "?") if Path("/proc/cpuinfo").exists() else "?",
             "cores": os.cpu_count(), "load_average": os.getloadavg(), "torch": torch.__version__,
             "items": args.items}
-    waits = [train_wait(work / "train", workers) for workers in args.train_workers]
+    waits = []
+    if args.train_workers:
+        setup = train_setup(work / "train")
+        for repeat in range(args.train_repeats):
+            for workers in args.train_workers:
+                for variant in ("before", "after") if workers else ("in process",):
+                    waits.append(train_wait(setup, workers, variant, repeat))
     (args.out / "data_throughput.json").write_text(json.dumps({"meta": meta, "results": results,
                                                                "training_wait": waits}, indent=1))
-    table = report(results) + ("\n\n" + wait_report(waits) if waits else "")
+    table = "\n\n".join(([report(results)] if results else []) + ([wait_report(waits)] if waits else []))
     (args.out / "data_throughput.md").write_text(table + "\n")
     print(table)
-    plot(results, args.out / "data_throughput.png")
+    if results:
+        plot(results, args.out / "data_throughput.png")
     if waits:
         plot_wait(waits, args.out / "data_wait.png")
 
 
-def train_wait(work: Path, workers: int) -> dict:
-    """``laid.train`` of configs/tiny_cpu.yaml on tiny models and synthetic haystacks under ``work`` with
-    ``workers`` DataLoader workers; the ``data_wait_share`` of its steps (mean, mean after step 1, max)."""
+def train_setup(work: Path) -> dict[str, str]:
+    """Tiny models, their processor and 32 synthetic haystacks of 2 to 6 images (cached) under ``work``: the
+    paths of configs/tiny_cpu.yaml's fields."""
     processor = save_tiny_processor(work / "processor")
     save_tiny_model(work / "teacher", tiny_qwen25vl_config(**TINY_TEACHER), seed=0)
     save_tiny_model(work / "student", tiny_qwen25vl_config(**TINY_STUDENT), seed=1)
     data = synth_haystacks(work / "synth", n_entries=32, min_images=2, max_images=6, seed=0)
     fill_cache([data], work / "synth", work / "cache", **pixel_budget(processor))  # as `laid data cache` would
-    run = work / f"run_{workers}_workers"
+    return {"teacher": str(work / "teacher"), "student": str(work / "student"), "processor": str(work / "processor"),
+            "data": str(data), "image_root": str(work / "synth"), "image_cache": str(work / "cache")}
+
+
+def train_wait(setup: dict[str, str], workers: int, variant: str, repeat: int) -> dict:
+    """``laid.train`` of configs/tiny_cpu.yaml on ``setup`` with ``workers`` DataLoader workers, ``variant``
+    "before" (no tensor by value) or "after" (or "in process" without workers); its steps' ``data_wait_share``."""
+    if variant == "before" and torch.multiprocessing.get_start_method() != "fork":
+        raise RuntimeError("the 'before' training variant needs forked DataLoader workers (they must see "
+                           f"laid.loading.BY_VALUE_BYTES = -1); this Python starts them by "
+                           f"{torch.multiprocessing.get_start_method()!r}")
+    run = Path(setup["image_cache"]).parent / f"run_{workers}_workers_{variant.replace(' ', '_')}"
     shutil.rmtree(run, ignore_errors=True)
+    limit = laid.loading.BY_VALUE_BYTES
+    laid.loading.BY_VALUE_BYTES = -1 if variant == "before" else limit
     start = time.perf_counter()
-    train(Path(__file__).resolve().parent.parent / "configs" / "tiny_cpu.yaml", teacher=str(work / "teacher"),
-          student=str(work / "student"), processor=str(work / "processor"), data=str(data),
-          image_root=str(work / "synth"), output_dir=str(run), num_workers=workers, image_cache=str(work / "cache"),
-          save_every=1000)
+    try:
+        train(Path(__file__).resolve().parent.parent / "configs" / "tiny_cpu.yaml", **setup, output_dir=str(run),
+              num_workers=workers, save_every=1000)
+    finally:
+        laid.loading.BY_VALUE_BYTES = limit
     seconds = time.perf_counter() - start
-    shares = [json.loads(line)["data_wait_share"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    result = {"workers": workers, "steps": len(shares), "seconds": seconds, "wait_share_mean": float(np.mean(shares)),
-              "wait_share_mean_after_step_1": float(np.mean(shares[1:])), "wait_share_max": max(shares),
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    shares = [m["data_wait_share"] for m in metrics]
+    epoch_start = [s for k, (m, s) in enumerate(zip(metrics, shares)) if k and m["epoch"] != metrics[k - 1]["epoch"]]
+    within = [s for k, (m, s) in enumerate(zip(metrics, shares)) if k and m["epoch"] == metrics[k - 1]["epoch"]]
+    result = {"workers": workers, "variant": variant, "repeat": repeat, "steps": len(shares), "seconds": seconds,
+              "wait_share_mean": float(np.mean(shares)), "wait_share_mean_after_step_1": float(np.mean(shares[1:])),
+              "wait_share_epoch_starts": float(np.mean(epoch_start)) if epoch_start else None,
+              "wait_share_within_epochs": float(np.mean(within)), "wait_share_max": max(shares),
               "wait_shares": shares, "load_average": os.getloadavg()[0]}
-    print(f"training with {workers} workers: {len(shares)} steps in {seconds:.0f} s, data_wait_share mean "
-          f"{result['wait_share_mean']:.3f}, max {result['wait_share_max']:.3f}", flush=True)
+    print(f"training with {workers} workers, {variant} (run {repeat + 1}): {len(shares)} steps in {seconds:.0f} s, "
+          f"data_wait_share after step 1 {result['wait_share_mean_after_step_1']:.3f}, max "
+          f"{result['wait_share_max']:.3f} (load average {result['load_average']:.1f})", flush=True)
     return result
 
 
 def wait_report(waits: list[dict]) -> str:
-    """Markdown table of the tiny CPU training runs' data_wait_share per worker count."""
-    lines = ["| training workers | steps | run s | wait share mean | mean after step 1 | max |",
-             "|---|---|---|---|---|---|"]
-    for w in waits:
-        lines.append(f"| {w['workers']} | {w['steps']} | {w['seconds']:.0f} | {w['wait_share_mean']:.3f} | "
-                     f"{w['wait_share_mean_after_step_1']:.3f} | {w['wait_share_max']:.3f} |")
+    """Markdown table of the tiny CPU training runs' data_wait_share per worker count and variant: the mean over
+    runs (the range over runs in brackets when there are several)."""
+    columns = ("wait_share_mean_after_step_1", "wait_share_epoch_starts", "wait_share_within_epochs",
+               "wait_share_max", "seconds")
+    lines = ["| training workers | variant | runs | steps | wait share after step 1 | at epoch starts | "
+             "within epochs | max | run s |", "|---|---|---|---|---|---|---|---|---|"]
+    for workers, variant in sorted({(w["workers"], w["variant"]) for w in waits}, key=lambda k: (k[0], k[1])):
+        runs = [w for w in waits if (w["workers"], w["variant"]) == (workers, variant)]
+        cells = []
+        for column in columns:
+            values = [w[column] for w in runs if w[column] is not None]
+            digits = 0 if column == "seconds" else 3
+            cell = f"{np.mean(values):.{digits}f}" if values else "-"
+            cells.append(cell + (f" ({min(values):.{digits}f}-{max(values):.{digits}f})" if len(values) > 1 else ""))
+        lines.append(f"| {workers} | {variant} | {len(runs)} | {runs[0]['steps']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -204,10 +249,13 @@ def plot_wait(waits: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for w in waits:
-        ax.plot(range(1, w["steps"] + 1), w["wait_shares"], marker="o", label=f"{w['workers']} workers")
-    ax.set_title("tiny CPU training (configs/tiny_cpu.yaml): time waiting for data")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for workers, variant in sorted({(w["workers"], w["variant"]) for w in waits}):
+        runs = [w["wait_shares"] for w in waits if (w["workers"], w["variant"]) == (workers, variant)]
+        steps = min(len(r) for r in runs)
+        ax.plot(range(1, steps + 1), np.mean([r[:steps] for r in runs], axis=0), marker="o",
+                linestyle="--" if variant == "before" else "-", label=f"{workers} workers, {variant}")
+    ax.set_title("tiny CPU training (configs/tiny_cpu.yaml): waiting for data, mean of runs", fontsize=10)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("data_wait_share")
     ax.legend()

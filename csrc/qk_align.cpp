@@ -43,9 +43,10 @@ inline v16 loadu(const float* p) {
 inline void storeu(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
 
 // Stops the compiler from folding a reused load into every instruction that reads it (GCC otherwise reloads the
-// value from L1 once per use, which makes the products load-bound).
+// value from L1 once per use, which makes the products load-bound). Only with AVX-512, where a v16 fits one
+// register: on an AVX2-only CPU the constraint is impossible (a compile error), and the compiler splits v16 in two.
 inline void keep_in_register(v16& v) {
-#if defined(__x86_64__)
+#if defined(__x86_64__) && defined(__AVX512F__)
   asm volatile("" : "+v"(v));
 #endif
 }

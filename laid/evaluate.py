@@ -47,7 +47,7 @@ import torch
 
 from .data import build_messages, first_missing_image, haystack_order, load_vhs, pixel_budget, vhs_json_name
 from .image_cache import ImageCache, image_cache_dir
-from .loading import loader_options
+from .loading import by_value, loader_options
 from .prompt_inputs import encode_prompt, model_inputs
 from .scoring import vhs_metrics
 
@@ -301,6 +301,7 @@ def evaluate(model_or_path, data: str | Path, sizes=SIZES, method: str = "baseli
         prompts = HaystackPrompts(pending, image_root, processor, seed=seed,
                                   image_cache=ImageCache(image_cache_dir(image_cache)))
         loader = torch.utils.data.DataLoader(prompts, batch_size=None,
+                                             collate_fn=by_value(torch.utils.data.default_convert),
                                              **loader_options(num_workers, device, persistent=False))
         for item in loader:
             start = time.perf_counter()

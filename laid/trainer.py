@@ -42,7 +42,7 @@ from .checkpoint import RunState, check_output_dir, clear_run, export, load_chec
 from .config import LAidConfig
 from .data import VHsDataset, collate, first_missing_image
 from .image_cache import ImageCache, image_cache_dir
-from .loading import loader_options
+from .loading import by_value, loader_options
 from .losses import LAidObjective
 from .mixer import HeadMixer
 from .models import head_dim, load_processor, load_student, load_teacher, merge_lora, shard_teacher, text_config
@@ -196,7 +196,7 @@ def train(config: LAidConfig | str | Path | None = None, /, **overrides) -> dict
                          task=config.task, image_cache=ImageCache(image_cache_dir(config.image_cache)))
     check_images(dataset.entries, Path(config.image_root), config.data)
     collate_fn = partial(collate, pad_token_id=processor.tokenizer.pad_token_id)
-    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, collate_fn=collate_fn,
+    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, collate_fn=by_value(collate_fn),
                         **loader_options(config.num_workers, device))
     teacher = (load_teacher(config.teacher, device=device, attn_implementation=config.attn_implementation)
                if config.needs_teacher else None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from qwen_vl_utils import fetch_image
 from laid.cli import main
 from laid.data import synth_benchmark
 from laid.image_cache import ImageCache, fill_cache, image_cache_dir
-from laid.loading import default_workers, loader_options
+from laid.loading import BY_VALUE_BYTES, ByValue, by_value, default_workers, loader_options
 from laid.tiny import save_tiny_processor
 
 
@@ -100,6 +101,55 @@ def test_loader_options_fit_the_machine(monkeypatch):
     assert loader_options(0, torch.device("cuda")) == {"num_workers": 0, "pin_memory": True}
     with pytest.raises(ValueError, match="num_workers must be >= 0"):
         loader_options(-1, torch.device("cpu"))
+
+
+def _tensors():
+    """Small tensors of several dtypes and shapes (0-d, empty, a non-contiguous view) and two larger ones."""
+    return {"ids": torch.arange(7), "grid": torch.tensor([[1, 4, 6]]), "pixels": torch.arange(99, dtype=torch.uint8),
+            "half": torch.linspace(-2, 2, 6, dtype=torch.bfloat16).view(2, 3), "scalar": torch.tensor(2.5),
+            "mask": torch.tensor([True, False]), "empty": torch.zeros(0, 4), "view": torch.arange(12.0).view(3, 4).t(),
+            "at_limit": torch.ones(BY_VALUE_BYTES, dtype=torch.uint8),
+            "nested": [{"deep": (torch.arange(3, dtype=torch.int32), "text")}],
+            "large": torch.arange(BY_VALUE_BYTES // 8 + 1), "number": 3}
+
+
+class _Items(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        return _tensors()
+
+
+def _leaves(value, key=""):
+    """(path, leaf) of every value in nested dicts / lists / tuples."""
+    if isinstance(value, dict):
+        return [leaf for k, v in value.items() for leaf in _leaves(v, f"{key}/{k}")]
+    if isinstance(value, (list, tuple)):
+        return [leaf for k, v in enumerate(value) for leaf in _leaves(v, f"{key}/{k}")]
+    return [(key, value)]
+
+
+def test_small_tensors_leave_a_worker_by_value_large_ones_through_shared_memory():
+    expected = _leaves(_tensors())
+    loader = torch.utils.data.DataLoader(_Items(), batch_size=None, num_workers=1,
+                                         collate_fn=by_value(torch.utils.data.default_convert))
+    for batch in loader:
+        got = _leaves(batch)
+        assert [k for k, _ in got] == [k for k, _ in expected]
+        for (key, value), (_, want) in zip(got, expected):
+            if not isinstance(want, torch.Tensor):
+                assert value == want, key
+                continue
+            assert isinstance(value, torch.Tensor), key
+            assert value.dtype == want.dtype and value.shape == want.shape and torch.equal(value, want), key
+            # torch's own transfer leaves a tensor in shared memory; by value it arrives in ordinary memory
+            assert value.is_shared() == (key == "/large"), key
+    items = [_tensors()]
+    assert by_value(lambda batch: batch)(items) is items  # in the main process (num_workers=0): unchanged
+    small = torch.arange(5.0)
+    back = pickle.loads(pickle.dumps(ByValue(small)))
+    assert back.dtype == small.dtype and torch.equal(back, small) and back.add_(1)[0] == 1  # writable
 
 
 def test_data_cache_cli_fills_the_cache_for_eval_and_training_bounds(tmp_path, capsys):
