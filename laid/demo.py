@@ -237,6 +237,11 @@ class FamilyRecipe:
     gate_chunk_steps: int = 200
     gate_max_chunks: int = 8
     gate_questions: int = 64
+    # Fixed chunks per gated stage instead of the gate (one count per curriculum size; gates are still scored and
+    # logged), and whether the student trains the teacher's counts (read from out/logs/teacher_gates.jsonl, so
+    # the teacher builds first): the same steps and data for both, the schedule set by the teacher's gates.
+    stage_chunks: tuple[int, ...] = ()
+    student_follows_teacher: bool = False
 
 
 @dataclass(frozen=True)
@@ -270,6 +275,9 @@ def _family_stages(recipe: FamilyRecipe) -> list[_Stage]:
             raise ValueError(f"recipe: need 0 < gate_accuracy <= 1 and gate_chunk_steps, gate_max_chunks, "
                              f"gate_questions >= 1, got {r.gate_accuracy}, {r.gate_chunk_steps}, "
                              f"{r.gate_max_chunks}, {r.gate_questions}")
+        if r.stage_chunks and (len(r.stage_chunks) != len(r.curriculum) or min(r.stage_chunks) < 1):
+            raise ValueError(f"recipe: stage_chunks needs one count >= 1 per curriculum size {r.curriculum}, got "
+                             f"{r.stage_chunks}")
         return [align] + [_Stage(f"reach{m}", "retrieval", r.gate_chunk_steps,
                                  r.batch_size if m <= 30 else r.long_batch_size, 1 if m <= 30 else r.long_grad_accum,
                                  1, m, r.lr if m == 1 else r.find_lr, gated=True) for m in r.curriculum]
@@ -323,6 +331,19 @@ def _write_once(folder: Path, write) -> None:
         if not folder.is_dir():
             raise
         shutil.rmtree(tmp)
+
+
+def _chunks_trained(teacher_log: Path, stages: list[_Stage]) -> tuple[int, ...]:
+    """How many chunks the teacher trained in each gated stage, from its gate log (``student_follows_teacher``)."""
+    if not teacher_log.is_file():
+        raise FileNotFoundError(f"student_follows_teacher: {teacher_log} not found; build the teacher first "
+                                f"(roles teacher, then student, or both in one call)")
+    rows = [json.loads(line) for line in teacher_log.read_text().splitlines()]
+    counts = tuple(sum(row["stage"] == stage.name for row in rows) for stage in stages if stage.gated)
+    if min(counts) < 1:
+        raise ValueError(f"student_follows_teacher: {teacher_log} lacks a gated stage of this recipe "
+                         f"({[stage.name for stage in stages if stage.gated]}); was the teacher built with it?")
+    return counts
 
 
 def _gate_data(work: Path, images: int, recipe: FamilyRecipe) -> Path:
@@ -423,10 +444,14 @@ def build_family(out_dir: str | Path, *, recipe: FamilyRecipe = FamilyRecipe(), 
         weights = work / f"{role}_init"
         save_tiny_model(weights, tiny_qwen25vl_config(**shape), seed=seed)
         retrain = False  # once a stage trains, the stages after it start from new weights
+        fixed = recipe.stage_chunks
+        if role == "student" and recipe.student_follows_teacher and recipe.curriculum:
+            fixed = _chunks_trained(out / "logs" / "teacher_gates.jsonl", stages)
+        fixed_chunks = dict(zip([stage.name for stage in stages if stage.gated], fixed))
         gate_log = out / "logs" / f"{role}_gates.jsonl"
         gate_log.unlink(missing_ok=True)
         for k, stage in enumerate(stages):
-            chunks = range(1, recipe.gate_max_chunks + 1) if stage.gated else [None]
+            chunks = (range(1, fixed_chunks.get(stage.name, recipe.gate_max_chunks) + 1) if stage.gated else [None])
             for chunk in chunks:
                 name = stage.name if chunk is None else f"{stage.name}_{chunk}"
                 data_seed = recipe.seed + 303 + k + (0 if chunk is None else 1000 * chunk)
@@ -444,7 +469,7 @@ def build_family(out_dir: str | Path, *, recipe: FamilyRecipe = FamilyRecipe(), 
                     gate = _gate(run_dir, processor, _gate_data(work, stage.max_images, recipe), retrain)
                     with gate_log.open("a") as log:
                         log.write(json.dumps({"stage": stage.name, "chunk": chunk, **gate}) + "\n")
-                    if gate["yes_no"] >= recipe.gate_accuracy:
+                    if not fixed_chunks and gate["yes_no"] >= recipe.gate_accuracy:
                         break
         shutil.rmtree(out / role, ignore_errors=True)
         shutil.copytree(weights, out / role,
@@ -472,11 +497,12 @@ def recipe_from_json(text: str) -> FamilyRecipe:
             if not (isinstance(sizes, list) and len(sizes) == 2 and all(isinstance(n, int) for n in sizes)):
                 raise ValueError(f"recipe: {name} must be a list of two ints [fewest, most], got {sizes!r}")
             fields[name] = tuple(sizes)
-    if "curriculum" in fields:
-        sizes = fields["curriculum"]
-        if not (isinstance(sizes, list) and all(isinstance(n, int) for n in sizes)):
-            raise ValueError(f"recipe: curriculum must be a list of ints (haystack sizes), got {sizes!r}")
-        fields["curriculum"] = tuple(sizes)
+    for name in ("curriculum", "stage_chunks"):
+        if name in fields:
+            values = fields[name]
+            if not (isinstance(values, list) and all(isinstance(n, int) for n in values)):
+                raise ValueError(f"recipe: {name} must be a list of ints, got {values!r}")
+            fields[name] = tuple(values)
     recipe = replace(FamilyRecipe(), **fields)
     _family_stages(recipe)  # checks the sizes
     return recipe

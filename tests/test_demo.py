@@ -136,7 +136,7 @@ def test_default_recipe_is_the_committed_familys():
     assert asdict(FamilyRecipe()) == {"long_batch_size": 1, "image_size": 56, "wide_images": (2, 20),
                                       "long_images": (1, 150), "retrieval_share": 0.5, "curriculum": (),
                                       "gate_accuracy": 0.9, "gate_chunk_steps": 200, "gate_max_chunks": 8,
-                                      "gate_questions": 64,
+                                      "gate_questions": 64, "stage_chunks": (), "student_follows_teacher": False,
                                       **json.loads((FAMILY_DIR / "logs" / "recipe.json").read_text())}
 
 
@@ -285,8 +285,24 @@ def test_gated_curriculum_trains_each_stage_until_its_gate(tmp_path, monkeypatch
     build_family(tmp_path / "family", recipe=replace(recipe, gate_questions=3), work_dir=tmp_path / "work",
                  roles=("teacher",))
     assert scored[0] == ("teacher_reach1_1", {1})  # another gate set: the chunks are scored again, not retrained
+    scored.clear()
+    with pytest.raises(FileNotFoundError, match="build the teacher first"):
+        build_family(tmp_path / "other", recipe=replace(recipe, student_follows_teacher=True),
+                     work_dir=tmp_path / "work", roles=("student",))
+    build_family(family, recipe=replace(recipe, student_follows_teacher=True), work_dir=tmp_path / "work",
+                 roles=("student",))
+    assert [name for name, _ in scored] == ["student_reach1_1", "student_reach1_2", "student_reach1_3",
+                                            "student_reach40_1", "student_reach40_2"]  # the teacher's chunks
+    scored.clear()
+    build_family(family, recipe=replace(recipe, stage_chunks=(1, 2)), work_dir=tmp_path / "work",
+                 roles=("student",))
+    # one reach1 chunk (reused, as its gate record) and two reach40 chunks, retrained from that chunk's weights
+    assert [name for name, _ in scored] == ["student_reach40_1", "student_reach40_2"]
+    assert LAidConfig.from_yaml(tmp_path / "work" / "student_reach40_1" / "config.yaml").student.endswith(
+        "student_reach1_1/final")
     for bad, message in (('{"curriculum": [4, 2]}', "increasing haystack sizes"), ('{"curriculum": 4}', "list of"),
-                         ('{"curriculum": [4], "gate_accuracy": 0}', "0 < gate_accuracy")):
+                         ('{"curriculum": [4], "gate_accuracy": 0}', "0 < gate_accuracy"),
+                         ('{"curriculum": [1, 4], "stage_chunks": [2]}', "one count >= 1 per curriculum size")):
         with pytest.raises(ValueError, match=message):
             recipe_from_json(bad)
 
