@@ -10,9 +10,8 @@ training data). A stage's training time is the time between its ``config.yaml`` 
 its ``final/summary.json``; the curve's x axis adds them up per role. Answers are kept under ``OUT/eval`` (a rerun scores only new stages);
 ``OUT/curve.json`` and ``OUT/curve.md`` hold the table: one row per (role, stage), accuracy (%) per size and the
 mean over 50-150; ``OUT/curve.png`` plots, per role, the mean over 1 and 2 images and the mean over 50-150 against
-the cumulative training minutes. A gated build's chunk records (``gate.json``: teacher-forced accuracy on the
-stage's held-out gate set) go to ``OUT/gates.md`` / ``curve.json`` and ``OUT/gates.png`` (accuracy against the
-cumulative training minutes), without any scoring.
+the cumulative training minutes. A gated build's own gate records are tabulated by
+``benchmarks/family_gates.py``.
 """
 
 from __future__ import annotations
@@ -79,21 +78,6 @@ def plot(rows: list[dict], path: Path) -> Path:
     return _save(figure, axis, path)
 
 
-def plot_gates(gates: list[dict], path: Path) -> Path:
-    """Per role: each gated chunk's accuracy on its stage's gate set against cumulative training minutes."""
-    figure, axis = _axes()
-    for role in dict.fromkeys(g["role"] for g in gates):
-        mine = [g for g in gates if g["role"] == role]
-        axis.plot([g["train_minutes"] for g in mine], [100 * g["accuracy"] for g in mine], marker="o", label=role)
-        for g in mine:
-            if g["chunk"] == "1":
-                axis.annotate(g["stage"], (g["train_minutes"], 100 * g["accuracy"]), fontsize=7,
-                              textcoords="offset points", xytext=(2, -10))
-    axis.set(xlabel="training minutes (cumulative, this machine)", ylabel="gate accuracy (%)", ylim=(0, 100),
-             title="gated curriculum: teacher-forced accuracy at each stage's size")
-    return _save(figure, axis, path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", required=True, type=Path)
@@ -107,15 +91,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    rows, gates = [], []
+    rows = []
     for role in args.roles:
         minutes = 0.0
         runs = trained_runs(args.work, role)
         for k, (stage, run_dir) in enumerate(runs):
             minutes += stage_minutes(run_dir)
-            if (run_dir / "gate.json").is_file():
-                gates.append({"role": role, "stage": stage, "chunk": run_dir.name.rsplit("_", 1)[1],
-                              "train_minutes": round(minutes, 1), **json.loads((run_dir / "gate.json").read_text())})
             last_chunk = k + 1 == len(runs) or runs[k + 1][0] != stage
             if not last_chunk or (args.stages and stage not in args.stages):
                 continue
@@ -127,15 +108,7 @@ def main() -> None:
             rows.append({"role": role, "stage": stage, "train_minutes": round(minutes, 1), "accuracy": acc,
                          "mean_50_150": round(sum(long) / len(long), 1) if long else None})
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "curve.json").write_text(json.dumps({"limit": args.limit, "rows": rows, "gates": gates}, indent=1))
-    if gates:
-        lines = ["| model | stage | chunk | training minutes (cumulative) | gate accuracy | yes/no | what else |",
-                 "|---|---|---|---|---|---|---|"]
-        lines += [f"| {g['role']} | {g['stage']} | {g['chunk']} | {g['train_minutes']:.1f} | {100 * g['accuracy']:.1f} | "
-                  f"{100 * g['yes_no']:.1f} | {100 * g['what_else']:.1f} |" for g in gates]
-        (args.out / "gates.md").write_text("\n".join(lines) + "\n")
-        print("\n".join(lines))
-        print(plot_gates(gates, args.out / "gates.png"))
+    (args.out / "curve.json").write_text(json.dumps({"limit": args.limit, "rows": rows}, indent=1))
     header = ("| model | stage | training minutes (cumulative) | " + " | ".join(map(str, args.sizes)) +
               " | mean 50-150 |")
     lines = [header, "|" + "---|" * (4 + len(args.sizes))]
