@@ -7,7 +7,8 @@
 trained; a gated curriculum's stages train in chunks, ``<role>_reach<M>_<chunk>``, and only each stage's last chunk
 is scored); ``--test`` a ``laid data synth --sizes`` benchmark drawn with its own seed (no image shared with the
 training data). A stage's training time is the time between its ``config.yaml`` (written when the stage starts) and
-its ``final/summary.json``; the curve's x axis adds them up per role. Answers are kept under ``OUT/eval`` (a rerun scores only new stages);
+its ``final/summary.json``; the curve's x axis adds them up per role. Answers are kept under ``OUT/eval`` (a rerun
+scores only new stages);
 ``OUT/curve.json`` and ``OUT/curve.md`` hold the table: one row per (role, stage), accuracy (%) per size and the
 mean over 50-150; ``OUT/curve.png`` plots, per role, the mean over 1 and 2 images and the mean over 50-150 against
 the cumulative training minutes. A gated build's own gate records are tabulated by

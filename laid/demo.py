@@ -363,8 +363,8 @@ def _gate(run_dir: Path, processor: Path, data: Path, retrained: bool) -> dict:
     (``config.yaml`` to ``final/summary.json``), the gate set and ``answer_accuracy`` of ``run_dir/final`` on it."""
     path = run_dir / "gate.json"
     if retrained or not path.is_file() or json.loads(path.read_text()).get("gate_set") != str(data):
-        minutes = ((run_dir / "final" / "summary.json").stat().st_mtime - (run_dir / "config.yaml").stat().st_mtime) / 60
-        record = {"train_minutes": round(minutes, 2), "gate_set": str(data),
+        seconds = (run_dir / "final" / "summary.json").stat().st_mtime - (run_dir / "config.yaml").stat().st_mtime
+        record = {"train_minutes": round(seconds / 60, 2), "gate_set": str(data),
                   **answer_accuracy(run_dir / "final", processor, data)}
         path.write_text(json.dumps(record, indent=1))
     return json.loads(path.read_text())
@@ -403,7 +403,8 @@ def family_config(init: Path, processor: Path, data: Path, output_dir: Path, sta
         student=str(init), processor=str(processor), data=str(data), image_root=str(data.parent), task=stage.task,
         max_images=stage.max_images, lambda_laid=0.0, lambda_kl=0.0, lambda_sft=1.0, train_vision=True,
         lr=stage.lr * STUDENT_SHAPE["hidden"] / hidden, weight_decay=0.0, epochs=1, max_steps=stage.steps,
-        batch_size=stage.batch_size, grad_accum=stage.grad_accum, warmup_ratio=0.05, precision="fp32", attn_implementation="sdpa",
+        batch_size=stage.batch_size, grad_accum=stage.grad_accum, warmup_ratio=0.05, precision="fp32",
+        attn_implementation="sdpa",
         gradient_checkpointing=False, save_every=10**9, keep_checkpoints=1, seed=seed, output_dir=str(output_dir))
 
 
