@@ -62,7 +62,7 @@ class ByValue:
 
 def _tensor(data: np.ndarray, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     """The tensor of a pickled :class:`ByValue`: ``data`` (its bytes, uint8 [n]) seen as ``dtype`` [*shape]."""
-    return torch.from_numpy(data).view(dtype).view(shape)
+    return torch.from_numpy(data).view(dtype).view(shape).clone()  # its own storage, not a view of the pickle's
 
 
 def by_value(collate_fn: Callable) -> Callable:
