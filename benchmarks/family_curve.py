@@ -23,34 +23,11 @@ from pathlib import Path
 
 import torch
 
+from family_gates import accuracy_plot
+from laid.demo import stage_minutes
 from laid.evaluate import evaluate
 
 LONG = (50, 100, 150)
-
-
-def stage_minutes(run_dir: Path) -> float:
-    """Wall minutes of one finished stage: from its config.yaml to its final/summary.json."""
-    return ((run_dir / "final" / "summary.json").stat().st_mtime - (run_dir / "config.yaml").stat().st_mtime) / 60
-
-
-def _axes():
-    """A (figure, axis) pair of the curve plots' size, on the Agg backend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(figsize=(7, 4))
-
-
-def _save(figure, axis, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
 
 
 def trained_runs(work: Path, role: str) -> list[tuple[str, Path]]:
@@ -64,19 +41,19 @@ def trained_runs(work: Path, role: str) -> list[tuple[str, Path]]:
 
 def plot(rows: list[dict], path: Path) -> Path:
     """Per role: mean accuracy at 1-2 images (dashed) and at 50-150 images (solid) against training minutes."""
-    figure, axis = _axes()
-    for role in dict.fromkeys(row["role"] for row in rows):
-        mine = [row for row in rows if row["role"] == role]
-        minutes = [row["train_minutes"] for row in mine]
-        short = [sum(row["accuracy"].get(s, float("nan")) for s in (1, 2)) / 2 for row in mine]
-        line, = axis.plot(minutes, [row["mean_50_150"] for row in mine], marker="o", label=f"{role}, 50-150 images")
-        axis.plot(minutes, short, marker="o", ls="--", color=line.get_color(), label=f"{role}, 1-2 images")
-        for row, x, y in zip(mine, minutes, short):
-            axis.annotate(row["stage"], (x, y), fontsize=7, textcoords="offset points", xytext=(2, 4))
-    axis.axhline(50, color="grey", lw=0.5)
-    axis.set(xlabel="training minutes (cumulative, this machine)", ylabel="accuracy (%)", ylim=(0, 100),
-             title="family build: accuracy after each stage")
-    return _save(figure, axis, path)
+    def draw(axis):
+        for role in dict.fromkeys(row["role"] for row in rows):
+            mine = [row for row in rows if row["role"] == role]
+            minutes = [row["train_minutes"] for row in mine]
+            short = [sum(row["accuracy"].get(s, float("nan")) for s in (1, 2)) / 2 for row in mine]
+            line, = axis.plot(minutes, [row["mean_50_150"] for row in mine], marker="o",
+                              label=f"{role}, 50-150 images")
+            axis.plot(minutes, short, marker="o", ls="--", color=line.get_color(), label=f"{role}, 1-2 images")
+            for row, x, y in zip(mine, minutes, short):
+                axis.annotate(row["stage"], (x, y), fontsize=7, textcoords="offset points", xytext=(2, 4))
+        axis.axhline(50, color="grey", lw=0.5)
+    return accuracy_plot(path, draw, "training minutes (cumulative, this machine)",
+                         "family build: accuracy after each stage")
 
 
 def main() -> None:

@@ -48,7 +48,8 @@ def eval_row(name: str, folder: Path) -> dict:
     return {"model": name, "accuracy": accuracy, "std": std, **means}
 
 
-def _plot(path: Path, draw, xlabel: str, title: str) -> Path:
+def accuracy_plot(path: Path, draw, xlabel: str, title: str) -> Path:
+    """Write ``draw(axis)``'s lines to ``path`` on an accuracy (%) axis from 0 to 100, with a legend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -110,8 +111,9 @@ def main() -> None:
                   f"{100 * g['yes_no']:.1f} | {100 * g['what_else']:.1f} |" for g in gates]
         (args.out / "gates.md").write_text("\n".join(lines) + "\n")
         print("\n".join(lines))
-        print(_plot(args.out / "gates.png", draw_gates(gates), "training minutes of the gated stages (cumulative)",
-                    "gated curriculum: teacher-forced accuracy on each stage's gate set"))
+        print(accuracy_plot(args.out / "gates.png", draw_gates(gates),
+                            "training minutes of the gated stages (cumulative)",
+                            "gated curriculum: teacher-forced accuracy on each stage's gate set"))
     if evals:
         sizes = sorted({size for row in evals for size in row["accuracy"]})
         lines = ["| model | " + " | ".join(map(str, sizes)) + " | mean 1-2 | mean 50-150 |",
@@ -122,8 +124,8 @@ def main() -> None:
             lines.append("| " + " | ".join([row["model"], *cells, *means]) + " |")
         (args.out / "accuracy.md").write_text("\n".join(lines) + "\n")
         print("\n".join(lines))
-        print(_plot(args.out / "accuracy.png", draw_accuracy(evals), "images in the haystack",
-                    "laid eval (greedy), bootstrap std"))
+        print(accuracy_plot(args.out / "accuracy.png", draw_accuracy(evals), "images in the haystack",
+                            "laid eval (greedy), bootstrap std"))
 
 
 if __name__ == "__main__":

@@ -358,13 +358,18 @@ def _gate_data(work: Path, images: int, recipe: FamilyRecipe) -> Path:
     return folder / "retrieval_synth.json"
 
 
+def stage_minutes(run_dir: Path) -> float:
+    """Wall minutes of one finished ``laid.train`` run: from its config.yaml (written at the start) to its
+    final/summary.json."""
+    return ((run_dir / "final" / "summary.json").stat().st_mtime - (run_dir / "config.yaml").stat().st_mtime) / 60
+
+
 def _gate(run_dir: Path, processor: Path, data: Path, retrained: bool) -> dict:
     """A gated chunk's record, ``run_dir/gate.json`` (computed once per gate set): its training minutes
     (``config.yaml`` to ``final/summary.json``), the gate set and ``answer_accuracy`` of ``run_dir/final`` on it."""
     path = run_dir / "gate.json"
     if retrained or not path.is_file() or json.loads(path.read_text()).get("gate_set") != str(data):
-        seconds = (run_dir / "final" / "summary.json").stat().st_mtime - (run_dir / "config.yaml").stat().st_mtime
-        record = {"train_minutes": round(seconds / 60, 2), "gate_set": str(data),
+        record = {"train_minutes": round(stage_minutes(run_dir), 2), "gate_set": str(data),
                   **answer_accuracy(run_dir / "final", processor, data)}
         path.write_text(json.dumps(record, indent=1))
     return json.loads(path.read_text())

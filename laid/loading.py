@@ -12,8 +12,9 @@ a long haystack, so both loops build items in worker processes while the model c
 - small tensors by value (:func:`by_value`): a worker hands each tensor of a batch to the main process through a
   shared-memory segment of its own, about a millisecond per tensor however small it is, and a batch of tiny items
   is mostly small tensors (ids, masks, labels, grids). Those of at most ``BY_VALUE_BYTES`` travel inside the
-  pickled batch instead (copied twice, microseconds for a kilobyte); larger ones, such as the 138 MB of
-  ``image_pixels`` of a 150-image item, keep shared memory, which copies nothing.
+  pickled batch instead (copied three times, microseconds for a kilobyte: each received tensor owns its memory);
+  larger ones, such as the 138 MB of ``image_pixels`` of a 150-image item, keep shared memory, which copies
+  nothing.
 """
 
 from __future__ import annotations
