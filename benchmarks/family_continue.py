@@ -4,12 +4,13 @@
         --role student --processor runs/family/processor --test runs/test28 --chunk-steps 150 --chunks 4 \
         --out runs/continue_student
 
-The protocol of ``shared/notes/demo-family-long-window.md``: chunks of ``--chunk-steps`` steps of the recipe's long
-stage (``synth_retrieval``, ``long_images``: 1 to 150 images, log-uniform, ``long_batch_size`` haystacks per
-micro-batch, ``long_grad_accum`` micro-batches per step, a fresh data seed per chunk: 900 + chunk), each from the
-previous chunk's export, at the role's long-stage learning rate (``family_config``: the student's rate scaled by
+The protocol of ``shared/notes/demo-family-long-window.md``: chunks of ``--chunk-steps`` steps of the recipe's last
+stage (``synth_retrieval``; the committed recipe's ``reach150``: 1 to 150 images, log-uniform, ``long_batch_size``
+haystacks per micro-batch, ``long_grad_accum`` micro-batches per step, a fresh data seed per chunk: 900 + chunk), each
+from the previous chunk's export, at that stage's learning rate (``family_config``: the student's rate scaled by
 64 / hidden). ``--recipe`` takes ``FamilyRecipe`` fields as JSON (default: the committed recipe), e.g.
-``'{"long_images": [10, 150], "retrieval_share": 0.75, "long_grad_accum": 2}'``. Prints and writes ``OUT/continue.md`` /
+``'{"curriculum": [], "long_images": [10, 150], "long_grad_accum": 2}'`` for the fixed stages' long one. Prints and
+writes ``OUT/continue.md`` /
 ``OUT/continue.json``: training minutes (cumulative over chunks) and accuracy (%) per size.
 """
 

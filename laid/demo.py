@@ -176,32 +176,29 @@ def run_demo(out_dir: str | Path = "runs/demo", *, grid: DemoGrid = QUICK, famil
 
 @dataclass(frozen=True)
 class FamilyRecipe:
-    """How ``build_family`` trains both models: the same five SFT stages, data and settings for each.
+    """How ``build_family`` trains both models: the same stages, data and settings for each.
+
+    The default (the committed family's recipe, its ``logs/recipe.json``) is an accuracy-gated curriculum: every
+    image is one visual token (``image_size`` 28), then
 
     1. align: captions of single images (``synth_captions``), so the vision tower learns the objects from a
        first-order signal (a yes/no answer depends on the image only through the question, which a model trained
        from scratch does not learn to use in any affordable number of steps);
-    2. single: haystacks of one image, where the question-image matching is learned cheaply (about 1,000 steps;
-       with haystacks of 1 to 4 images the student was still at chance after 1,400);
-    3. find: haystacks of 2 to 4 images, half of the questions asking what else the anchor's image shows
-       (``synth_retrieval``): the first-order signal for attending to the needle image (on yes/no questions alone
-       both models stayed at chance from two images on);
-    4. wide: the same on 2 to 20 images;
-    5. long: the same on 1 to 150 images, log-uniform sizes, ``long_batch_size`` haystacks per micro-batch (one:
-       no padding), at a lower learning rate (at the single stage's rate the student forgot the single-image skill:
-       95% -> 58% at one image).
+    2. "reach<M>" for each size M in ``curriculum`` (1, 4, 10, 30, 150): haystacks of 1 to M images, three
+       "what else is in the anchor's image?" questions (``synth_retrieval``, the first-order signal for attending
+       to the needle) in four yes/no ones, trained in chunks of ``gate_chunk_steps`` until the teacher-forced yes/no
+       accuracy on held-out haystacks of exactly M images reaches ``gate_accuracy`` (or ``gate_max_chunks``
+       chunks), since a model moved to longer haystacks while its retrieval at the current size was still soft did
+       not learn it there (benchmarks/RESULTS.md, "The family, session 3"). A stage at one image uses ``lr``, the
+       others ``find_lr``; sizes up to 30 take ``batch_size`` haystacks a step, longer ones ``long_batch_size`` x
+       ``long_grad_accum``.
 
-    ``curriculum`` replaces stages 2 to 5 by stages gated on accuracy: "reach<M>" for each size M in it, each
-    trained until the model answers held-out haystacks of M images (see the fields' comments), since a model moved to
-    longer haystacks while its retrieval at the current size is still soft did not learn it there (benchmarks/
-    RESULTS.md, "The family, session 3"). A gated stage at one image uses ``lr``; the others ``find_lr``; sizes up
-    to 30 take ``batch_size`` haystacks a step, longer ones ``long_batch_size`` x ``long_grad_accum``.
+    The teacher's gates set the schedule and the student trains the same chunks (``student_follows_teacher``): the
+    same steps and data for both. The student's own gates are still scored and logged.
 
-    The defaults are the committed family's recipe (its ``logs/recipe.json``). ``image_size=28`` shows every image
-    as one visual token (a 150-image prompt of about 540 tokens instead of about 990); measured on this VM, see
-    benchmarks/RESULTS.md, "The one-token family". ``wide_images`` / ``long_images`` move the wide and long stages
-    to other haystack sizes (a curriculum toward long haystacks) and ``retrieval_share`` asks more or fewer of the
-    questions that name the needle's other object (``synth_retrieval``); measured in "The family, session 3".
+    ``curriculum=()`` gives the fixed stages of the first family instead (``single_steps`` of haystacks of one
+    image, ``find_steps`` of 2 to 4 images, ``wide_steps`` of ``wide_images``, ``long_steps`` of ``long_images`` at
+    ``long_lr``; measured in RESULTS.md, "laid demo" and "The family, session 3").
 
     Learning rates are those of the student's hidden size (64) and scale by ``64 / hidden`` (the teacher, 128,
     takes half), as muP scales Adam's step with width: at the student's rate the teacher stayed at chance for the
@@ -215,33 +212,34 @@ class FamilyRecipe:
     long_steps: int = 400
     batch_size: int = 16  # examples per step in every stage but the long one
     long_batch_size: int = 1  # haystacks per micro-batch in the long stage (padded to the longest)
-    long_grad_accum: int = 8  # micro-batches per step in the long stage
+    long_grad_accum: int = 8  # micro-batches per step in the long stage (and in gated stages beyond 30 images)
     lr: float = 2e-3  # align and single stages
     find_lr: float = 1e-3  # find and wide stages
     long_lr: float = 3e-4
-    # pixels per side of every image, also the processor's minimum: 56 is 2 x 2 merged patches (4 visual tokens an
-    # image, the committed family), 28 one merged patch (one visual token an image)
-    image_size: int = 56
+    # pixels per side of every image, also the processor's minimum: 28 is one merged patch (one visual token an
+    # image, the committed family), 56 is 2 x 2 merged patches (4 visual tokens an image, the first family)
+    image_size: int = 28
     # haystack sizes (fewest, most images) of the wide and long stages: a curriculum moves most steps to long ones
     wide_images: tuple[int, int] = (2, 20)
     long_images: tuple[int, int] = (1, 150)
-    retrieval_share: float = 0.5  # share of "what else is there?" questions in the find, wide and long stages
+    retrieval_share: float = 0.75  # share of "what else is there?" questions in the find, wide and long stages
     seed: int = 0
     # Accuracy-gated curriculum (empty: the fixed stages above). Haystack sizes reached one after another: the
     # stage "reach<M>" trains on 1 to M images (log-uniform, retrieval_share "what else?" questions) in chunks of
     # gate_chunk_steps until the teacher-forced accuracy on gate_questions held-out yes/no questions (the benchmark's)
     # on haystacks of exactly M images reaches gate_accuracy, or gate_max_chunks chunks. It replaces the single,
     # find, wide and long stages.
-    curriculum: tuple[int, ...] = ()
+    curriculum: tuple[int, ...] = (1, 4, 10, 30, 150)
     gate_accuracy: float = 0.9
     gate_chunk_steps: int = 200
-    gate_max_chunks: int = 8
-    gate_questions: int = 64
-    # Fixed chunks per gated stage instead of the gate (one count per curriculum size; gates are still scored and
-    # logged), and whether the student trains the teacher's counts (read from out/logs/teacher_gates.jsonl, so
-    # the teacher builds first): the same steps and data for both, the schedule set by the teacher's gates.
+    gate_max_chunks: int = 10
+    gate_questions: int = 100
+    # Fixed chunks per gated stage instead of the gate, for both models (one count per curriculum size; gates are
+    # still scored and logged); else, with student_follows_teacher, the student trains the teacher's counts (read
+    # from out/logs/teacher_gates.jsonl, so the teacher builds first): the same steps and data for both, the
+    # schedule set by the teacher's gates.
     stage_chunks: tuple[int, ...] = ()
-    student_follows_teacher: bool = False
+    student_follows_teacher: bool = True
 
 
 @dataclass(frozen=True)
@@ -288,20 +286,22 @@ def _family_stages(recipe: FamilyRecipe) -> list[_Stage]:
             _Stage("long", "retrieval", r.long_steps, r.long_batch_size, r.long_grad_accum, *r.long_images, r.long_lr)]
 
 
-_DEFAULT_STAGES = {stage.name: stage for stage in _family_stages(FamilyRecipe())}
-
-
-FAMILY_STAGES = tuple(_DEFAULT_STAGES)  # in order; FamilyRecipe.<name>_steps
+# The fixed stages (``curriculum=()``), in order: FamilyRecipe.<name>_steps and the command line's --<name>-steps.
+_FIXED_STAGES = {stage.name: stage for stage in _family_stages(replace(FamilyRecipe(), curriculum=()))}
+FAMILY_STAGES = tuple(_FIXED_STAGES)
+# Data folders are named against the first family's recipe (the fixed stages' sizes, this share of "what else?"
+# questions), so that the folders of earlier builds keep their names and are reused.
+_FIRST_RETRIEVAL_SHARE = 0.5
 
 
 def _family_data(work: Path, stage: _Stage, image_size: int, seed: int, retrieval_share: float) -> Path:
     """The stage's training set under ``work/data/<stage>-<entries>-<image_size>px-seed<seed>``, with
-    ``-images<fewest>-<most>`` / ``-share<retrieval_share>`` when those differ from the default recipe's (one epoch
+    ``-images<fewest>-<most>`` / ``-share<retrieval_share>`` when those differ from the first family's (one epoch
     holds exactly its steps; a stage given more steps, other sizes, another image size or another seed gets a new
     set), written once."""
     n_entries = stage.steps * stage.batch_size * stage.grad_accum
     folder = f"{stage.name}-{n_entries}-{image_size}px-seed{seed}"
-    default = _DEFAULT_STAGES.get(stage.name, stage)
+    default = _FIXED_STAGES.get(stage.name, stage)
     if (stage.min_images, stage.max_images) != (default.min_images, default.max_images):
         folder += f"-images{stage.min_images}-{stage.max_images}"
     write, name = {"captions": (synth_captions, "captions_synth.json"),
@@ -311,7 +311,7 @@ def _family_data(work: Path, stage: _Stage, image_size: int, seed: int, retrieva
                                                         log_uniform=True)
     if stage.data == "retrieval":
         options["retrieval_share"] = retrieval_share
-        if retrieval_share != FamilyRecipe.retrieval_share:
+        if retrieval_share != _FIRST_RETRIEVAL_SHARE:
             folder += f"-share{retrieval_share:g}"
     folder = work / "data" / folder
     if not (folder / name).is_file():
@@ -451,7 +451,7 @@ def build_family(out_dir: str | Path, *, recipe: FamilyRecipe = FamilyRecipe(), 
         save_tiny_model(weights, tiny_qwen25vl_config(**shape), seed=seed)
         retrain = False  # once a stage trains, the stages after it start from new weights
         fixed = recipe.stage_chunks
-        if role == "student" and recipe.student_follows_teacher and recipe.curriculum:
+        if role == "student" and recipe.student_follows_teacher and recipe.curriculum and not fixed:
             fixed = _chunks_trained(out / "logs" / "teacher_gates.jsonl", stages)
         fixed_chunks = dict(zip([stage.name for stage in stages if stage.gated], fixed))
         gate_log = out / "logs" / f"{role}_gates.jsonl"

@@ -25,7 +25,7 @@ from laid.models import load_processor
 
 MINI = DemoGrid(seeds=(0,), steps=2, batch_size=2, train_entries=8, questions=2, sizes=(1, 150))
 MINI_RECIPE = FamilyRecipe(align_steps=2, single_steps=1, find_steps=1, wide_steps=1, long_steps=2, batch_size=2,
-                           long_batch_size=2, long_grad_accum=2, image_size=28)
+                           long_batch_size=2, long_grad_accum=2, image_size=28, curriculum=())  # the fixed stages
 REPO = Path(__file__).resolve().parent.parent
 STAGE_TASKS = {"align": "free", "single": "vhs", "find": "free", "wide": "free", "long": "free"}
 
@@ -120,7 +120,7 @@ def test_family_data_are_written_once_and_atomically(tmp_path):
 
 def test_demo_family_cli_builds_one_role(tmp_path, capsys):
     steps = [arg for stage in FAMILY_STAGES for arg in (f"--{stage}-steps", "1")]
-    recipe = '{"image_size": 28, "batch_size": 2, "long_grad_accum": 1}'
+    recipe = '{"curriculum": [], "batch_size": 2, "long_grad_accum": 1}'
     assert main(["demo", "family", "--out", str(tmp_path / "family"), "--roles", "student", "--recipe", recipe,
                  *steps]) == 0
     assert (tmp_path / "family" / "student" / "model.safetensors").is_file()
@@ -132,20 +132,18 @@ def test_demo_family_cli_builds_one_role(tmp_path, capsys):
 
 
 def test_default_recipe_is_the_committed_familys():
-    # the committed recipe.json predates the fields whose values that build had fixed in code
-    assert asdict(FamilyRecipe()) == {"long_batch_size": 1, "image_size": 56, "wide_images": (2, 20),
-                                      "long_images": (1, 150), "retrieval_share": 0.5, "curriculum": (),
-                                      "gate_accuracy": 0.9, "gate_chunk_steps": 200, "gate_max_chunks": 8,
-                                      "gate_questions": 64, "stage_chunks": (), "student_follows_teacher": False,
-                                      **json.loads((FAMILY_DIR / "logs" / "recipe.json").read_text())}
+    committed = (FAMILY_DIR / "logs" / "recipe.json").read_text()
+    assert set(json.loads(committed)) == set(asdict(FamilyRecipe()))  # every field recorded
+    assert recipe_from_json(committed) == FamilyRecipe()
+    assert FamilyRecipe().curriculum and FamilyRecipe().student_follows_teacher  # gated; the teacher sets the steps
 
 
 def test_recipe_haystack_sizes_and_retrieval_share_reach_the_stage_data(tmp_path):
     """wide_images / long_images set the stages' haystack sizes and retrieval_share the share of "what else is
-    there?" questions; a stage whose data differ from the default recipe's gets its own folder."""
+    there?" questions of the fixed stages; a stage whose data differ from the first family's gets its own folder."""
     from laid.demo import _family_data, _family_stages
 
-    recipe = recipe_from_json('{"long_images": [20, 30], "retrieval_share": 0.75, "long_steps": 2, '
+    recipe = recipe_from_json('{"curriculum": [], "long_images": [20, 30], "retrieval_share": 0.75, "long_steps": 2, '
                               '"long_grad_accum": 2}')
     assert recipe.long_images == (20, 30)
     long = _family_stages(recipe)[-1]
@@ -156,8 +154,11 @@ def test_recipe_haystack_sizes_and_retrieval_share_reach_the_stage_data(tmp_path
     assert all(20 <= len(e["pos_image"]) + len(e["neg_image"]) <= 30 for e in entries)
     asks = ["what else is there?" in e["conversations"][0]["value"] for e in entries]
     assert asks == [True, False, True, True]  # entry k asks when floor(k * 0.75) steps up
-    default = _family_data(tmp_path, _family_stages(FamilyRecipe(long_steps=2, long_grad_accum=2))[-1], 28, 0, 0.5)
-    assert default.parent.name == "long-4-28px-seed0"  # the committed recipe's folder names are unchanged
+    first = FamilyRecipe(long_steps=2, long_grad_accum=2, curriculum=())
+    default = _family_data(tmp_path, _family_stages(first)[-1], 28, 0, 0.5)
+    assert default.parent.name == "long-4-28px-seed0"  # the first family's folder names are unchanged
+    reach = _family_data(tmp_path, replace(_family_stages(FamilyRecipe())[-1], steps=1), 28, 0, 0.75)
+    assert reach.parent.name == "reach150-8-28px-seed0-share0.75"  # nor the committed family's
     for bad, message in (('{"long_images": [30, 20]}', "long_images must be"),
                          ('{"wide_images": 20}', "wide_images must be a list of two ints")):
         with pytest.raises(ValueError, match=message):
@@ -210,11 +211,19 @@ def test_demo_cli_errors_name_the_missing_family(tmp_path, capsys):
 
 
 def test_the_committed_family_is_complete():
-    paths = family_paths(FAMILY_DIR)
+    """Weights and config of both models; every stage's (and gated chunk's) config and metrics, and the gate logs:
+    the student trained the teacher's chunks (student_follows_teacher)."""
+    paths, logs = family_paths(FAMILY_DIR), FAMILY_DIR / "logs"
+    chunks = {}
     for role in ("teacher", "student"):
         assert (paths[role] / "model.safetensors").is_file() and (paths[role] / "config.json").is_file()
-        for stage in FAMILY_STAGES:
-            assert (FAMILY_DIR / "logs" / f"{role}_{stage}_metrics.jsonl").is_file()
+        gates = [json.loads(line) for line in (logs / f"{role}_gates.jsonl").read_text().splitlines()]
+        chunks[role] = [(row["stage"], row["chunk"]) for row in gates]
+        runs = ["align"] + [f"{stage}_{chunk}" for stage, chunk in chunks[role]]
+        for run in runs:
+            assert (logs / f"{role}_{run}_metrics.jsonl").is_file() and (logs / f"{role}_{run}_config.yaml").is_file()
+    assert chunks["student"] == chunks["teacher"]
+    assert [stage for stage, chunk in chunks["teacher"] if chunk == 1] == [f"reach{m}" for m in FamilyRecipe().curriculum]
 
 
 def test_family_probe_places_the_needle_and_reads_its_attention(family, tmp_path):
@@ -313,8 +322,8 @@ def test_answer_accuracy_scores_teacher_forced_answers(tmp_path):
     from laid.demo import TEACHER_SHAPE, answer_accuracy
     from laid.tiny import save_tiny_model, tiny_qwen25vl_config
 
-    data = synth_retrieval(tmp_path / "gate", n_entries=12, min_images=1, max_images=1, image_size=56, seed=5,
-                           retrieval_share=0.5)
+    data = synth_retrieval(tmp_path / "gate", n_entries=12, min_images=1, max_images=1,
+                           image_size=family_image_size(FAMILY_DIR), seed=5, retrieval_share=0.5)
     paths = family_paths(FAMILY_DIR)
     trained = answer_accuracy(paths["teacher"], paths["processor"], data)
     assert trained["questions"] == 12 and trained["yes_no"] >= 0.8 and trained["what_else"] >= 0.8
