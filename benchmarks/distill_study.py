@@ -58,8 +58,10 @@ ROWS = {
     "rows after_images": dict(attn_rows="after_images"),
     RETRIEVING: {},  # layer_pairs set from the teacher's needle attention (screen stage)
     "alpha 0": dict(alpha=0.0),
+    "beta 0 (no L_attn)": dict(beta=0.0),
     "beta x0.3": dict(beta=0.3),
     "beta x3": dict(beta=3.0),
+    "qk_weight 0 (no L_qk)": dict(qk_weight=0.0),
     "qk_weight x0.3": dict(qk_weight=0.3),
     "qk_weight x3": dict(qk_weight=3.0),
     "1000 steps": dict(max_steps=1000),

@@ -3,16 +3,18 @@
 The family (``laid/demo_family``, committed): a teacher (4 layers, 8 heads, 4 kv heads, hidden 128) and a smaller base
 student (2 layers, 4 heads, 2 kv heads, hidden 64), same head_dim (16), tokenizer and image processor, both trained
 from random weights by ``laid.train`` (pure SFT, vision tower included) with the same recipe and data: captions of
-single images, synthetic haystacks of one image, then haystacks of 2 to 4, 2 to 20 and 1 to 150 images with
-"what else is in the anchor's image?" questions among the yes/no ones (``FamilyRecipe``; ``build_family``
-reproduces them and reuses the stages a previous build finished; their training logs are in ``demo_family/logs``).
+single images (one visual token each), then haystacks of 1 to M images for M = 1, 4, 10, 30, 150, three "what else
+is in the anchor's image?" questions in four, each size trained in chunks until the teacher answers held-out
+haystacks of M images (``FamilyRecipe``: the student trains the teacher's chunks; ``build_family`` reproduces them
+and reuses the stages a previous build finished; their training and gate logs are in ``demo_family/logs``).
 
 The demo (``run_demo``), every number from the project's own code:
 
 1. data: a training split of 2 to 20 images and test splits at ``SIZES`` (1 to 150 images) from ``laid data synth``,
    drawn from different seeds into different folders (no image file is shared);
-2. distill: from the base student, with the same steps and data, one student per ``VARIANTS`` entry (SFT, LAid, and
-   LAid without L_attn, L_qk or L_KL) and per training seed;
+2. distill: from the base student, with the same steps and data, one student per ``VARIANTS`` entry (SFT; LAid, the
+   distillation study's choice: L_qk + L_KL + SFT; LAid with L_attn too; LAid without L_qk or L_KL) and per
+   training seed;
 3. eval: ``laid eval`` of the teacher, the base student and every trained student at every size;
 4. report: ``laid report`` (runs of one variant over seeds are grouped: mean and std over seeds) and the plot.
 
@@ -48,13 +50,17 @@ TEACHER_SHAPE = dict(layers=4, hidden=128, heads=8, kv_heads=4, head_dim=16, voc
 STUDENT_SHAPE = dict(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, vocab_size=448, vision_hidden=64,
                      vision_heads=2)
 
-# The trained students: LAidConfig overrides on top of ``distill_config``'s full LAid recipe.
+# The trained students: LAidConfig overrides on top of ``distill_config``'s full LAid objective. The demo's LAid is
+# the distillation study's choice on the committed family (chosen on its validation split: every row with L_attn was
+# 6 to 17 points below SFT at 50-150 images there; benchmarks/RESULTS.md, "The distillation study on the session-5 family"):
+# L_qk, L_KL and SFT without L_attn; the ablations drop one more term each, and "LAid + L_attn" is all four terms.
+DEMO_LAID = dict(beta=0.0)
 VARIANTS = {
     "SFT": dict(lambda_laid=0.0, lambda_kl=0.0),
-    "LAid": {},
-    "LAid w/o L_attn": dict(beta=0.0),
-    "LAid w/o L_qk": dict(qk_weight=0.0),
-    "LAid w/o L_KL": dict(lambda_kl=0.0),
+    "LAid": DEMO_LAID,
+    "LAid + L_attn": {},
+    "LAid w/o L_qk": dict(lambda_laid=0.0),  # L_KL + SFT: without L_qk the choice has no LAid term left
+    "LAid w/o L_KL": dict(DEMO_LAID, lambda_kl=0.0),
 }
 BASELINE = "Base student"
 
