@@ -20,9 +20,12 @@ Then the tiny-model CPU training run of ``configs/tiny_cpu.yaml`` (tiny random m
 2 to 6 images, 2 epochs of 8 steps of 4 batches) with each of ``--train-workers``, ``--train-repeats`` times: the
 share of each step the trainer waited for the loader (``data_wait_share`` in its metrics.jsonl): mean, mean after
 step 1 (which includes starting the workers), at the first step of the later epochs, at the other steps, and max.
-With workers, two variants: ``after``, laid as it is (small tensors leave a worker by value,
-``laid.loading.by_value``), and ``before``, every tensor through its own shared-memory segment, as until
-2026-12-02 (``laid.loading.BY_VALUE_BYTES`` set to -1 for that run; the workers are forked, so they see it).
+With workers, three variants: ``after``, laid as it is (small tensors leave a worker by value,
+``laid.loading.by_value``, and a thread receives the next batches during the step, ``laid.loading.prefetched``);
+``by value``, without that thread (``laid.loading.PREFETCH_BATCHES`` 0); and ``before``, without either: every
+tensor through its own shared-memory segment, as until 2026-12-02 (``laid.loading.BY_VALUE_BYTES`` set to -1 for
+that run; the workers are forked, so they see it). Without workers: ``in process`` (the thread builds the next
+batches) and ``in process, no thread``.
 
     python benchmarks/data_throughput.py                  # 20 and 150 images, 0 / 1 / 2 workers
     python benchmarks/data_throughput.py --sizes 20 --workers 0 --items 2 --train-workers
@@ -166,7 +169,8 @@ def main() -> None:
         setup = train_setup(work / "train")
         for repeat in range(args.train_repeats):
             for workers in args.train_workers:
-                for variant in ("before", "after") if workers else ("in process",):
+                variants = ("before", "by value", "after") if workers else ("in process, no thread", "in process")
+                for variant in variants:
                     waits.append(train_wait(setup, workers, variant, repeat))
     (args.out / "data_throughput.json").write_text(json.dumps({"meta": meta, "results": results,
                                                                "training_wait": waits}, indent=1))
@@ -191,23 +195,29 @@ def train_setup(work: Path) -> dict[str, str]:
             "data": str(data), "image_root": str(work / "synth"), "image_cache": str(work / "cache")}
 
 
+# The training variants: (laid.loading.BY_VALUE_BYTES, laid.loading.PREFETCH_BATCHES) for the run; None: laid's.
+TRAIN_VARIANTS = {"before": (-1, 0), "by value": (None, 0), "after": (None, None),
+                  "in process, no thread": (None, 0), "in process": (None, None)}
+
+
 def train_wait(setup: dict[str, str], workers: int, variant: str, repeat: int) -> dict:
-    """``laid.train`` of configs/tiny_cpu.yaml on ``setup`` with ``workers`` DataLoader workers, ``variant``
-    "before" (no tensor by value) or "after" (or "in process" without workers); its steps' ``data_wait_share``."""
+    """``laid.train`` of configs/tiny_cpu.yaml on ``setup`` with ``workers`` DataLoader workers and the settings of
+    ``TRAIN_VARIANTS[variant]``; its steps' ``data_wait_share``."""
     if variant == "before" and torch.multiprocessing.get_start_method() != "fork":
         raise RuntimeError("the 'before' training variant needs forked DataLoader workers (they must see "
                            f"laid.loading.BY_VALUE_BYTES = -1); this Python starts them by "
                            f"{torch.multiprocessing.get_start_method()!r}")
     run = Path(setup["image_cache"]).parent / f"run_{workers}_workers_{variant.replace(' ', '_')}"
     shutil.rmtree(run, ignore_errors=True)
-    limit = laid.loading.BY_VALUE_BYTES
-    laid.loading.BY_VALUE_BYTES = -1 if variant == "before" else limit
+    defaults = laid.loading.BY_VALUE_BYTES, laid.loading.PREFETCH_BATCHES
+    settings = [default if value is None else value for value, default in zip(TRAIN_VARIANTS[variant], defaults)]
+    laid.loading.BY_VALUE_BYTES, laid.loading.PREFETCH_BATCHES = settings
     start = time.perf_counter()
     try:
         train(Path(__file__).resolve().parent.parent / "configs" / "tiny_cpu.yaml", **setup, output_dir=str(run),
               num_workers=workers, save_every=1000)
     finally:
-        laid.loading.BY_VALUE_BYTES = limit
+        laid.loading.BY_VALUE_BYTES, laid.loading.PREFETCH_BATCHES = defaults
     seconds = time.perf_counter() - start
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     shares = [m["data_wait_share"] for m in metrics]

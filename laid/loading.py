@@ -9,6 +9,9 @@ a long haystack, so both loops build items in worker processes while the model c
 - pinned memory on CUDA only, so that the host-to-device copy of a batch (its images as uint8 ``image_pixels``,
   8x smaller than the fp32 ``pixel_values`` that ``laid.prompt_inputs.model_inputs`` makes on the GPU) is
   asynchronous; on CPU pinning would be one more copy of every batch for nothing;
+- batches received ahead (:func:`prefetched`): the training loop takes its batches from a background thread
+  that receives (unpickles) the next ``PREFETCH_BATCHES`` from the workers while the step computes, so the step
+  does not stand waiting for a batch that a worker had already built;
 - small tensors by value (:func:`by_value`): a worker hands each tensor of a batch to the main process through a
   shared-memory segment of its own, about a millisecond per tensor however small it is, and a batch of tiny items
   is mostly small tensors (ids, masks, labels, grids). Those of at most ``BY_VALUE_BYTES`` travel inside the
@@ -20,13 +23,16 @@ a long haystack, so both loops build items in worker processes while the model c
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from functools import partial
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
 BY_VALUE_BYTES = 1 << 20  # tensors up to 1 MiB travel from a worker inside the pickled batch
+PREFETCH_BATCHES = 2  # batches a background thread receives ahead of the training step (0: none)
 
 
 def default_workers() -> int:
@@ -86,3 +92,58 @@ def _small_by_value(value):
     if type(value) in (list, tuple):
         return type(value)(_small_by_value(v) for v in value)
     return value
+
+
+def prefetched(batches: Iterator, depth: int | None = None) -> Iterator:
+    """The items of the iterator ``batches``, in order, received up to ``depth`` (default ``PREFETCH_BATCHES``;
+    0: none) ahead by a background thread while the caller works on the current one. The first item is taken on
+    the caller's thread (accelerate's loaders synchronise random states across processes when iteration starts),
+    the others on the thread; an exception raised by ``batches`` is raised here, at the item where it happened.
+    Closing the generator (or dropping it) stops the thread."""
+    depth = PREFETCH_BATCHES if depth is None else depth
+    if depth < 0:
+        raise ValueError(f"depth must be >= 0 (0: no prefetch), got {depth}")
+    if depth == 0:
+        yield from batches
+        return
+    try:
+        first = next(batches)
+    except StopIteration:
+        return
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def receive() -> None:
+        try:
+            for batch in batches:
+                if not _put(ready, (True, batch), stop):
+                    return
+            _put(ready, (False, None), stop)
+        except BaseException as error:  # handed to the caller's thread, raised there
+            _put(ready, (False, error), stop)
+
+    thread = threading.Thread(target=receive, name="laid-prefetch", daemon=True)
+    thread.start()
+    try:
+        yield first
+        while True:
+            more, item = ready.get()
+            if not more:
+                if item is not None:
+                    raise item
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _put(ready: queue.Queue, item, stop: threading.Event) -> bool:
+    """Put ``item`` into ``ready``, waiting for room unless ``stop`` is set; whether it was put."""
+    while not stop.is_set():
+        try:
+            ready.put(item, timeout=0.05)
+            return True
+        except queue.Full:
+            continue
+    return False

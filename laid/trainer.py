@@ -42,7 +42,7 @@ from .checkpoint import RunState, check_output_dir, clear_run, export, load_chec
 from .config import LAidConfig
 from .data import VHsDataset, collate, first_missing_image
 from .image_cache import ImageCache, image_cache_dir
-from .loading import by_value, loader_options
+from .loading import by_value, loader_options, prefetched
 from .losses import LAidObjective
 from .mixer import HeadMixer
 from .models import head_dim, load_processor, load_student, load_teacher, merge_lora, shard_teacher, text_config
@@ -265,7 +265,7 @@ def train(config: LAidConfig | str | Path | None = None, /, **overrides) -> dict
     last_metrics: dict = {}
     while state.step < last_step:
         loader.set_epoch(state.epoch)
-        batches = iter(accelerator.skip_first_batches(loader, state.batch) if state.batch else loader)
+        batches = prefetched(iter(accelerator.skip_first_batches(loader, state.batch) if state.batch else loader))
         while state.batch < len(loader) and state.step < last_step:
             window = min(config.grad_accum, len(loader) - state.batch)
             start, tokens, waited = time.perf_counter(), 0, 0.0
@@ -328,6 +328,7 @@ def train(config: LAidConfig | str | Path | None = None, /, **overrides) -> dict
             bar.update(1)
             if state.step % config.save_every == 0 and state.step < last_step:
                 save_checkpoint(accelerator, output_dir, state, config.keep_checkpoints)
+        batches.close()  # joins the prefetch thread before the loader starts another epoch (or the run ends)
         if state.batch >= len(loader):
             state.epoch, state.batch = state.epoch + 1, 0
     bar.close()

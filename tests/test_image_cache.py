@@ -5,6 +5,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ from qwen_vl_utils import fetch_image
 from laid.cli import main
 from laid.data import synth_benchmark
 from laid.image_cache import ImageCache, fill_cache, image_cache_dir
-from laid.loading import BY_VALUE_BYTES, ByValue, by_value, default_workers, loader_options
+from laid.loading import BY_VALUE_BYTES, ByValue, by_value, default_workers, loader_options, prefetched
 from laid.tiny import save_tiny_processor
 
 
@@ -150,6 +152,62 @@ def test_small_tensors_leave_a_worker_by_value_large_ones_through_shared_memory(
     small = torch.arange(5.0)
     back = pickle.loads(pickle.dumps(ByValue(small)))
     assert back.dtype == small.dtype and torch.equal(back, small) and back.add_(1)[0] == 1  # writable
+
+
+class _Source:
+    """An iterator of 0, 1, ... n - 1 that records which thread took each item and raises at ``fail_at``."""
+
+    def __init__(self, n: int, fail_at: int | None = None):
+        self.n, self.fail_at, self.taken = n, fail_at, []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        k = len(self.taken)
+        if k == self.n:
+            raise StopIteration
+        self.taken.append(threading.current_thread())
+        if k == self.fail_at:
+            raise RuntimeError(f"item {k} is broken")
+        return k
+
+
+def _wait_for(condition, seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+def test_prefetched_batches_arrive_in_order_received_ahead_by_a_thread():
+    source = _Source(10)
+    batches = prefetched(source, depth=2)
+    assert next(batches) == 0
+    assert source.taken[0] is threading.current_thread()  # the first on the caller's thread (accelerate's RNG sync)
+    # while the caller holds item 0, the thread receives ahead: 2 queued and one more in its hand, never more
+    assert _wait_for(lambda: len(source.taken) == 4)
+    time.sleep(0.1)
+    assert len(source.taken) == 4 and all(t is not threading.current_thread() for t in source.taken[1:])
+    assert list(batches) == list(range(1, 10))
+    assert list(prefetched(_Source(5), depth=0)) == list(range(5)) and list(prefetched(_Source(0))) == []
+    with pytest.raises(ValueError, match="depth must be >= 0"):
+        next(prefetched(_Source(3), depth=-1))
+
+
+def test_prefetched_raises_where_the_source_failed_and_closing_stops_the_thread():
+    got = []
+    with pytest.raises(RuntimeError, match="item 3 is broken"):
+        for item in prefetched(_Source(10, fail_at=3), depth=2):
+            got.append(item)
+    assert got == [0, 1, 2]
+    source = _Source(1000)
+    batches = prefetched(source, depth=2)
+    next(batches)
+    assert _wait_for(lambda: len(source.taken) == 4)
+    batches.close()  # what the trainer does at the end of an epoch or of the run
+    assert not any(t.name == "laid-prefetch" for t in threading.enumerate())
+    assert len(source.taken) == 4  # the thread stopped instead of draining the source
 
 
 def test_data_cache_cli_fills_the_cache_for_eval_and_training_bounds(tmp_path, capsys):
