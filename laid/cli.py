@@ -354,12 +354,16 @@ def add_demo(commands) -> None:
     family.add_argument("--out", required=True, help="family folder to write (processor/, teacher/, student/, logs/)")
     family.add_argument("--work-dir", help="intermediate files (default: OUT/../family_work)")
     for stage in FAMILY_STAGES:
-        family.add_argument(f"--{stage}-steps", type=int, help=f"optimizer steps of the {stage} stage (each model)")
+        family.add_argument(f"--{stage}-steps", type=int,
+                            help=f"optimizer steps of the {stage} stage (each model; the align stage always runs, the "
+                                 f"others with --recipe '{{\"curriculum\": []}}')")
     family.add_argument("--seed", type=int, help="teacher seed (the student uses seed + 1) and data seed")
     family.add_argument("--recipe", default="{}", help="FamilyRecipe fields as a JSON object, applied before the "
-                        "--<stage>-steps and --seed flags, e.g. '{\"image_size\": 28, \"long_lr\": 5e-4}'")
+                        "--<stage>-steps and --seed flags, e.g. '{\"gate_accuracy\": 0.85, \"find_lr\": 5e-4}'")
     family.add_argument("--roles", nargs="+", choices=("teacher", "student"), default=["teacher", "student"],
-                        help="train only these models: two processes, one per role, build the family side by side")
+                        help="train only these models; the student trains the teacher's chunks (its gate log), "
+                             "so build the teacher first, or give \"stage_chunks\" in --recipe and run one process "
+                             "per role side by side")
     family.set_defaults(run=_run_demo_family)
 
 

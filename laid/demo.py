@@ -436,7 +436,8 @@ def build_family(out_dir: str | Path, *, recipe: FamilyRecipe = FamilyRecipe(), 
     ``<role>_<stage>_<name>``. Intermediate files go to ``work_dir`` (default ``out_dir/../family_work``): a stage
     that finished there with the same config and inputs is not trained again (an interrupted or extended build
     resumes). ``roles`` trains a subset: two processes, one per role, build the family side by side (each writes
-    the shared data and processor once, atomically, if the other has not yet).
+    the shared data and processor once, atomically, if the other has not yet) when the student's schedule does not
+    wait for the teacher's gates (``recipe.stage_chunks``, or ``student_follows_teacher`` off).
     """
     out = Path(out_dir)
     work = Path(work_dir) if work_dir is not None else out.parent / "family_work"
