@@ -52,8 +52,8 @@ STUDENT_SHAPE = dict(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, voca
 
 # The trained students: LAidConfig overrides on top of ``distill_config``'s full LAid objective. The demo's LAid is
 # the distillation study's choice on the committed family (chosen on its validation split: every row with L_attn was
-# 6 to 17 points below SFT at 50-150 images there; benchmarks/RESULTS.md, "The distillation study on the session-5 family"):
-# L_qk, L_KL and SFT without L_attn; the ablations drop one more term each, and "LAid + L_attn" is all four terms.
+# 6 to 17 points below SFT at 50-150 images there; benchmarks/RESULTS.md, "The distillation study on the session-5
+# family"): L_qk, L_KL and SFT without L_attn; the ablations drop one more term each, and "LAid + L_attn" is all four.
 DEMO_LAID = dict(beta=0.0)
 VARIANTS = {
     "SFT": dict(lambda_laid=0.0, lambda_kl=0.0),
@@ -219,8 +219,8 @@ class FamilyRecipe:
     batch_size: int = 16  # examples per step in every stage but the long one
     long_batch_size: int = 1  # haystacks per micro-batch in the long stage (padded to the longest)
     long_grad_accum: int = 8  # micro-batches per step in the long stage (and in gated stages beyond 30 images)
-    lr: float = 2e-3  # align and single stages
-    find_lr: float = 1e-3  # find and wide stages
+    lr: float = 2e-3  # align, single and reach1 stages
+    find_lr: float = 1e-3  # find, wide and the gated stages beyond one image
     long_lr: float = 3e-4
     # pixels per side of every image, also the processor's minimum: 28 is one merged patch (one visual token an
     # image, the committed family), 56 is 2 x 2 merged patches (4 visual tokens an image, the first family)
@@ -228,7 +228,7 @@ class FamilyRecipe:
     # haystack sizes (fewest, most images) of the wide and long stages: a curriculum moves most steps to long ones
     wide_images: tuple[int, int] = (2, 20)
     long_images: tuple[int, int] = (1, 150)
-    retrieval_share: float = 0.75  # share of "what else is there?" questions in the find, wide and long stages
+    retrieval_share: float = 0.75  # share of "what else is there?" questions in find, wide, long and reach<M>
     seed: int = 0
     # Accuracy-gated curriculum (empty: the fixed stages above). Haystack sizes reached one after another: the
     # stage "reach<M>" trains on 1 to M images (log-uniform, retrieval_share "what else?" questions) in chunks of
