@@ -65,6 +65,9 @@ ROWS = {
     "qk_weight x0.3": dict(qk_weight=0.3),
     "qk_weight x3": dict(qk_weight=3.0),
     "1000 steps": dict(max_steps=1000),
+    "best teacher head": dict(attn_heads="best"),
+    "best head, reverse KL": dict(attn_heads="best", attn_divergence="reverse"),
+    "best head, rows after_images": dict(attn_heads="best", attn_rows="after_images"),
 }
 COMPARATORS = (SFT, KL_SFT)  # trained with every seed whatever the screen says
 RETRIEVAL_SIZE = 20

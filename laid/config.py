@@ -35,6 +35,7 @@ QK_NORMALIZES = ("student", "target", "none")
 MIXINGS = ("head", "frequency")
 KERNEL_BACKENDS = ("auto", "triton", "cpu", "reference")
 ATTN_ROWS = ("text", "after_images")
+ATTN_HEADS = ("mixture", "best")
 
 
 @dataclass
@@ -80,6 +81,10 @@ class LAidConfig:
     attn_target: str = field(default="teacher", metadata={
         "help": "L_attn's target rows: teacher (the teacher's own heads mixed by pi = W_q^2 row-normalised, version 2) "
                 "or mixed (the softmax of the mixed Q/K, version 1)"})
+    attn_heads: str = field(default="mixture", metadata={
+        "help": "with attn_target teacher, whose attention each student head learns: mixture (the teacher heads mixed "
+                "by pi, the spec's) or best (only the teacher head with the largest pi[i, j]: a row as sharp as a "
+                "teacher head's own)"})
     attn_divergence: str = field(default="forward", metadata={
         "help": "L_attn's divergence: forward KL(target || student) or reverse KL(student || target)"})
     attn_rows: str = field(default="text", metadata={
@@ -216,6 +221,10 @@ class LAidConfig:
         _choice("attn_target", self.attn_target, ATTN_TARGETS)
         _choice("attn_divergence", self.attn_divergence, ATTN_DIVERGENCES)
         _choice("attn_rows", self.attn_rows, ATTN_ROWS)
+        _choice("attn_heads", self.attn_heads, ATTN_HEADS)
+        if self.attn_heads == "best" and self.attn_target != "teacher":
+            raise ValueError(f"attn_heads='best' needs attn_target='teacher' (it picks one of the teacher's own "
+                             f"heads), got attn_target={self.attn_target!r}")
         for name in ("teacher", "student") if self.needs_teacher else ("student",):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name} must be a model folder or hub id, got {getattr(self, name)!r}")

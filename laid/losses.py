@@ -9,7 +9,8 @@ lambda_kl = 0) and the student with :class:`laid.capture.QKCapture` hooks on the
   unexplained share of the student's Q/K energy) and the mixer's head or frequency mixing, weighted by ``qk_weight``
   (1; 0 ablates it and skips it);
 - L_attn: ``laid_kernels.attn_match_loss`` per pair with progress p = step / total steps (mean over pairs), with
-  ``config.attn_target`` / ``attn_divergence`` and the query rows of ``config.attn_rows`` (:func:`attention_rows`);
+  ``config.attn_target`` / ``attn_divergence``, the query rows of ``config.attn_rows`` (:func:`attention_rows`) and,
+  with ``attn_heads="best"``, one teacher head per student head (``HeadMixer.best_teacher_heads``) as the target;
 - L_KL: tau^2 KL(teacher || student) at the answer positions, both logit vectors cut to the shared tokenizer
   vocabulary first, so models with different (padded) vocabulary sizes work together;
 - L_SFT: cross-entropy on the answer tokens.
@@ -176,6 +177,8 @@ class LAidObjective:
                     qk.append(laid_kernels.qk_align_loss(*args, valid=valid, normalize=config.qk_normalize,
                                                          backend=config.kernel_backend))
                 if config.beta > 0:
+                    if config.attn_heads == "best":
+                        args = args[:4] + (self.mixer.best_teacher_heads(pair),) + args[5:]
                     attn.append(laid_kernels.attn_match_loss(*args, query_mask, progress=progress,
                                                              alpha=config.alpha, valid=valid,
                                                              target=config.attn_target,

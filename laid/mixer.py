@@ -96,6 +96,16 @@ class HeadMixer(nn.Module):
             one_hot[:, torch.arange(student), torch.arange(student) * teacher // student] = 1.0
             self._set_real(w, one_hot)
 
+    @torch.no_grad()
+    def best_teacher_heads(self, pair: int) -> torch.Tensor:
+        """One-hot head mixing [Hs, Ht] (w_q's dtype and device): row i picks the teacher head j with the largest
+        weight pi[i, j] of ``reference.attention_mixture(w_q[pair])`` (ties: the lowest j). Passed as L_attn's w_q
+        with target="teacher", it makes each student head's target the attention row of that one teacher head
+        instead of the pi-weighted mixture (``LAidConfig.attn_heads = "best"``)."""
+        w_q = self.w_q[pair]
+        best = reference.attention_mixture(w_q).argmax(dim=1)  # [Hs]
+        return F.one_hot(best, num_classes=w_q.shape[1]).to(w_q.dtype)
+
     def lstsq_statistics(self, student: torch.Tensor, teacher: torch.Tensor,
                          valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Sufficient statistics of the ridge fit over valid tokens (``laid_kernels.reference.mixing_statistics``).

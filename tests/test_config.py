@@ -42,6 +42,8 @@ def test_yaml_then_string_overrides(tmp_path):
     ({"attn_target": "student"}, "attn_target must be one of ('teacher', 'mixed')"),
     ({"attn_divergence": "js"}, "attn_divergence must be one of ('forward', 'reverse')"),
     ({"attn_rows": "all"}, "attn_rows must be one of ('text', 'after_images')"),
+    ({"attn_heads": "all"}, "attn_heads must be one of ('mixture', 'best')"),
+    ({"attn_heads": "best", "attn_target": "mixed"}, "attn_heads='best' needs attn_target='teacher'"),
 ])
 def test_bad_values_name_the_field(overrides, message):
     with pytest.raises(ValueError) as error:

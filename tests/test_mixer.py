@@ -27,6 +27,27 @@ def test_uniform_and_nearest():
     assert torch.allclose(m.w_q, torch.full_like(m.w_q, 1 / 6)) and torch.allclose(m.w_k, torch.full_like(m.w_k, 1 / 3))
 
 
+def test_best_teacher_heads_pick_the_largest_mixture_weight():
+    """Head mixing: the largest |w_q[i, j]| (sign ignored: pi is w_q^2); frequency mixing: the largest energy
+    summed over frequency pairs and real / imaginary parts, which a single large entry does not decide."""
+    m = mixer(pairs=2)
+    with torch.no_grad():
+        m.w_q[1] = torch.tensor([[0.1, -0.9, 0.2, 0.0, 0.0, 0.3],
+                                 [0.5, 0.1, 0.1, 0.1, 0.1, 0.1],
+                                 [0.0, 0.0, 0.0, 0.0, 0.0, -2.0],
+                                 [0.2, 0.2, 0.3, -0.31, 0.0, 0.0]])
+    best = m.best_teacher_heads(1)
+    assert torch.equal(best, torch.eye(6)[[1, 0, 5, 3]]) and best.dtype == m.w_q.dtype
+    f = HeadMixer(1, student_heads=2, student_kv_heads=1, teacher_heads=3, teacher_kv_heads=1, head_dim=8,
+                  mixing="frequency")
+    with torch.no_grad():
+        f.w_q.zero_()
+        f.w_q[0, 0, 0, 0, 0] = 1.5  # one large weight: energy 2.25
+        f.w_q[0, 0, 1, :, 1] = 0.8  # four smaller imaginary weights: energy 2.56
+        f.w_q[0, 1, 2, 3, 0] = 0.1
+    assert torch.equal(f.best_teacher_heads(0), torch.eye(3)[[1, 2]])
+
+
 def test_lstsq_recovers_a_linear_mix_and_ignores_padding():
     torch.manual_seed(0)
     m = mixer(pairs=1)

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 
 import laid
+import laid_kernels
 from laid.capture import QKCapture, decoder_layers
 from laid.checkpoint import export, latest_checkpoint
 from laid.cli import main
@@ -336,11 +337,38 @@ def test_attention_rows_after_images_are_the_tokens_after_the_last_image(paths):
         assert torch.equal(text[b], mask[b].bool() & (ids[b] != image))
         assert after[b].sum() < text[b].sum()
     losses = {}
-    for overrides in ({}, {"attn_rows": "after_images"}, {"attn_target": "mixed"}, {"attn_divergence": "reverse"}):
+    for overrides in ({}, {"attn_rows": "after_images"}, {"attn_target": "mixed"}, {"attn_divergence": "reverse"},
+                      {"attn_heads": "best"}):
         objective, batch = objective_for(paths, qk_weight=0.0, lambda_kl=0.0, lambda_sft=0.0, **overrides)
         objective.init_mixer(batch)
         with torch.no_grad():
             losses[tuple(overrides.items())] = objective(batch, progress=0.5)["attn"].item()
         objective.remove_hooks()
     assert len(set(losses.values())) == len(losses), losses
+
+
+def test_best_teacher_heads_target_one_teacher_head(paths, monkeypatch):
+    """attn_heads="best" hands L_attn the one-hot mixing of ``HeadMixer.best_teacher_heads`` (the mixer's own
+    weights are left alone); with a mixer that is one-hot already (init "nearest") it equals the mixture."""
+    seen = []
+    attn_match_loss = laid_kernels.attn_match_loss
+
+    def spy(*args, **kwargs):
+        seen.append(args[4].detach().clone())
+        return attn_match_loss(*args, **kwargs)
+
+    monkeypatch.setattr(laid_kernels, "attn_match_loss", spy)
+    losses = {}
+    for init in ("lstsq", "nearest"):
+        for heads in ("mixture", "best"):
+            objective, batch = objective_for(paths, lambda_kl=0.0, lambda_sft=0.0, mixer_init=init, attn_heads=heads)
+            objective.init_mixer(batch)
+            w_q = objective.mixer.w_q[0].detach().clone()
+            with torch.no_grad():
+                losses[init, heads] = objective(batch, progress=0.5)["attn"].item()
+            expected = objective.mixer.best_teacher_heads(0) if heads == "best" else w_q
+            assert torch.equal(seen[-1], expected) and torch.equal(objective.mixer.w_q[0], w_q)
+            objective.remove_hooks()
+    assert losses["lstsq", "best"] != losses["lstsq", "mixture"]
+    assert losses["nearest", "best"] == losses["nearest", "mixture"]
 
