@@ -11,9 +11,10 @@ the paper does; ``laid.demo.distill_config`` is the recipe, ``ROWS`` the overrid
 2. screen: every row trained with the first seed and scored on the validation split; the teacher layer whose heads
    retrieve the needle (the highest needle share of any head at ``RETRIEVAL_SIZE`` images, validation questions) gives
    the "retrieving-layer pair" row (at the largest size <= 20 the study has);
-3. finalists: the ``--finalists`` LAid rows with the best validation mean over 50-150 images whose 1-20 mean is no
-   lower than SFT's - 2 points, plus SFT and KL+SFT, trained with every seed and scored on validation; the recipe
-   chosen is the finalist with the best validation mean over 50-150 images (over seeds);
+3. finalists: the ``--finalists`` LAid rows with the best validation mean over 50-150 images whose one-seed 1-20 mean
+   is no lower than SFT's - 4 points (``SCREEN_SHORT_MARGIN``), plus SFT and KL+SFT, trained with every seed and
+   scored on validation; the recipe chosen is the finalist with the best validation mean over 50-150 images (over
+   seeds) among those whose 1-20 mean over seeds is no lower than SFT's - 2 points (``choose``);
 4. test: the teacher, the base student and every finalist (all seeds) scored once on the test split. Only these
    numbers are reported as the result: nothing was chosen on them.
 5. attention: at ``ANALYSIS_SIZES`` images (those the study has; else its largest), on test questions, each
@@ -70,6 +71,10 @@ ROWS = {
     "best head, rows after_images": dict(attn_heads="best", attn_rows="after_images"),
 }
 COMPARATORS = (SFT, KL_SFT)  # trained with every seed whatever the screen says
+# A row reaches the finalists if its one-seed 1-20 mean is within this of SFT's: the goal's own bound (2 points)
+# is applied to the mean over seeds when choosing; one seed and 50 questions a size move a 1-20 mean by about a
+# point (SFT's first seed against its three-seed mean: 91.1 against 92.1 on the short-window family's validation).
+SCREEN_SHORT_MARGIN = 0.04
 RETRIEVAL_SIZE = 20
 ANALYSIS_SIZES = (20, 150)
 SEEDS = {"train": 301, "validation": 302, "test": 303}
@@ -77,10 +82,17 @@ SEEDS = {"train": 301, "validation": 302, "test": 303}
 
 def screen_rank(scores: dict[str, dict], finalists: int) -> list[str]:
     """The LAid rows that could win: best validation mean over 50-150 first, among those whose 1-20 mean is no lower
-    than SFT's - 2 points; ``scores[name] = {"short": mean, "long": mean}`` (fractions)."""
-    floor = scores[SFT]["short"] - 0.02
+    than SFT's - ``SCREEN_SHORT_MARGIN``; ``scores[name] = {"short": mean, "long": mean}`` (fractions)."""
+    floor = scores[SFT]["short"] - SCREEN_SHORT_MARGIN
     laid_rows = [n for n in scores if n not in COMPARATORS and scores[n]["short"] >= floor]
     return sorted(laid_rows, key=lambda n: -scores[n]["long"])[:finalists]
+
+
+def choose(validation: dict[str, dict], finalists: list[str]) -> str | None:
+    """The recipe: the finalist with the best validation mean over 50-150 images (over seeds) among those whose 1-20
+    mean is no lower than SFT's - 2 points (the goal's bound); if none is, the best over 50-150 regardless."""
+    eligible = [n for n in finalists if validation[n]["short"] >= validation[SFT]["short"] - 0.02]
+    return max(eligible or finalists, key=lambda n: validation[n]["long"]) if finalists else None
 
 
 def prompts_at(processor, data: Path, sizes, questions: int) -> dict[int, list]:
@@ -218,7 +230,7 @@ def run_study(out: Path, family: Path, grid: DemoGrid, questions: int, finalists
                                  for seed in grid.seeds]
         validation[name] = means(validation_dirs[name])
     laid_finalists = [n for n in chosen_rows if n not in COMPARATORS]
-    chosen = max(laid_finalists, key=lambda n: validation[n]["long"]) if laid_finalists else None
+    chosen = choose(validation, laid_finalists)
 
     test_dirs = {"Teacher": [study.score("Teacher", 0, study.paths["teacher"], "test")],
                  BASELINE: [study.score(BASELINE, 0, study.paths["student"], "test")]}
