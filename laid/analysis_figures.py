@@ -209,6 +209,7 @@ def numbers(models: list[dict], sizes: list[int]) -> dict:
                               "distance_last_layer": float(geometric_distance(r["reach"][-1].mean())),
                               "distance_best_head": float(geometric_distance(r["reach"].max())),
                               "needle_best_head": float(r["needle"].max()),
+                              "needle_any_head": float(r["needle_any"].max()),
                               "needle_last_layer": float(r["needle"][-1].mean()),
                               "low_frequency_share": float(r["low_frequency_share"].mean())}
         flow = None if model["flow"] is None else [
@@ -246,9 +247,12 @@ def page(summary: dict, sizes: list[int], span: int, figures: dict) -> str:
               "", _images_row([(n, figures["distance"][n]) for n in names]), "",
               "## Needle share", "",
               "Attention on the needle image over attention on all images at the answer position: the best "
-              "(layer, head) / the last layer's mean.", "", head,
+              "(layer, head) by its mean over prompts / the last layer's mean / any head (the mean over prompts of "
+              "each prompt's best head, best layer: heads specialise by content, so the head that takes the needle "
+              "changes between prompts).", "", head,
               "| chance | " + " | ".join(f"{1 / s:.3f}" for s in sizes) + " |",
-              cells(lambda v: f"{v['needle_best_head']:.3f} / {v['needle_last_layer']:.3f}"),
+              cells(lambda v: f"{v['needle_best_head']:.3f} / {v['needle_last_layer']:.3f} / "
+                              f"{v['needle_any_head']:.3f}"),
               "", f"![needle]({figures['needle']})", "",
               "## RoPE spectrum", "",
               f"Attention-weighted share of each frequency pair in the q . k logits; low-frequency pairs have a "

@@ -11,7 +11,9 @@ after the last image: the question and the answer position) is rebuilt and strea
   and the reach, the mean log2(1 + d); the best head of a layer is the one with the longest reach, the median head
   the one with the median reach;
 - needle share: at the answer position (the last row), the attention on the needle image's tokens over the
-  attention on all image tokens (chance: 1 / size);
+  attention on all image tokens (chance: 1 / size), per head as a mean over prompts; and per layer the mean over
+  prompts of the best head's share in each prompt ("any head"), since heads specialise by content (the head that
+  takes the needle in one prompt may take none in the next, so a per-head mean over few prompts is quantised);
 - RoPE spectrum: the attention-weighted share of each frequency pair in the logits (``laid.rope_spectrum``);
 - head flow (runs with a mixer): W_q / W_k per aligned pair and each student head's R^2 by its teacher mix
   (``laid.head_flow``) on the prompts of the smallest size, against the run's teacher (``teacher``, default the
@@ -115,7 +117,8 @@ def profile(model, prompts: dict[int, list], *, block: int = BLOCK, backend: str
     """Attention by distance, needle share and RoPE spectrum of ``model`` over ``prompts`` {size: [haystack_prompt]}.
 
     Returns {size: {"distance" [L, H, bins], "uniform" [bins] (``uniform_distance``), "reach" [L, H],
-    "entropy" [L, H] (nats, mean over the rows), "needle" [L, H], "spectrum" [L, H, D/2] (shares),
+    "entropy" [L, H] (nats, mean over the rows), "needle" [L, H] (mean over prompts), "needle_any" [L] (mean over
+    prompts of each prompt's largest head share), "spectrum" [L, H, D/2] (shares),
     "tokens": mean prompt length, "span": largest position distance, "seconds"}} (tensors, fp32, CPU). The Q/K of
     ``layers_per_pass`` layers (default: all) are captured per forward, so a long prompt holds only theirs (a forward
     per group). With ``progress`` (a model name), one line per size is printed when it is done.
@@ -128,7 +131,8 @@ def profile(model, prompts: dict[int, list], *, block: int = BLOCK, backend: str
     inv_freq, section = _rope(model)
     result = {}
     for size, items in prompts.items():
-        distance, uniform, reach, entropy, needle, spectrum, rows_seen, tokens, span = [], [], 0, 0, 0, 0, 0, 0, 0
+        distance, uniform, reach, entropy, needle, needle_any, spectrum = [], [], 0, 0, 0, 0, 0
+        rows_seen, tokens, span = 0, 0, 0
         start = time.perf_counter()
         for inputs, needle_mask, image_mask in items:
             rows = torch.arange(int(image_mask.nonzero().max()) + 1, len(image_mask))
@@ -143,7 +147,8 @@ def profile(model, prompts: dict[int, list], *, block: int = BLOCK, backend: str
             uniform.append(uniform_distance(rows).sum(0))  # [bins]
             reach = reach + torch.stack([s.reach.sum(0) for s in stats]).cpu()
             entropy = entropy + torch.stack([s.entropy.sum(0) for s in stats]).cpu()
-            needle = needle + torch.stack([s.groups[0, -1] / s.groups[1, -1] for s in stats]).cpu()
+            shares = torch.stack([s.groups[0, -1] / s.groups[1, -1] for s in stats]).cpu()  # [L, H]
+            needle, needle_any = needle + shares, needle_any + shares.amax(-1)
             spectrum = spectrum + torch.stack([s.spectrum.sum(0) for s in stats]).cpu()
             rows_seen += len(rows)
             tokens += len(image_mask)
@@ -153,7 +158,7 @@ def profile(model, prompts: dict[int, list], *, block: int = BLOCK, backend: str
                              for sums in (distance, uniform))
         result[size] = {"distance": distance, "uniform": uniform, "reach": reach / rows_seen,
                         "entropy": entropy / rows_seen,
-                        "needle": needle / len(items),
+                        "needle": needle / len(items), "needle_any": needle_any / len(items),
                         "spectrum": pair_shares(spectrum), "tokens": tokens / len(items), "span": span,
                         "seconds": round(time.perf_counter() - start, 1)}
         if progress:

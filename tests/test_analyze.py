@@ -108,9 +108,18 @@ def test_streamed_attention_by_distance_equals_the_models_dense_attention(family
     torch.testing.assert_close(result["entropy"], torch.stack(profiled["entropy"]), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(result["uniform"], uniform_distance(rows).mean(0))
     assert result["tokens"] == len(image) and result["span"] == int((positions.amax(-1) - positions.amin(-1)).max())
+    # needle_any: per prompt the best head of each layer, then the mean over prompts (not the best per-head mean).
+    other = haystack_prompt(processor, json.loads((family / "vhs" / "visual_haystack_3.json").read_text())[1], 1, 3,
+                            family / "vhs", seed=0)
+    both = profile(model, {3: [(inputs, needle, image), other]}, block=7)[3]
+    second = profile(model, {3: [other]}, block=7)[3]
+    torch.testing.assert_close(result["needle_any"], result["needle"].amax(-1))
+    torch.testing.assert_close(both["needle_any"], (result["needle"].amax(-1) + second["needle"].amax(-1)) / 2)
+    torch.testing.assert_close(both["needle"], (result["needle"] + second["needle"]) / 2)
+    assert (both["needle_any"] > both["needle"].amax(-1) + 1e-3).any()  # another head is best in the other prompt
     # Two forwards (layers 0-1, then 2) give the same numbers as one that holds every layer.
     split = profile(model, {3: [(inputs, needle, image)]}, block=7, layers_per_pass=2)[3]
-    for key in ("distance", "reach", "needle", "spectrum"):
+    for key in ("distance", "reach", "needle", "needle_any", "spectrum"):
         torch.testing.assert_close(split[key], result[key])
     with pytest.raises(ValueError, match="layers_per_pass must be >= 1"):
         profile(model, {}, layers_per_pass=-1)
@@ -209,6 +218,7 @@ def test_analyze_command_writes_every_figure_and_the_page(family, tmp_path, caps
     assert summary["run"]["flow"][0]["r2_k"] == pytest.approx(1.0, abs=1e-4)
     assert summary["run"]["sizes"] == summary["teacher"]["sizes"]  # the same model, the same numbers
     assert summary["student"]["sizes"]["1"]["needle_best_head"] == pytest.approx(1.0)  # one image: all on it
+    assert summary["student"]["sizes"]["1"]["needle_any_head"] == pytest.approx(1.0)
     distance = json.loads((out / "distance_student.json").read_text())["sizes"]
     for size in map(str, SIZES):
         torch.testing.assert_close(torch.tensor(distance[size]["distance"], dtype=torch.float64).sum(-1),
