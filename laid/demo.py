@@ -24,6 +24,7 @@ Everything lands in ``out_dir``; a stage whose output exists is not redone, so a
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -246,6 +247,9 @@ class FamilyRecipe:
     # schedule set by the teacher's gates.
     stage_chunks: tuple[int, ...] = ()
     student_follows_teacher: bool = True
+    # The student's curriculum ends at the last size <= this (None: the whole curriculum, as the teacher's): a
+    # sibling pre-trained on shorter haystacks, whose window stops where its training did.
+    student_max_images: int | None = None
 
 
 @dataclass(frozen=True)
@@ -272,6 +276,9 @@ def _family_stages(recipe: FamilyRecipe) -> list[_Stage]:
             raise ValueError(f"recipe: {name} must be (fewest, most) images with 1 <= fewest <= most, got "
                              f"{(low, high)}")
     align = _Stage("align", "captions", r.align_steps, r.batch_size, 1, 1, 1, r.lr)
+    if r.student_max_images is not None and not (r.curriculum and r.student_max_images >= r.curriculum[0]):
+        raise ValueError(f"recipe: student_max_images needs a curriculum and must be >= its first size "
+                         f"({r.curriculum[:1]}), got {r.student_max_images}")
     if r.curriculum:
         if list(r.curriculum) != sorted(set(r.curriculum)) or r.curriculum[0] < 1:
             raise ValueError(f"recipe: curriculum must be increasing haystack sizes >= 1, got {r.curriculum}")
@@ -464,6 +471,8 @@ def build_family(out_dir: str | Path, *, recipe: FamilyRecipe = FamilyRecipe(), 
         gate_log = out / "logs" / f"{role}_gates.jsonl"
         gate_log.unlink(missing_ok=True)
         for k, stage in enumerate(stages):
+            if role == "student" and stage.gated and stage.max_images > (recipe.student_max_images or math.inf):
+                break
             chunks = (range(1, fixed_chunks.get(stage.name, recipe.gate_max_chunks) + 1) if stage.gated else [None])
             for chunk in chunks:
                 name = stage.name if chunk is None else f"{stage.name}_{chunk}"

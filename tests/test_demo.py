@@ -310,7 +310,17 @@ def test_gated_curriculum_trains_each_stage_until_its_gate(tmp_path, monkeypatch
     assert [name for name, _ in scored] == ["student_reach40_1", "student_reach40_2"]
     assert LAidConfig.from_yaml(tmp_path / "work" / "student_reach40_1" / "config.yaml").student.endswith(
         "student_reach1_1/final")
+    # student_max_images: the student stops after reach1 (the teacher's 3 chunks, reused) and exports that chunk.
+    scored.clear()
+    build_family(family, recipe=replace(recipe, student_max_images=39), work_dir=tmp_path / "work", roles=("student",))
+    log = [json.loads(line) for line in (family / "logs" / "student_gates.jsonl").read_text().splitlines()]
+    assert scored == [] and [(row["stage"], row["chunk"]) for row in log] == [("reach1", k) for k in (1, 2, 3)]
+    assert (family / "student" / "model.safetensors").read_bytes() == (
+        tmp_path / "work" / "student_reach1_3" / "final" / "model.safetensors").read_bytes()
+    assert json.loads((family / "logs" / "recipe.json").read_text())["student_max_images"] == 39
     for bad, message in (('{"curriculum": [4, 2]}', "increasing haystack sizes"), ('{"curriculum": 4}', "list of"),
+                         ('{"curriculum": [4], "student_max_images": 3}', "student_max_images needs a curriculum"),
+                         ('{"curriculum": [], "student_max_images": 30}', "student_max_images needs a curriculum"),
                          ('{"curriculum": [4], "gate_accuracy": 0}', "0 < gate_accuracy"),
                          ('{"curriculum": [1, 4], "stage_chunks": [2]}', "one count >= 1 per curriculum size")):
         with pytest.raises(ValueError, match=message):
