@@ -38,9 +38,10 @@ def family(tmp_path_factory):
 
 def test_build_family_trains_both_models_from_scratch(family):
     paths = family_paths(family)
+    init = {"teacher": "teacher_init", "student": f"student_init_seed{MINI_RECIPE.student_seed}"}
     for role in ("teacher", "student"):
         trained = load_file(paths[role] / "model.safetensors")
-        initial = load_file(family.parent / "work" / f"{role}_init" / "model.safetensors")
+        initial = load_file(family.parent / "work" / init[role] / "model.safetensors")
         assert trained.keys() == initial.keys()
         changed = [k for k in trained if not (trained[k] == initial[k]).all()]
         assert any(k.startswith("visual.") for k in changed)  # the vision tower trains too
@@ -212,7 +213,7 @@ def test_demo_cli_errors_name_the_missing_family(tmp_path, capsys):
 
 def test_the_committed_family_is_complete():
     """Weights and config of both models; every stage's (and gated chunk's) config and metrics, and the gate logs:
-    the student trained the teacher's chunks (student_follows_teacher)."""
+    the student trained the teacher's chunks (student_follows_teacher) up to student_max_images, and no more."""
     paths, logs = family_paths(FAMILY_DIR), FAMILY_DIR / "logs"
     chunks = {}
     for role in ("teacher", "student"):
@@ -222,7 +223,11 @@ def test_the_committed_family_is_complete():
         runs = ["align"] + [f"{stage}_{chunk}" for stage, chunk in chunks[role]]
         for run in runs:
             assert (logs / f"{role}_{run}_metrics.jsonl").is_file() and (logs / f"{role}_{run}_config.yaml").is_file()
-    assert chunks["student"] == chunks["teacher"]
+    recipe = FamilyRecipe()
+    within_reach = [(stage, chunk) for stage, chunk in chunks["teacher"]
+                    if int(stage.removeprefix("reach")) <= recipe.student_max_images]
+    assert chunks["student"] == within_reach and len(within_reach) < len(chunks["teacher"])
+    assert not list(logs.glob(f"student_reach{recipe.curriculum[-1]}_*"))  # no stale logs of a longer student
     first_chunks = [stage for stage, chunk in chunks["teacher"] if chunk == 1]
     assert first_chunks == [f"reach{m}" for m in FamilyRecipe().curriculum]
 
@@ -261,7 +266,8 @@ def test_gated_curriculum_trains_each_stage_until_its_gate(tmp_path, monkeypatch
     import laid.demo as demo
 
     recipe = recipe_from_json('{"image_size": 28, "align_steps": 1, "curriculum": [1, 40], "gate_chunk_steps": 1, '
-                              '"gate_max_chunks": 3, "gate_questions": 2, "batch_size": 2, "long_grad_accum": 2}')
+                              '"gate_max_chunks": 3, "gate_questions": 2, "batch_size": 2, "long_grad_accum": 2, '
+                              '"student_max_images": null}')
     stages = demo._family_stages(recipe)
     assert [(s.name, s.min_images, s.max_images, s.batch_size, s.grad_accum, s.gated) for s in stages] == [
         ("align", 1, 1, 2, 1, False), ("reach1", 1, 1, 2, 1, True), ("reach40", 1, 40, 1, 2, True)]
@@ -318,8 +324,15 @@ def test_gated_curriculum_trains_each_stage_until_its_gate(tmp_path, monkeypatch
     assert (family / "student" / "model.safetensors").read_bytes() == (
         tmp_path / "work" / "student_reach1_3" / "final" / "model.safetensors").read_bytes()
     assert json.loads((family / "logs" / "recipe.json").read_text())["student_max_images"] == 39
+    # student_seed: another initial student, so no stage of the first is reused (each chunk retrains and is scored)
+    scored.clear()
+    build_family(family, recipe=replace(recipe, student_max_images=39, student_seed=7), work_dir=tmp_path / "work",
+                 roles=("student",))
+    assert [name for name, _ in scored] == ["student_reach1_1", "student_reach1_2", "student_reach1_3"]
+    assert LAidConfig.from_yaml(tmp_path / "work" / "student_align" / "config.yaml").student.endswith(
+        "student_init_seed7")
     for bad, message in (('{"curriculum": [4, 2]}', "increasing haystack sizes"), ('{"curriculum": 4}', "list of"),
-                         ('{"curriculum": [4], "student_max_images": 3}', "student_max_images needs a curriculum"),
+                         ('{"curriculum": [4], "student_max_images": 3}', "student_max_images must be >= the"),
                          ('{"curriculum": [], "student_max_images": 30}', "student_max_images needs a curriculum"),
                          ('{"curriculum": [4], "gate_accuracy": 0}', "0 < gate_accuracy"),
                          ('{"curriculum": [1, 4], "stage_chunks": [2]}', "one count >= 1 per curriculum size")):
