@@ -201,7 +201,8 @@ class FamilyRecipe:
        ``long_grad_accum``.
 
     The teacher's gates set the schedule and the student trains the same chunks (``student_follows_teacher``): the
-    same steps and data for both. The student's own gates are still scored and logged.
+    same steps and data for both, up to ``student_max_images`` (a student pre-trained on shorter haystacks). The
+    student's own gates are still scored and logged.
 
     ``curriculum=()`` gives the fixed stages of the first family instead (``single_steps`` of haystacks of one
     image, ``find_steps`` of 2 to 4 images, ``wide_steps`` of ``wide_images``, ``long_steps`` of ``long_images`` at
