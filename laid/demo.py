@@ -445,8 +445,8 @@ def build_family(out_dir: str | Path, *, recipe: FamilyRecipe = FamilyRecipe(), 
     """Train the demo family from scratch into ``out_dir/{processor,teacher,student,logs}``; returns ``out_dir``.
 
     Random weights (``tiny_qwen25vl_config`` of ``TEACHER_SHAPE`` / ``STUDENT_SHAPE``, seeds ``recipe.seed`` and
-    ``recipe.student_seed`` or ``recipe.seed + 1``), then ``laid.train`` with ``family_config`` through the recipe's stages, each from the
-    previous one's exported weights, on the same synthetic data for both models. The final weights (safetensors) go
+    ``recipe.student_seed`` or ``recipe.seed + 1``), then ``laid.train`` with ``family_config`` through the recipe's
+    stages, each from the previous one's exported weights, on the same synthetic data for both models. The final weights (safetensors) go
     to ``out_dir/<role>``; every stage's ``config.yaml`` and ``metrics.jsonl`` to ``out_dir/logs`` as
     ``<role>_<stage>_<name>``. Intermediate files go to ``work_dir`` (default ``out_dir/../family_work``): a stage
     that finished there with the same config and inputs is not trained again (an interrupted or extended build
@@ -465,15 +465,15 @@ def build_family(out_dir: str | Path, *, recipe: FamilyRecipe = FamilyRecipe(), 
         raise ValueError(f"{str(processor)!r} was built for {built_for}-pixel images, the recipe asks for image_size "
                          f"{recipe.image_size}; build this recipe into another out_dir")
     stages = _family_stages(recipe)
-    student_seed = recipe.seed + 1 if recipe.student_seed is None else recipe.student_seed
-    shapes = {"teacher": (TEACHER_SHAPE, recipe.seed), "student": (STUDENT_SHAPE, student_seed)}
+    shapes = {"teacher": TEACHER_SHAPE, "student": STUDENT_SHAPE}
+    default_seeds = {"teacher": recipe.seed, "student": recipe.seed + 1}
+    seeds = {**default_seeds, **({} if recipe.student_seed is None else {"student": recipe.student_seed})}
     (out / "logs").mkdir(parents=True, exist_ok=True)
     for role in roles:
-        shape, seed = shapes[role]
+        shape, seed = shapes[role], seeds[role]
         # Another initial seed gets its own folder (its stages' configs differ, so none is reused for another init);
         # the default seeds keep the first name, so existing work folders resume.
-        default_init = seed == (recipe.seed if role == "teacher" else recipe.seed + 1)
-        weights = work / (f"{role}_init" if default_init else f"{role}_init_seed{seed}")
+        weights = work / (f"{role}_init" if seed == default_seeds[role] else f"{role}_init_seed{seed}")
         save_tiny_model(weights, tiny_qwen25vl_config(**shape), seed=seed)
         retrain = False  # once a stage trains, the stages after it start from new weights
         fixed = recipe.stage_chunks
